@@ -52,9 +52,9 @@ pip_install() {  # pip_install WHAT ARGS...
 }
 
 # One interpreter start checks every component; prints the names that need work.
-check() {
-  "$PY" - "$ROOT" <<'PYCHECK'
-import importlib, os, sys
+check() {  # run outside the repo so that `import mmdwnet` means the installed package
+  (cd / && "$PY" - "$ROOT") <<'PYCHECK'
+import importlib, importlib.metadata, os, sys
 root = sys.argv[1]
 todo = []
 def ver(mod):
@@ -98,6 +98,7 @@ except Exception:
     todo.append('pytest')
 try:
     import mmdwnet
+    importlib.metadata.version('mmdwnet')  # installed, not just found in the cwd
     if os.path.dirname(os.path.dirname(os.path.abspath(mmdwnet.__file__))) != root:
         todo.append('mmdwnet')
 except Exception:

@@ -1,0 +1,441 @@
+"""DWNet: the depth-wise convolution networks of "On the Connection between Local
+Attention and Dynamic Depth-wise Convolution" (ICLR 2022).
+
+Swin Transformer's layout with every window-attention layer replaced by a depth-wise
+convolution block: static (``'dw'``), homogeneous dynamic (``'ddw'``) or inhomogeneous
+dynamic (``'iddw'``).
+"""
+from copy import deepcopy
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmcv.cnn import build_activation_layer, build_norm_layer
+from mmcv.cnn.bricks.drop import build_dropout
+from mmcv.cnn.bricks.transformer import FFN, PatchEmbed, PatchMerging
+from mmengine.model import BaseModule, ModuleList
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmdwnet.ops import InhomogeneousDWConv2d
+from mmdwnet.registry import ROOT_MODELS
+
+CONV_TYPES = ('dw', 'ddw', 'iddw')
+
+
+class DynamicDWConv(BaseModule):
+    """Homogeneous dynamic depth-wise convolution (D-DW-Conv).
+
+    One K x K kernel per channel and sample, predicted from the globally pooled input
+    (pool, 1x1 conv C -> C/r, norm, ReLU, 1x1 conv C/r -> C*K*K) and shared by all
+    positions, plus a learned per-channel bias (zero at start).
+
+    Args:
+        channels (int): Input and output channels C.
+        kernel_size (int): Kernel size K. Defaults to 7.
+        reduction (int): Channel reduction r of the kernel predictor. Defaults to 4.
+        norm_cfg (dict): Norm layer of the kernel predictor. Defaults to ``dict(type='BN')``.
+        init_cfg (dict, optional): Initialization config. Defaults to None.
+    """
+
+    def __init__(self,
+                 channels: int,
+                 kernel_size: int = 7,
+                 reduction: int = 4,
+                 norm_cfg: Dict = dict(type='BN'),
+                 init_cfg: Optional[Dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.conv1 = nn.Conv2d(channels, channels // reduction, 1, bias=False)
+        self.norm = build_norm_layer(norm_cfg, channels // reduction)[1]
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels // reduction, channels * kernel_size**2, 1)
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        weight = self.conv2(self.act(self.norm(self.conv1(self.pool(x)))))
+        # every (sample, channel) pair is one group of a single grouped convolution
+        weight = weight.reshape(b * c, 1, self.kernel_size, self.kernel_size)
+        out = F.conv2d(x.reshape(1, b * c, h, w), weight, padding=self.kernel_size // 2,
+                       groups=b * c)
+        return out.reshape(b, c, h, w) + self.bias.view(1, c, 1, 1)
+
+
+class InhomogeneousDynamicDWConv(BaseModule):
+    """Inhomogeneous dynamic depth-wise convolution (I-D-DW-Conv, "involution").
+
+    A K x K kernel per position and group of ``group_channels`` channels, predicted from
+    the feature at that position (1x1 conv C -> C/r with bias, norm, ReLU, 1x1 conv
+    C/r -> G*K*K), then applied by :func:`mmdwnet.ops.inhomogeneous_dwconv2d`. No bias.
+
+    Args:
+        channels (int): Input and output channels C.
+        kernel_size (int): Kernel size K. Defaults to 7.
+        group_channels (int): Channels sharing one predicted kernel; G = C / group_channels.
+        reduction (int): Channel reduction r of the kernel predictor. Defaults to 4.
+        norm_cfg (dict): Norm layer of the kernel predictor. Defaults to ``dict(type='BN')``.
+        init_cfg (dict, optional): Initialization config. Defaults to None.
+    """
+
+    def __init__(self,
+                 channels: int,
+                 kernel_size: int = 7,
+                 group_channels: int = 1,
+                 reduction: int = 4,
+                 norm_cfg: Dict = dict(type='BN'),
+                 init_cfg: Optional[Dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        self.kernel_size = kernel_size
+        self.groups = channels // group_channels
+        self.conv1 = nn.Conv2d(channels, channels // reduction, 1)
+        self.norm = build_norm_layer(norm_cfg, channels // reduction)[1]
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels // reduction, self.groups * kernel_size**2, 1)
+        self.op = InhomogeneousDWConv2d(kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        weight = self.conv2(self.act(self.norm(self.conv1(x))))
+        weight = weight.reshape(b, self.groups, self.kernel_size, self.kernel_size, h, w)
+        return self.op(x, weight)
+
+
+class DWBlock(BaseModule):
+    """One DWNet block: a depth-wise convolution half and an FFN half, each residual.
+
+    Spatial half: 1x1 conv, norm, ReLU, K x K depth-wise operator, norm, ReLU, 1x1 conv,
+    norm. Channel half: norm, then Linear C -> ``mlp_ratio`` * C, GELU, Linear back.
+
+    Args:
+        embed_dims (int): Channels C.
+        conv_type (str): K x K operator: ``'dw'``, ``'ddw'`` or ``'iddw'``. Defaults to 'dw'.
+        kernel_size (int): Kernel size K. Defaults to 7.
+        group_channels (int): Channels per dynamic-kernel group (``'iddw'`` only).
+            Defaults to 1.
+        mlp_ratio (float): Hidden width of the FFN relative to C. Defaults to 4.
+        drop_path_rate (float): Stochastic depth rate of both halves. Defaults to 0.
+        norm_cfg (dict): Norm layers of the block. Defaults to ``dict(type='BN')``.
+        act_cfg (dict): Activation of the FFN. Defaults to ``dict(type='GELU')``.
+        with_cp (bool): Use gradient checkpointing. Defaults to False.
+        init_cfg (dict, optional): Initialization config. Defaults to None.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 conv_type: str = 'dw',
+                 kernel_size: int = 7,
+                 group_channels: int = 1,
+                 mlp_ratio: float = 4.,
+                 drop_path_rate: float = 0.,
+                 norm_cfg: Dict = dict(type='BN'),
+                 act_cfg: Dict = dict(type='GELU'),
+                 with_cp: bool = False,
+                 init_cfg: Optional[Dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        self.with_cp = with_cp
+        self.pw_conv1 = nn.Conv2d(embed_dims, embed_dims, 1, bias=False)
+        self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
+        if conv_type == 'dw':
+            self.dw_conv = nn.Conv2d(embed_dims, embed_dims, kernel_size,
+                                     padding=kernel_size // 2, groups=embed_dims)
+        elif conv_type == 'ddw':
+            self.dw_conv = DynamicDWConv(embed_dims, kernel_size, norm_cfg=norm_cfg)
+        elif conv_type == 'iddw':
+            self.dw_conv = InhomogeneousDynamicDWConv(
+                embed_dims, kernel_size, group_channels, norm_cfg=norm_cfg)
+        else:
+            raise ValueError(f'DWBlock: `conv_type` must be one of {CONV_TYPES}, '
+                             f'got {conv_type!r}')
+        self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.pw_conv2 = nn.Conv2d(embed_dims, embed_dims, 1, bias=False)
+        self.norm3 = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.act = nn.ReLU(inplace=True)
+        self.drop_path = build_dropout(dict(type='DropPath', drop_prob=drop_path_rate))
+
+        self.ffn_norm = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.ffn = FFN(
+            embed_dims=embed_dims,
+            feedforward_channels=int(embed_dims * mlp_ratio),
+            num_fcs=2,
+            act_cfg=act_cfg,
+            dropout_layer=dict(type='DropPath', drop_prob=drop_path_rate),
+            add_identity=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+
+        def _inner_forward(x):
+            y = self.act(self.norm1(self.pw_conv1(x)))
+            y = self.act(self.norm2(self.dw_conv(y)))
+            y = self.norm3(self.pw_conv2(y))
+            x = x + self.drop_path(y)
+            # the FFN works on (B, H, W, C); the identity is added inside it
+            y = self.ffn(self.ffn_norm(x).permute(0, 2, 3, 1), identity=x.permute(0, 2, 3, 1))
+            return y.permute(0, 3, 1, 2)
+
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(_inner_forward, x, use_reentrant=False)
+        return _inner_forward(x)
+
+
+class DWStage(BaseModule):
+    """A stage: optional 2x down-sampling (patch merging) followed by DWNet blocks.
+
+    Args:
+        in_channels (int): Channels entering the stage.
+        embed_dims (int): Channels inside the stage.
+        depth (int): Number of blocks.
+        downsample (bool): Start with patch merging (``in_channels`` -> ``embed_dims``).
+        drop_path_rates (Sequence[float]): Stochastic depth rate of each block.
+        block_cfg (dict): Keyword arguments shared by the blocks (see :class:`DWBlock`).
+        init_cfg (dict, optional): Initialization config. Defaults to None.
+    """
+
+    def __init__(self,
+                 in_channels: int,
+                 embed_dims: int,
+                 depth: int,
+                 downsample: bool,
+                 drop_path_rates: Sequence[float],
+                 block_cfg: Dict,
+                 init_cfg: Optional[Dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        # mmcv's PatchMerging (LN + bias-free Linear) gathers each 2x2 neighbourhood in
+        # nn.Unfold's channel order, c * 4 + 2 * row + col; the reference code stacks the
+        # four positions instead. Weight converters permute accordingly.
+        self.downsample = PatchMerging(
+            in_channels, embed_dims, norm_cfg=dict(type='LN')) if downsample else None
+        self.blocks = ModuleList(
+            DWBlock(embed_dims, drop_path_rate=rate, **block_cfg) for rate in drop_path_rates)
+        assert len(self.blocks) == depth
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.downsample is not None:
+            b = x.shape[0]
+            x, (h, w) = self.downsample(x.flatten(2).transpose(1, 2), x.shape[2:])
+            x = x.transpose(1, 2).reshape(b, -1, h, w)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@ROOT_MODELS.register_module()
+class DWNet(BaseModule):
+    """DWNet backbone.
+
+    A PyTorch implementation of the depth-wise convolution networks of `On the Connection
+    between Local Attention and Dynamic Depth-wise Convolution
+    <https://arxiv.org/abs/2106.04263>`_ (DW-Conv, D-DW-Conv and I-D-DW-Conv).
+
+    Args:
+        arch (str | dict): Network size, ``'tiny'`` (``'t'``) or ``'base'`` (``'b'``), or a
+            dict with the keys ``embed_dims`` (int), ``depths`` (list of int, one per
+            stage) and ``group_channels`` (list of int, channels per dynamic-kernel group
+            in each stage). Defaults to 'tiny'.
+        conv_type (str): ``'dw'`` static depth-wise, ``'ddw'`` homogeneous dynamic or
+            ``'iddw'`` inhomogeneous dynamic. Defaults to 'dw'.
+        in_channels (int): Input image channels. Defaults to 3.
+        kernel_size (int): Kernel size of the depth-wise operators (odd). Defaults to 7.
+        mlp_ratio (float): FFN hidden width relative to the stage width. Defaults to 4.
+        drop_path_rate (float): Stochastic depth rate, growing linearly over the blocks
+            from 0 to this value. Defaults to 0.
+        out_indices (Sequence[int] | int): Stages whose outputs are returned.
+            Defaults to (3, ), the last stage.
+        norm_cfg (dict): Norm layers inside the blocks. Defaults to ``dict(type='BN')``.
+        out_norm_cfg (dict, optional): Norm layer applied to each output (``norm{i}``);
+            LayerNorm as in the ImageNet models, BN/SyncBN for dense prediction, None for
+            no norm. Defaults to ``dict(type='LN')``.
+        frozen_stages (int): Stop gradients and set eval mode for the stem (0) and the
+            first ``frozen_stages`` stages with their output norms; -1 freezes nothing.
+            Defaults to -1.
+        norm_eval (bool): Keep every BatchNorm in eval mode during training.
+            Defaults to False.
+        with_cp (bool): Gradient checkpointing in every block. Defaults to False.
+        init_cfg (dict | list[dict], optional): Initialization config; e.g.
+            ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``.
+            Defaults to truncated-normal Linear weights (std 0.02) and unit LayerNorms.
+    """
+    arch_zoo = {
+        **dict.fromkeys(['t', 'tiny'], {
+            'embed_dims': 96,
+            'depths': [2, 2, 6, 2],
+            'group_channels': [3, 6, 12, 24],
+        }),
+        **dict.fromkeys(['b', 'base'], {
+            'embed_dims': 128,
+            'depths': [2, 2, 18, 2],
+            'group_channels': [4, 8, 16, 32],
+        }),
+    }
+    arch_keys = ('embed_dims', 'depths', 'group_channels')
+
+    def __init__(self,
+                 arch: Union[str, Dict] = 'tiny',
+                 conv_type: str = 'dw',
+                 in_channels: int = 3,
+                 kernel_size: int = 7,
+                 mlp_ratio: float = 4.,
+                 drop_path_rate: float = 0.,
+                 out_indices: Union[int, Sequence[int]] = (3, ),
+                 norm_cfg: Dict = dict(type='BN'),
+                 out_norm_cfg: Optional[Dict] = dict(type='LN'),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg: Optional[Union[Dict, Sequence[Dict]]] = [
+                     dict(type='TruncNormal', layer='Linear', std=.02, bias=0.),
+                     dict(type='Constant', layer='LayerNorm', val=1., bias=0.)
+                 ]):
+        super().__init__(init_cfg=deepcopy(init_cfg))
+        if conv_type not in CONV_TYPES:
+            raise ValueError(f'DWNet: `conv_type` must be one of {CONV_TYPES}, '
+                             f'got {conv_type!r}')
+        arch = self._parse_arch(arch, conv_type)
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError('DWNet: `kernel_size` must be an odd positive int, '
+                             f'got {kernel_size!r}')
+        self.embed_dims = arch['embed_dims']
+        self.depths = list(arch['depths'])
+        self.num_stages = len(self.depths)
+        self.channels = [self.embed_dims * 2**i for i in range(self.num_stages)]
+        self.conv_type = conv_type
+        self.in_channels = in_channels
+        self.out_indices = self._parse_out_indices(out_indices)
+        if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'DWNet: `frozen_stages` must be an int in [-1, '
+                             f'{self.num_stages}], got {frozen_stages!r}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+
+        self.patch_embed = PatchEmbed(
+            in_channels=in_channels,
+            embed_dims=self.embed_dims,
+            conv_type='Conv2d',
+            kernel_size=4,
+            stride=4,
+            padding='corner',
+            norm_cfg=dict(type='LN'))
+
+        rates = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        self.stages = ModuleList()
+        for i, (depth, channels) in enumerate(zip(self.depths, self.channels)):
+            block_cfg = dict(
+                conv_type=conv_type,
+                kernel_size=kernel_size,
+                group_channels=arch['group_channels'][i],
+                mlp_ratio=mlp_ratio,
+                norm_cfg=norm_cfg,
+                with_cp=with_cp)
+            first = sum(self.depths[:i])
+            self.stages.append(
+                DWStage(self.channels[i - 1] if i else channels, channels, depth,
+                        downsample=i > 0, drop_path_rates=rates[first:first + depth],
+                        block_cfg=block_cfg))
+
+        for i in self.out_indices:
+            norm = build_norm_layer(out_norm_cfg, self.channels[i])[1] \
+                if out_norm_cfg is not None else nn.Identity()
+            self.add_module(f'norm{i}', norm)
+
+        self._freeze_stages()
+
+    def _parse_arch(self, arch, conv_type: str) -> Dict:
+        if isinstance(arch, str):
+            if arch.lower() not in self.arch_zoo:
+                raise ValueError(f'DWNet: `arch` must be one of {sorted(self.arch_zoo)} or a '
+                                 f'dict with keys {self.arch_keys}, got {arch!r}')
+            return self.arch_zoo[arch.lower()]
+        if not isinstance(arch, dict):
+            raise TypeError(f'DWNet: `arch` must be a str or a dict, got '
+                            f'{type(arch).__name__} {arch!r}')
+        missing = [k for k in self.arch_keys if k not in arch]
+        if missing:
+            raise ValueError(f'DWNet: the `arch` dict {arch} misses the keys {missing}; '
+                             f'it needs all of {self.arch_keys}')
+        embed_dims, depths, group_channels = (arch[k] for k in self.arch_keys)
+        if not isinstance(embed_dims, int) or embed_dims < 1:
+            raise ValueError(f"DWNet: `arch['embed_dims']` must be a positive int, "
+                             f'got {embed_dims!r}')
+        if (not isinstance(depths, Sequence) or not depths
+                or not all(isinstance(d, int) and d >= 1 for d in depths)):
+            raise ValueError(f"DWNet: `arch['depths']` must be a non-empty list of positive "
+                             f'ints, got {depths!r}')
+        if (not isinstance(group_channels, Sequence) or len(group_channels) != len(depths)
+                or not all(isinstance(g, int) and g >= 1 for g in group_channels)):
+            raise ValueError(f"DWNet: `arch['group_channels']` must be a list of "
+                             f'{len(depths)} positive ints (one per stage), '
+                             f'got {group_channels!r}')
+        for i, g in enumerate(group_channels):
+            width = embed_dims * 2**i
+            if conv_type == 'iddw' and width % g:
+                raise ValueError(
+                    f"DWNet: stage {i} has {width} channels, which `arch['group_channels']"
+                    f"[{i}]` = {g} must divide; choose embed_dims and group_channels so "
+                    'that every stage splits into whole groups')
+            if conv_type != 'dw' and width % 4:
+                raise ValueError(
+                    f'DWNet: stage {i} has {width} channels, but the kernel predictor of '
+                    f"conv_type={conv_type!r} reduces them by 4, so 4 must divide them; "
+                    "choose arch['embed_dims'] accordingly")
+        return arch
+
+    def _parse_out_indices(self, out_indices) -> tuple:
+        if isinstance(out_indices, int):
+            out_indices = (out_indices, )
+        if not isinstance(out_indices, Sequence) or not all(
+                isinstance(i, int) for i in out_indices):
+            raise TypeError(f'DWNet: `out_indices` must be an int or a sequence of ints, '
+                            f'got {out_indices!r}')
+        parsed = []
+        for i in out_indices:
+            if not -self.num_stages <= i < self.num_stages:
+                raise ValueError(f'DWNet: `out_indices` {tuple(out_indices)} contains {i}; '
+                                 f'allowed stage indices are 0..{self.num_stages - 1} '
+                                 f'(or negative from the end)')
+            parsed.append(i % self.num_stages)
+        return tuple(parsed)
+
+    def forward(self, x: Tensor) -> tuple:
+        if not isinstance(x, Tensor):
+            raise TypeError(f'DWNet: input must be a torch.Tensor, got {type(x).__name__}')
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f'DWNet: input must have shape (B, {self.in_channels}, H, W), '
+                             f'got {tuple(x.shape)}')
+        b = x.shape[0]
+        x, (h, w) = self.patch_embed(x)
+        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                outs.append(self._apply_norm(getattr(self, f'norm{i}'), x))
+        return tuple(outs)
+
+    @staticmethod
+    def _apply_norm(norm: nn.Module, x: Tensor) -> Tensor:
+        if isinstance(norm, nn.LayerNorm):  # normalises the last dim: channels-last
+            return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return norm(x)
+
+    def _freeze_stages(self):
+        frozen = [self.patch_embed] if self.frozen_stages >= 0 else []
+        for i in range(self.frozen_stages):
+            frozen.append(self.stages[i])
+            if i in self.out_indices:
+                frozen.append(getattr(self, f'norm{i}'))
+        for m in frozen:
+            m.eval()
+            for param in m.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self

@@ -1,0 +1,182 @@
+"""Inhomogeneous dynamic depth-wise convolution (I-D-DW-Conv, "involution").
+
+``y[b, c, h, w] = sum_{i,j} w[b, c // (C / G), i, j, h, w] * x[b, c, h + i - K // 2, w + j - K // 2]``
+with zeros outside the feature map, for weights ``w`` of shape (B, G, K, K, H, W).
+
+The reference implementation of the paper ships this as a CUDA-only CuPy kernel; the usual
+portable rewrite unfolds the input into a K*K-times larger tensor. Here the sum runs over the
+K*K kernel offsets instead, each one an in-place multiply-add of the overlapping parts of the
+output and the shifted input (no padding, no unfold), so the forward pass allocates nothing but
+its output. The backward pass is written out by hand for the same reason. The three pieces are
+registered with ``torch.library.custom_op`` so that tracers, ``torch.compile`` and FLOP
+counters see one named operator.
+"""
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ['inhomogeneous_dwconv2d', 'InhomogeneousDWConv2d']
+
+
+def _offsets(kernel_size: int, height: int, width: int):
+    """Yield ``(i, j, dy, dx, (h0, h1), (w0, w1))`` for every kernel offset whose
+    shifted window overlaps the map; ``[h0:h1, w0:w1]`` is the output region."""
+    pad = kernel_size // 2
+    for i in range(kernel_size):
+        dy = i - pad
+        h0, h1 = max(0, -dy), min(height, height - dy)
+        if h0 >= h1:
+            continue
+        for j in range(kernel_size):
+            dx = j - pad
+            w0, w1 = max(0, -dx), min(width, width - dx)
+            if w0 >= w1:
+                continue
+            yield i, j, dy, dx, (h0, h1), (w0, w1)
+
+
+def _grouped(x: Tensor, groups: int) -> Tensor:
+    b, c, h, w = x.shape
+    return x.reshape(b, groups, c // groups, h, w)
+
+
+@torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d', mutates_args=())
+def _forward(input: Tensor, weight: Tensor) -> Tensor:
+    groups, kernel_size = weight.shape[1], weight.shape[2]
+    height, width = input.shape[-2:]
+    out = torch.zeros_like(input, memory_format=torch.contiguous_format)
+    x, y = _grouped(input, groups), _grouped(out, groups)
+    for i, j, dy, dx, (h0, h1), (w0, w1) in _offsets(kernel_size, height, width):
+        y[..., h0:h1, w0:w1].addcmul_(
+            weight[:, :, i, j, None, h0:h1, w0:w1],
+            x[..., h0 + dy:h1 + dy, w0 + dx:w1 + dx])
+    return out
+
+
+@_forward.register_fake
+def _(input: Tensor, weight: Tensor) -> Tensor:
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_input', mutates_args=())
+def _grad_input(grad_output: Tensor, weight: Tensor) -> Tensor:
+    groups, kernel_size = weight.shape[1], weight.shape[2]
+    height, width = grad_output.shape[-2:]
+    grad_input = torch.zeros_like(grad_output, memory_format=torch.contiguous_format)
+    gx, gy = _grouped(grad_input, groups), _grouped(grad_output, groups)
+    for i, j, dy, dx, (h0, h1), (w0, w1) in _offsets(kernel_size, height, width):
+        gx[..., h0 + dy:h1 + dy, w0 + dx:w1 + dx].addcmul_(
+            weight[:, :, i, j, None, h0:h1, w0:w1], gy[..., h0:h1, w0:w1])
+    return grad_input
+
+
+@_grad_input.register_fake
+def _(grad_output: Tensor, weight: Tensor) -> Tensor:
+    return torch.empty_like(grad_output, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_weight', mutates_args=())
+def _grad_weight(grad_output: Tensor, input: Tensor, groups: int,
+                 kernel_size: int) -> Tensor:
+    b, _, height, width = input.shape
+    grad_weight = grad_output.new_zeros(b, groups, kernel_size, kernel_size, height, width)
+    x, gy = _grouped(input, groups), _grouped(grad_output, groups)
+    for i, j, dy, dx, (h0, h1), (w0, w1) in _offsets(kernel_size, height, width):
+        grad_weight[:, :, i, j, h0:h1, w0:w1] = (
+            gy[..., h0:h1, w0:w1] * x[..., h0 + dy:h1 + dy, w0 + dx:w1 + dx]).sum(2)
+    return grad_weight
+
+
+@_grad_weight.register_fake
+def _(grad_output: Tensor, input: Tensor, groups: int, kernel_size: int) -> Tensor:
+    b, _, height, width = input.shape
+    return input.new_empty(b, groups, kernel_size, kernel_size, height, width)
+
+
+def _setup_context(ctx, inputs: Tuple[Tensor, Tensor], output: Tensor) -> None:
+    input, weight = inputs
+    ctx.save_for_backward(input, weight)
+
+
+def _backward(ctx, grad_output: Tensor):
+    input, weight = ctx.saved_tensors
+    grad_output = grad_output.contiguous()
+    grad_input = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_input = _grad_input(grad_output, weight)
+    if ctx.needs_input_grad[1]:
+        grad_weight = _grad_weight(grad_output, input, weight.shape[1], weight.shape[2])
+    return grad_input, grad_weight
+
+
+_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def inhomogeneous_dwconv2d(input: Tensor, weight: Tensor) -> Tensor:
+    """Inhomogeneous dynamic depth-wise convolution with zero padding.
+
+    Args:
+        input (Tensor): Features of shape (B, C, H, W).
+        weight (Tensor): Per-position kernels of shape (B, G, K, K, H, W), shared by
+            the C / G consecutive channels of each group. Kernel index ``i`` reads row
+            ``h + i - K // 2`` (so an even K reaches one row further up than down).
+
+    Returns:
+        Tensor: Output of shape (B, C, H, W).
+
+    Under autocast both operands are cast to the autocast dtype; float16/bfloat16 inputs
+    accumulate in their own precision.
+    """
+    if not isinstance(input, Tensor) or input.dim() != 4:
+        raise ValueError('inhomogeneous_dwconv2d: `input` must be a 4-D (B, C, H, W) '
+                         f'tensor, got {_describe(input)}')
+    if not isinstance(weight, Tensor) or weight.dim() != 6:
+        raise ValueError('inhomogeneous_dwconv2d: `weight` must be a 6-D (B, G, K, K, H, W) '
+                         f'tensor, got {_describe(weight)}')
+    b, c, h, w = input.shape
+    wb, groups, kh, kw, wh, ww = weight.shape
+    if (wb, wh, ww) != (b, h, w) or kh != kw or groups == 0 or c % groups:
+        raise ValueError(
+            'inhomogeneous_dwconv2d: `weight` of shape (B, G, K, K, H, W) must match `input` '
+            f'(B, C, H, W) = {tuple(input.shape)} with G dividing C, '
+            f'got weight shape {tuple(weight.shape)}')
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        input, weight = input.to(dtype), weight.to(dtype)
+    elif input.dtype != weight.dtype:
+        raise TypeError('inhomogeneous_dwconv2d: `input` and `weight` must have the same '
+                        f'dtype, got {input.dtype} and {weight.dtype}')
+    return _forward(input, weight)
+
+
+def _describe(x) -> str:
+    if isinstance(x, Tensor):
+        return f'a tensor of shape {tuple(x.shape)}'
+    return f'{type(x).__name__}'
+
+
+class InhomogeneousDWConv2d(nn.Module):
+    """Module form of :func:`inhomogeneous_dwconv2d` (no parameters: the kernels are
+    an input, predicted per position by the caller).
+
+    Args:
+        kernel_size (int): Spatial size K of the kernels. Defaults to 7.
+    """
+
+    def __init__(self, kernel_size: int = 7):
+        super().__init__()
+        if not isinstance(kernel_size, int) or kernel_size < 1:
+            raise ValueError('InhomogeneousDWConv2d: `kernel_size` must be a positive '
+                             f'int, got {kernel_size!r}')
+        self.kernel_size = kernel_size
+
+    def forward(self, input: Tensor, weight: Tensor) -> Tensor:
+        if weight.dim() == 6 and weight.shape[2] != self.kernel_size:
+            raise ValueError(f'InhomogeneousDWConv2d: expected kernels of size '
+                             f'{self.kernel_size}, got weight shape {tuple(weight.shape)}')
+        return inhomogeneous_dwconv2d(input, weight)
+
+    def extra_repr(self) -> str:
+        return f'kernel_size={self.kernel_size}'

@@ -1,0 +1,311 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmdwnet.models import DWNet
+from mmdwnet.models.backbones.dwnet import DynamicDWConv, InhomogeneousDynamicDWConv
+
+# exact parameter counts of the reference ImageNet classifiers (SPEC.md section 2)
+CLASSIFIER_PARAMS = {
+    ('tiny', 'dw'): 24_172_744,
+    ('tiny', 'ddw'): 51_131_752,
+    ('tiny', 'iddw'): 26_244_280,
+    ('base', 'dw'): 74_347_112,
+    ('base', 'ddw'): 161_597_928,
+    ('base', 'iddw'): 80_253_608,
+}
+
+
+def _num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize('arch,conv_type', list(CLASSIFIER_PARAMS))
+def test_classifier_parameter_parity(arch, conv_type):
+    from mmpretrain.registry import MODELS
+    from mmpretrain.utils import register_all_modules
+    register_all_modules()
+    channels = DWNet.arch_zoo[arch]['embed_dims'] * 8
+    model = MODELS.build(
+        dict(
+            type='ImageClassifier',
+            backbone=dict(type='DWNet', arch=arch, conv_type=conv_type, out_indices=(3, )),
+            neck=dict(type='GlobalAveragePooling'),
+            head=dict(
+                type='LinearClsHead',
+                num_classes=1000,
+                in_channels=channels,
+                loss=dict(type='CrossEntropyLoss'))))
+    assert _num_params(model) == CLASSIFIER_PARAMS[(arch, conv_type)]
+
+
+@pytest.mark.parametrize('conv_type', ['dw', 'ddw', 'iddw'])
+@pytest.mark.parametrize('size', [(64, 64), (97, 131), (33, 40)])
+def test_output_shapes_any_input_size(conv_type, size):
+    model = DWNet('tiny', conv_type, out_indices=(0, 1, 2, 3)).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, *size))
+    assert len(outs) == 4
+    for i, out in enumerate(outs):
+        stride = 2**(i + 2)
+        assert out.shape == (2, 96 * 2**i, math.ceil(size[0] / stride),
+                             math.ceil(size[1] / stride))
+        assert torch.isfinite(out).all()
+
+
+def test_out_indices_select_and_order():
+    model = DWNet('tiny', out_indices=(1, -1)).eval()
+    assert model.out_indices == (1, 3)
+    outs = model(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [192, 768]
+    assert hasattr(model, 'norm1') and hasattr(model, 'norm3') and not hasattr(model, 'norm0')
+
+
+def test_default_output_norm_is_layernorm_over_channels():
+    model = DWNet('tiny', out_indices=(3, )).eval()
+    out, = model(torch.randn(2, 3, 64, 64))
+    # unit weight, zero bias at init: every position normalised over its 768 channels
+    assert isinstance(model.norm3, torch.nn.LayerNorm)
+    torch.testing.assert_close(out.mean(1), torch.zeros(2, 2, 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(1, unbiased=False), torch.ones(2, 2, 2), atol=1e-3,
+                               rtol=0)
+
+
+def test_dense_output_norms_from_out_norm_cfg():
+    model = DWNet('tiny', out_indices=(0, 1, 2, 3), out_norm_cfg=dict(type='BN'))
+    assert all(isinstance(getattr(model, f'norm{i}'), torch.nn.BatchNorm2d) for i in range(4))
+    model = DWNet('tiny', out_indices=(0, 1, 2, 3), out_norm_cfg=dict(type='SyncBN'))
+    assert all(type(getattr(model, f'norm{i}')).__name__ == 'SyncBatchNorm' for i in range(4))
+    model = DWNet('tiny', out_indices=(2, ), out_norm_cfg=None)
+    assert isinstance(model.norm2, torch.nn.Identity)
+
+
+def _reference_stage1_block(block, x):
+    """The block of SPEC.md section 1 written out with functional calls (eval mode)."""
+
+    def bn(m, t):
+        return F.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias, False, 0., m.eps)
+
+    y = F.relu(bn(block.norm1, F.conv2d(x, block.pw_conv1.weight)))
+    y = F.conv2d(y, block.dw_conv.weight, block.dw_conv.bias, padding=3, groups=y.shape[1])
+    y = F.relu(bn(block.norm2, y))
+    y = bn(block.norm3, F.conv2d(y, block.pw_conv2.weight))
+    x = x + y
+    t = bn(block.ffn_norm, x).permute(0, 2, 3, 1)
+    fc1, fc2 = block.ffn.layers[0][0], block.ffn.layers[1]
+    t = F.linear(F.gelu(F.linear(t, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+    return x + t.permute(0, 3, 1, 2)
+
+
+def _randomise_bn_stats(model):
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+
+
+def test_block_matches_spec():
+    model = DWNet('tiny', 'dw').eval()
+    _randomise_bn_stats(model)
+    block = model.stages[0].blocks[0]
+    x = torch.randn(2, 96, 9, 11)
+    torch.testing.assert_close(block(x), _reference_stage1_block(block, x))
+
+
+def test_stem_and_patch_merging_layout():
+    model = DWNet('tiny', 'dw', out_indices=(0, 1)).eval()
+    # stem: 4x4 stride-4 conv with bias, LayerNorm over channels
+    assert model.patch_embed.projection.kernel_size == (4, 4)
+    assert model.patch_embed.projection.stride == (4, 4)
+    assert model.patch_embed.projection.bias is not None
+    # merging: 2x2 neighbourhood -> LayerNorm(4C) -> bias-free Linear 4C -> 2C
+    merge = model.stages[1].downsample
+    assert merge.norm.normalized_shape == (384, ) and merge.reduction.bias is None
+    assert tuple(merge.reduction.weight.shape) == (192, 384)
+    x = torch.randn(1, 96, 5, 7)  # odd sizes: zero padded on the bottom / right
+    y, hw = merge(x.flatten(2).transpose(1, 2), (5, 7))
+    xp = F.pad(x, (0, 1, 0, 1))
+    # unfold order: channel c of position (r, s) of the 2x2 window lands at 4c + 2r + s
+    cols = torch.stack([xp[:, :, r::2, s::2] for r in (0, 1) for s in (0, 1)], 2)
+    cols = cols.flatten(1, 2).flatten(2).transpose(1, 2)
+    assert hw == (3, 4)
+    torch.testing.assert_close(y, merge.reduction(merge.norm(cols)))
+
+
+def test_homogeneous_dynamic_is_dynamic():
+    torch.manual_seed(0)
+    conv = DynamicDWConv(8, kernel_size=3).eval()
+    _randomise_bn_stats(conv)
+    torch.nn.init.normal_(conv.bias)
+    x = torch.randn(2, 8, 6, 5)
+    y = conv(x)
+    # per-sample kernels predicted from the pooled input, shared by all positions
+    kernels = conv.conv2(F.relu(conv.norm(conv.conv1(x.mean((2, 3), keepdim=True)))))
+    kernels = kernels.view(2, 8, 1, 3, 3)
+    for b in range(2):
+        expected = F.conv2d(x[b:b + 1], kernels[b], conv.bias, padding=1, groups=8)
+        torch.testing.assert_close(y[b:b + 1], expected)
+    assert not torch.allclose(kernels[0], kernels[1])
+    # a different sample in the batch does not change this sample's output
+    x2 = x.clone()
+    x2[1] = torch.randn(8, 6, 5)
+    torch.testing.assert_close(conv(x2)[0], y[0])
+    # and a static conv could not reproduce the outputs of both samples: kernels differ
+    assert (conv(x[[0, 0]])[1] - y[1]).abs().max() > 1e-3
+
+
+def test_inhomogeneous_dynamic_uses_per_position_kernels():
+    torch.manual_seed(0)
+    conv = InhomogeneousDynamicDWConv(8, kernel_size=3, group_channels=2).eval()
+    _randomise_bn_stats(conv)
+    x = torch.randn(2, 8, 5, 6)
+    weight = conv.conv2(F.relu(conv.norm(conv.conv1(x)))).view(2, 4, 3, 3, 5, 6)
+    cols = F.unfold(x, 3, padding=1).view(2, 4, 2, 3, 3, 5, 6)
+    expected = (cols * weight.unsqueeze(2)).sum((3, 4)).view(2, 8, 5, 6)
+    torch.testing.assert_close(conv(x), expected)
+    assert conv.conv1.bias is not None and conv.conv2.out_channels == 4 * 9
+
+
+@pytest.mark.parametrize('scope', ['mmpretrain', 'mmdet', 'mmseg'])
+def test_registry_builds_in_every_scope(scope):
+    import importlib
+    from mmengine.registry import DefaultScope
+    registry = importlib.import_module(f'{scope}.registry').MODELS
+    with DefaultScope.overwrite_default_scope(scope):
+        for type_name in ('DWNet', 'mmdwnet.DWNet'):
+            model = registry.build(dict(type=type_name, arch='tiny', conv_type='iddw'))
+            assert type(model) is DWNet
+            assert model.conv_type == 'iddw'
+
+
+def test_frozen_stages():
+    model = DWNet('tiny', 'ddw', out_indices=(0, 1, 2, 3), frozen_stages=2)
+    model.train()
+    frozen = [model.patch_embed, model.stages[0], model.stages[1], model.norm0, model.norm1]
+    live = [model.stages[2], model.stages[3], model.norm2, model.norm3]
+    for m in frozen:
+        assert all(not p.requires_grad for p in m.parameters())
+        assert all(not sub.training for sub in m.modules())
+    for m in live:
+        assert all(p.requires_grad for p in m.parameters())
+        assert all(sub.training for sub in m.modules())
+    sum(o.sum() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    for m in frozen:
+        assert all(p.grad is None for p in m.parameters())
+    for m in live:
+        assert all(p.grad is not None for p in m.parameters())
+    # frozen BNs keep their running statistics
+    mean = model.stages[0].blocks[0].norm1.running_mean.clone()
+    model(torch.randn(2, 3, 64, 64))
+    torch.testing.assert_close(model.stages[0].blocks[0].norm1.running_mean, mean)
+
+
+def test_norm_eval():
+    model = DWNet('tiny', 'iddw', norm_eval=True, out_norm_cfg=dict(type='BN'))
+    model.train()
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    assert len(bns) > 40 and all(not m.training for m in bns)
+    assert model.stages[0].blocks[0].ffn.training
+    model.train(False)
+    model.train(True)
+    assert all(not m.training for m in bns)
+
+
+@pytest.mark.parametrize('conv_type', ['dw', 'ddw', 'iddw'])
+def test_with_cp_same_outputs_and_gradients(conv_type):
+    torch.manual_seed(0)
+    plain = DWNet('tiny', conv_type, out_indices=(0, 1, 2, 3))
+    ckpt = DWNet('tiny', conv_type, out_indices=(0, 1, 2, 3), with_cp=True)
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.stages[2].blocks[0].with_cp and not plain.stages[2].blocks[0].with_cp
+    x = torch.randn(2, 3, 48, 48)
+    results = []
+    for model in (plain, ckpt):
+        model.train()
+        outs = model(x)
+        sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+        results.append((outs, {n: p.grad for n, p in model.named_parameters()}))
+    (outs_a, grads_a), (outs_b, grads_b) = results
+    for a, b in zip(outs_a, outs_b):
+        torch.testing.assert_close(a, b)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
+
+
+def test_pretrained_init_with_prefix(tmp_path):
+    source = DWNet('tiny', 'iddw')
+    state = {f'backbone.{k}': v + 1 for k, v in source.state_dict().items()}
+    state['head.fc.weight'] = torch.zeros(3, 768)
+    torch.save({'state_dict': state}, tmp_path / 'cls.pth')
+    model = DWNet(
+        'tiny',
+        'iddw',
+        init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'cls.pth'),
+                      prefix='backbone.'))
+    model.init_weights()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[f'backbone.{k}'], msg=k)
+
+
+def test_drop_path_rates_grow_linearly():
+    model = DWNet('tiny', drop_path_rate=0.2)
+    rates = [b.drop_path.drop_prob for s in model.stages for b in s.blocks]
+    assert len(rates) == 12
+    torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.2, 12))
+    assert model.stages[3].blocks[1].ffn.dropout_layer.drop_prob == pytest.approx(0.2)
+
+
+def test_arch_dict():
+    model = DWNet(dict(embed_dims=32, depths=[1, 2], group_channels=[4, 8]), 'iddw',
+                  out_indices=(0, 1))
+    outs = model(torch.randn(2, 3, 32, 32))
+    assert [tuple(o.shape) for o in outs] == [(2, 32, 8, 8), (2, 64, 4, 4)]
+    assert model.stages[1].blocks[0].dw_conv.groups == 8
+
+
+# ------------------------------------------------------------------ bad input ---
+@pytest.mark.parametrize('kwargs,error,pattern', [
+    (dict(arch='small'), ValueError,
+     r"`arch` must be one of \['b', 'base', 't', 'tiny'\] .* got 'small'"),
+    (dict(arch=3), TypeError, r'`arch` must be a str or a dict, got int 3'),
+    (dict(arch=dict(embed_dims=96, depths=[2, 2])), ValueError,
+     r"misses the keys \['group_channels'\]"),
+    (dict(arch=dict(embed_dims=96, depths=[2, 2], group_channels=[3])), ValueError,
+     r"`arch\['group_channels'\]` must be a list of 2 positive ints .* got \[3\]"),
+    (dict(arch=dict(embed_dims=96, depths=[2, 2], group_channels=[5, 6]), conv_type='iddw'),
+     ValueError, r"stage 0 has 96 channels, which `arch\['group_channels'\]\[0\]` = 5 must "
+     'divide'),
+    (dict(arch=dict(embed_dims=90, depths=[2], group_channels=[3]), conv_type='ddw'),
+     ValueError, r'stage 0 has 90 channels, but .* 4 must divide them'),
+    (dict(conv_type='conv'), ValueError,
+     r"`conv_type` must be one of \('dw', 'ddw', 'iddw'\), got 'conv'"),
+    (dict(out_indices=(0, 4)), ValueError,
+     r'`out_indices` \(0, 4\) contains 4; allowed stage indices are 0..3'),
+    (dict(out_indices='3'), TypeError, r"`out_indices` must be an int or a sequence of ints, "
+     "got '3'"),
+    (dict(frozen_stages=5), ValueError, r'`frozen_stages` must be an int in \[-1, 4\], got 5'),
+    (dict(frozen_stages=-2), ValueError, r'`frozen_stages` must be an int in \[-1, 4\], got -2'),
+    (dict(kernel_size=6), ValueError, r'`kernel_size` must be an odd positive int, got 6'),
+])
+def test_bad_arguments(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        DWNet(**kwargs)
+
+
+def test_bad_inputs():
+    model = DWNet('tiny').eval()
+    with pytest.raises(ValueError, match=r'input must have shape \(B, 3, H, W\), got \(3, 64, 64\)'):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match=r'input must have shape \(B, 3, H, W\), got \(1, 1, 64, 64\)'):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(TypeError, match='input must be a torch.Tensor, got ndarray'):
+        model(torch.randn(1, 3, 64, 64).numpy())
+    gray = DWNet('tiny', in_channels=1).eval()
+    assert gray(torch.randn(1, 1, 32, 32))[0].shape == (1, 768, 1, 1)

@@ -1,0 +1,149 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmdwnet.ops import InhomogeneousDWConv2d, inhomogeneous_dwconv2d
+
+
+def reference_idwconv(x, weight):
+    """Slow, obviously correct: unfold the K x K neighbourhoods and weight them."""
+    b, c, h, w = x.shape
+    groups, k = weight.shape[1], weight.shape[2]
+    cols = F.unfold(x, k, padding=k // 2)  # (B, C*K*K, H*W), zero padded
+    cols = cols.view(b, groups, c // groups, k, k, h, w)
+    return (cols * weight.unsqueeze(2)).sum(dim=(3, 4)).view(b, c, h, w)
+
+
+def _pair(b, c, g, k, h, w, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h, w, generator=gen, dtype=dtype)
+    weight = torch.randn(b, g, k, k, h, w, generator=gen, dtype=dtype)
+    return x, weight
+
+
+def test_matches_formula_elementwise():
+    # one output element written out by hand from the definition
+    x, weight = _pair(1, 4, 2, 3, 4, 5, dtype=torch.float64)
+    y = inhomogeneous_dwconv2d(x, weight)
+    b, c, h, w = 0, 3, 0, 4  # a corner: some taps fall outside the map
+    expected = 0.
+    for i in range(3):
+        for j in range(3):
+            hh, ww = h + i - 1, w + j - 1
+            if 0 <= hh < 4 and 0 <= ww < 5:
+                expected += weight[b, c // 2, i, j, h, w] * x[b, c, hh, ww]
+    assert y[b, c, h, w].item() == pytest.approx(expected.item(), abs=1e-12)
+
+
+@pytest.mark.parametrize('shape', [(2, 6, 3, 3, 5, 7), (1, 8, 8, 5, 4, 4), (2, 4, 1, 7, 3, 6),
+                                   (1, 6, 2, 4, 5, 5)])
+def test_gradcheck_float64(shape):
+    b, c, g, k, h, w = shape
+    x, weight = _pair(b, c, g, k, h, w, dtype=torch.float64)
+    x.requires_grad_()
+    weight.requires_grad_()
+    if k % 2:
+        assert torch.allclose(inhomogeneous_dwconv2d(x, weight), reference_idwconv(x, weight))
+    assert torch.autograd.gradcheck(inhomogeneous_dwconv2d, (x, weight))
+
+
+def test_float32_stage1_size_matches_reference():
+    # DW-T stage 1 at 224x224: 96 channels, 32 groups, 56x56, K = 7
+    x, weight = _pair(2, 96, 32, 7, 56, 56)
+    x.requires_grad_()
+    weight.requires_grad_()
+    grad = torch.randn(2, 96, 56, 56, generator=torch.Generator().manual_seed(1))
+    y = inhomogeneous_dwconv2d(x, weight)
+    gx, gw = torch.autograd.grad(y, (x, weight), grad)
+    y_ref = reference_idwconv(x, weight)
+    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, weight), grad)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-4)
+
+
+def test_non_contiguous_inputs():
+    x, weight = _pair(2, 8, 4, 3, 6, 5)
+    x_cl = x.to(memory_format=torch.channels_last)
+    w_t = weight.transpose(4, 5).contiguous().transpose(4, 5)
+    torch.testing.assert_close(inhomogeneous_dwconv2d(x_cl, w_t), reference_idwconv(x, weight))
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_autocast_low_precision(dtype):
+    x, weight = _pair(2, 16, 4, 7, 9, 9)
+    x.requires_grad_()
+    weight.requires_grad_()
+    with torch.autocast('cpu', dtype=dtype):
+        y = inhomogeneous_dwconv2d(x, weight)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    y_ref = reference_idwconv(x.detach().to(dtype).double(), weight.detach().to(dtype).double())
+    # 49 products accumulated in the low precision itself
+    tol = 0.1 if dtype == torch.bfloat16 else 0.02
+    torch.testing.assert_close(y.double(), y_ref, rtol=0.02, atol=tol)
+
+
+def test_module_and_bad_input():
+    op = InhomogeneousDWConv2d(3)
+    x, weight = _pair(1, 4, 2, 3, 5, 5)
+    torch.testing.assert_close(op(x, weight), reference_idwconv(x, weight))
+    with pytest.raises(ValueError, match=r'`input` must be a 4-D .* got a tensor of shape \(4, 5, 5\)'):
+        op(x[0], weight)
+    with pytest.raises(ValueError, match=r'`weight` must be a 6-D .*\(1, 2, 9, 5, 5\)'):
+        inhomogeneous_dwconv2d(x, weight.flatten(2, 3))
+    with pytest.raises(ValueError, match=r'G dividing C, got weight shape \(1, 3, 3, 3, 5, 5\)'):
+        inhomogeneous_dwconv2d(x, torch.randn(1, 3, 3, 3, 5, 5))
+    with pytest.raises(ValueError, match=r'got weight shape \(1, 2, 3, 3, 4, 5\)'):
+        inhomogeneous_dwconv2d(x, torch.randn(1, 2, 3, 3, 4, 5))
+    with pytest.raises(TypeError, match='same dtype, got torch.float32 and torch.float64'):
+        inhomogeneous_dwconv2d(x, weight.double())
+    with pytest.raises(ValueError, match=r'expected kernels of size 3, got weight shape'):
+        op(x, torch.randn(1, 2, 5, 5, 5, 5))
+    with pytest.raises(ValueError, match=r'`kernel_size` must be a positive int, got 0'):
+        InhomogeneousDWConv2d(0)
+
+
+_MEMORY_SCRIPT = textwrap.dedent('''
+    import json, resource, sys
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, {tests_dir!r})
+    from test_inhomogeneous_dwconv import reference_idwconv
+    from mmdwnet.ops import inhomogeneous_dwconv2d
+    torch.set_num_threads(1)
+    fn = dict(op=inhomogeneous_dwconv2d, reference=reference_idwconv)[sys.argv[1]]
+    fn(torch.randn(1, 4, 8, 8), torch.randn(1, 2, 7, 7, 8, 8))  # warm up the libraries
+    x = torch.randn(2, 96, 112, 112)
+    w = torch.randn(2, 32, 7, 7, 112, 112)
+    with open('/proc/self/statm') as f:
+        rss_now = int(f.read().split()[1]) * resource.getpagesize()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with torch.no_grad():
+        y = fn(x, w)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(dict(extra=(peak - base) / y.nbytes, slack=(base - rss_now) / y.nbytes)))
+''')
+
+
+def _peak_extra_memory(impl):
+    import os
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, '-c', _MEMORY_SCRIPT.format(tests_dir=tests_dir), impl],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_forward_peak_memory_within_twice_the_output():
+    # Measured in a fresh process as the growth of the peak resident memory (Linux).
+    op = _peak_extra_memory('op')
+    assert op['slack'] < 0.1  # the inputs were the last peak: the measurement is meaningful
+    assert op['extra'] < 2.0, op
+    # the measurement does see materialised neighbourhoods: the unfold reference needs ~K*K x
+    assert _peak_extra_memory('reference')['extra'] > 40
