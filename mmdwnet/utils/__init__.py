@@ -1,0 +1,3 @@
+from .summary import format_table, summarize_backbones
+
+__all__ = ['summarize_backbones', 'format_table']

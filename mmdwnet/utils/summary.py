@@ -1,0 +1,60 @@
+"""Build DWNet variants through the OpenMMLab task libraries' registries and describe them."""
+import importlib
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from mmengine.registry import DefaultScope
+
+from mmdwnet.models.backbones.dwnet import CONV_TYPES
+
+SCOPES = ('mmpretrain', 'mmdet', 'mmseg')
+ARCHS = ('tiny', 'base')
+MODEL_NAMES = {'dw': 'DW', 'ddw': 'D-DW', 'iddw': 'I-D-DW'}
+
+
+def summarize_backbones(scopes: Sequence[str] = SCOPES,
+                        archs: Sequence[str] = ARCHS,
+                        conv_types: Sequence[str] = CONV_TYPES,
+                        input_size: Tuple[int, int] = (224, 224),
+                        progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
+    """Build ``DWNet(arch, conv_type, out_indices=(0, 1, 2, 3))`` from the ``MODELS``
+    registry of each scope (with it as the default scope) and run one image through it.
+
+    Returns:
+        list[dict]: One row per build with the keys ``scope``, ``model`` (e.g. ``'D-DW-T'``),
+        ``arch``, ``conv_type``, ``params``, ``shapes`` (output shapes without the batch
+        dim) and ``seconds``.
+    """
+    rows = []
+    image = torch.randn(1, 3, *input_size, generator=torch.Generator().manual_seed(0))
+    for scope in scopes:
+        registry = importlib.import_module(f'{scope}.registry').MODELS
+        for arch in archs:
+            for conv_type in conv_types:
+                name = f'{MODEL_NAMES[conv_type]}-{arch[0].upper()}'
+                if progress:
+                    progress(f'building {name} with {scope}.registry.MODELS')
+                start = time.perf_counter()
+                with DefaultScope.overwrite_default_scope(scope):
+                    model = registry.build(
+                        dict(type='DWNet', arch=arch, conv_type=conv_type,
+                             out_indices=(0, 1, 2, 3)))
+                model.eval()
+                with torch.no_grad():
+                    outs = model(image)
+                rows.append(
+                    dict(scope=scope, model=name, arch=arch, conv_type=conv_type,
+                         params=sum(p.numel() for p in model.parameters()),
+                         shapes=[tuple(o.shape[1:]) for o in outs],
+                         seconds=time.perf_counter() - start))
+    return rows
+
+
+def format_table(rows: List[Dict]) -> str:
+    """Render rows of :func:`summarize_backbones` as a Markdown table."""
+    lines = ['| registry | model | params | output shapes (C, H, W) |', '|---|---|---:|---|']
+    for r in rows:
+        shapes = ' '.join('x'.join(map(str, s)) for s in r['shapes'])
+        lines.append(f"| {r['scope']} | {r['model']} | {r['params']:,} | {shapes} |")
+    return '\n'.join(lines)
