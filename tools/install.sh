@@ -54,7 +54,8 @@ pip_install() {  # pip_install WHAT ARGS...
 # One interpreter start checks every component; prints the names that need work.
 check() {  # run outside the repo so that `import mmdwnet` means the installed package
   (cd / && "$PY" - "$ROOT") <<'PYCHECK'
-import importlib, importlib.metadata, os, sys
+import importlib, importlib.metadata, os, sys, warnings
+warnings.filterwarnings('ignore')  # deprecation chatter of the imports below
 root = sys.argv[1]
 todo = []
 def ver(mod):
@@ -124,8 +125,11 @@ else
   fi
   # Everything after this point must leave the installed torch/torchvision/mmcv alone.
   CONSTRAINTS="$(mktemp)"; trap 'rm -f "$CONSTRAINTS"' EXIT
-  "$PY" -c 'import torch, torchvision; print(f"torch=={torch.__version__}\ntorchvision=={torchvision.__version__}")' > "$CONSTRAINTS" \
-    || die "torch/torchvision still do not import after installation"
+  pin() {  # the installed distributions' own versions (torch.__version__ may add +cu130)
+    "$PY" -c 'import sys; from importlib.metadata import version
+for name in sys.argv[1:]: print(f"{name}=={version(name)}")' "$@"
+  }
+  pin torch torchvision > "$CONSTRAINTS" || die "torch/torchvision are not installed after the torch step"
   needs mmengine && pip_install mmengine -c "$CONSTRAINTS" "$MMENGINE_SPEC"
   if needs mmcv; then
     log "building $MMCV_SPEC with its compiled ops from source (cold: about 10 minutes on 2 cores; pip caches the wheel)"
@@ -134,7 +138,7 @@ else
   else
     log "keeping the installed mmcv (ops available)"
   fi
-  "$PY" -c 'import mmcv; print(f"mmcv=={mmcv.__version__}")' >> "$CONSTRAINTS"
+  pin mmcv >> "$CONSTRAINTS" || die "mmcv is not installed after the mmcv step"
   specs=()
   for s in "${TASK_SPECS[@]}"; do
     name="${s%%[=<>]*}"; needs "$name" && specs+=("$s")
@@ -145,9 +149,9 @@ else
   TODO=" $(check) "
   [ "$TODO" = "  " ] || die "still not working after installation:$TODO"
 fi
-"$PY" -c 'import torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, mmdwnet
+(cd / && "$PY" -W ignore -c 'import torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, mmdwnet
 print("[mmdwnet setup] ready: " + ", ".join(f"{m.__name__} {m.__version__}" for m in
-      (torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, mmdwnet)))'
+      (torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, mmdwnet)))')
 
 cmd="${1:-}"; [ $# -eq 0 ] || shift
 case "$cmd" in
