@@ -6,8 +6,8 @@ with zeros outside the feature map, for weights ``w`` of shape (B, G, K, K, H, W
 The reference implementation of the paper ships this as a CUDA-only CuPy kernel; the usual
 portable rewrite unfolds the input into a K*K-times larger tensor. Here the sum runs over the
 K*K kernel offsets instead, each one an in-place multiply-add of the overlapping parts of the
-output and the shifted input (no padding, no unfold), so the forward pass allocates nothing but
-its output. The backward pass is written out by hand for the same reason. The three pieces are
+output and the shifted input (no padding, no unfold), so the forward pass allocates its output
+and, for float16/bfloat16, float32 buffers for an eighth of it at a time. The backward pass is written out by hand for the same reason. The three pieces are
 registered with ``torch.library.custom_op`` so that tracers, ``torch.compile`` and FLOP
 counters see one named operator.
 """
@@ -36,22 +36,55 @@ def _offsets(kernel_size: int, height: int, width: int):
             yield i, j, dy, dx, (h0, h1), (w0, w1)
 
 
-def _grouped(x: Tensor, groups: int) -> Tensor:
-    b, c, h, w = x.shape
-    return x.reshape(b, groups, c // groups, h, w)
+def _chunks(input: Tensor, groups: int, accumulate: bool):
+    """Index pairs (samples, groups) of the blocks processed together.
+
+    On CPU a block is one sample, so that its maps stay in cache over the K*K passes; on GPU
+    the whole batch. When float16/bfloat16 operands need a float32 accumulator (and, on CPU,
+    float32 copies of the operands), a block is at most an eighth of the batch's groups.
+    """
+    batch = input.shape[0]
+    planes = groups if input.device.type == 'cpu' else batch * groups
+    if accumulate:
+        planes = max(1, min(planes, batch * groups // 16))
+    if planes >= groups:
+        step = planes // groups
+        return [(slice(n, n + step), slice(None)) for n in range(0, batch, step)]
+    return [(slice(n, n + 1), slice(g, g + planes)) for n in range(batch)
+            for g in range(0, groups, planes)]
+
+
+def _shift_accumulate(src: Tensor, weight: Tensor, transposed: bool) -> Tensor:
+    """``out[..., p] = sum_k w_k[p] * src[..., p + d_k]`` (forward), or the transposed sum
+    ``out[..., p + d_k] += w_k[p] * src[..., p]`` (gradient of the input). float16/bfloat16
+    operands accumulate in float32."""
+    b, c, height, width = src.shape
+    groups, kernel_size = weight.shape[1], weight.shape[2]
+    out = torch.empty((b, c, height, width), dtype=src.dtype, device=src.device)
+    out5 = out.view(b, groups, c // groups, height, width)
+    src5 = src.reshape(b, groups, c // groups, height, width)
+    acc_dtype = torch.float32 if src.dtype in (torch.float16, torch.bfloat16) else src.dtype
+    offsets = list(_offsets(kernel_size, height, width))
+    for samples, group_block in _chunks(src, groups, accumulate=acc_dtype != src.dtype):
+        # mixed-dtype multiply-adds would cast their operands into hidden temporaries at
+        # every offset; cast the block's input once and each offset's kernels instead
+        x = src5[samples, group_block].to(acc_dtype)
+        w = weight[samples, group_block]
+        y = out5[samples, group_block] if acc_dtype == src.dtype else x.new_empty(x.shape)
+        y.zero_()
+        for i, j, dy, dx, (h0, h1), (w0, w1) in offsets:
+            shifted = (..., slice(h0 + dy, h1 + dy), slice(w0 + dx, w1 + dx))
+            region = (..., slice(h0, h1), slice(w0, w1))
+            dst, srcs = (shifted, region) if transposed else (region, shifted)
+            y[dst].addcmul_(w[:, :, i, j, None, h0:h1, w0:w1].to(acc_dtype), x[srcs])
+        if acc_dtype != src.dtype:
+            out5[samples, group_block] = y
+    return out
 
 
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d', mutates_args=())
 def _forward(input: Tensor, weight: Tensor) -> Tensor:
-    groups, kernel_size = weight.shape[1], weight.shape[2]
-    height, width = input.shape[-2:]
-    out = torch.zeros_like(input, memory_format=torch.contiguous_format)
-    x, y = _grouped(input, groups), _grouped(out, groups)
-    for i, j, dy, dx, (h0, h1), (w0, w1) in _offsets(kernel_size, height, width):
-        y[..., h0:h1, w0:w1].addcmul_(
-            weight[:, :, i, j, None, h0:h1, w0:w1],
-            x[..., h0 + dy:h1 + dy, w0 + dx:w1 + dx])
-    return out
+    return _shift_accumulate(input, weight, transposed=False)
 
 
 @_forward.register_fake
@@ -61,14 +94,7 @@ def _(input: Tensor, weight: Tensor) -> Tensor:
 
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_input', mutates_args=())
 def _grad_input(grad_output: Tensor, weight: Tensor) -> Tensor:
-    groups, kernel_size = weight.shape[1], weight.shape[2]
-    height, width = grad_output.shape[-2:]
-    grad_input = torch.zeros_like(grad_output, memory_format=torch.contiguous_format)
-    gx, gy = _grouped(grad_input, groups), _grouped(grad_output, groups)
-    for i, j, dy, dx, (h0, h1), (w0, w1) in _offsets(kernel_size, height, width):
-        gx[..., h0 + dy:h1 + dy, w0 + dx:w1 + dx].addcmul_(
-            weight[:, :, i, j, None, h0:h1, w0:w1], gy[..., h0:h1, w0:w1])
-    return grad_input
+    return _shift_accumulate(grad_output, weight, transposed=True)
 
 
 @_grad_input.register_fake
@@ -79,12 +105,17 @@ def _(grad_output: Tensor, weight: Tensor) -> Tensor:
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_weight', mutates_args=())
 def _grad_weight(grad_output: Tensor, input: Tensor, groups: int,
                  kernel_size: int) -> Tensor:
-    b, _, height, width = input.shape
+    b, c, height, width = input.shape
     grad_weight = grad_output.new_zeros(b, groups, kernel_size, kernel_size, height, width)
-    x, gy = _grouped(input, groups), _grouped(grad_output, groups)
-    for i, j, dy, dx, (h0, h1), (w0, w1) in _offsets(kernel_size, height, width):
-        grad_weight[:, :, i, j, h0:h1, w0:w1] = (
-            gy[..., h0:h1, w0:w1] * x[..., h0 + dy:h1 + dy, w0 + dx:w1 + dx]).sum(2)
+    x5 = input.reshape(b, groups, c // groups, height, width)
+    gy5 = grad_output.reshape(b, groups, c // groups, height, width)
+    offsets = list(_offsets(kernel_size, height, width))
+    for samples, group_block in _chunks(input, groups, accumulate=False):
+        x, gy = x5[samples, group_block], gy5[samples, group_block]
+        gw = grad_weight[samples, group_block]
+        for i, j, dy, dx, (h0, h1), (w0, w1) in offsets:
+            gw[:, :, i, j, h0:h1, w0:w1] = (
+                gy[..., h0:h1, w0:w1] * x[..., h0 + dy:h1 + dy, w0 + dx:w1 + dx]).sum(2)
     return grad_weight
 
 
@@ -125,8 +156,8 @@ def inhomogeneous_dwconv2d(input: Tensor, weight: Tensor) -> Tensor:
     Returns:
         Tensor: Output of shape (B, C, H, W).
 
-    Under autocast both operands are cast to the autocast dtype; float16/bfloat16 inputs
-    accumulate in their own precision.
+    Under autocast both operands are cast to the autocast dtype; float16/bfloat16 operands
+    accumulate in float32 and the result is rounded once.
     """
     if not isinstance(input, Tensor) or input.dim() != 4:
         raise ValueError('inhomogeneous_dwconv2d: `input` must be a 4-D (B, C, H, W) '
