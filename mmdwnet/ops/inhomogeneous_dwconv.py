@@ -11,7 +11,7 @@ and, for float16/bfloat16, float32 buffers for an eighth of it at a time. The ba
 registered with ``torch.library.custom_op`` so that tracers, ``torch.compile`` and FLOP
 counters see one named operator.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -36,17 +36,22 @@ def _offsets(kernel_size: int, height: int, width: int):
             yield i, j, dy, dx, (h0, h1), (w0, w1)
 
 
-def _chunks(input: Tensor, groups: int, accumulate: bool):
-    """Index pairs (samples, groups) of the blocks processed together.
+def _block_planes(input: Tensor, groups: int, accumulate: bool) -> int:
+    """How many (sample, group) planes are processed together.
 
-    On CPU a block is one sample, so that its maps stay in cache over the K*K passes; on GPU
-    the whole batch. When float16/bfloat16 operands need a float32 accumulator (and, on CPU,
-    float32 copies of the operands), a block is at most an eighth of the batch's groups.
+    On CPU one sample, so that its maps stay in cache over the K*K passes; on GPU the whole
+    batch. When float16/bfloat16 operands need a float32 accumulator (and float32 copies of
+    the operands), at most a sixteenth of the batch's planes.
     """
     batch = input.shape[0]
     planes = groups if input.device.type == 'cpu' else batch * groups
     if accumulate:
         planes = max(1, min(planes, batch * groups // 16))
+    return planes
+
+
+def _blocks(batch: int, groups: int, planes: int):
+    """Index pairs (samples, groups) covering the batch in blocks of about ``planes``."""
     if planes >= groups:
         step = planes // groups
         return [(slice(n, n + step), slice(None)) for n in range(0, batch, step)]
@@ -54,7 +59,8 @@ def _chunks(input: Tensor, groups: int, accumulate: bool):
             for g in range(0, groups, planes)]
 
 
-def _shift_accumulate(src: Tensor, weight: Tensor, transposed: bool) -> Tensor:
+def _shift_accumulate(src: Tensor, weight: Tensor, transposed: bool,
+                      planes: Optional[int] = None) -> Tensor:
     """``out[..., p] = sum_k w_k[p] * src[..., p + d_k]`` (forward), or the transposed sum
     ``out[..., p + d_k] += w_k[p] * src[..., p]`` (gradient of the input). float16/bfloat16
     operands accumulate in float32."""
@@ -65,7 +71,9 @@ def _shift_accumulate(src: Tensor, weight: Tensor, transposed: bool) -> Tensor:
     src5 = src.reshape(b, groups, c // groups, height, width)
     acc_dtype = torch.float32 if src.dtype in (torch.float16, torch.bfloat16) else src.dtype
     offsets = list(_offsets(kernel_size, height, width))
-    for samples, group_block in _chunks(src, groups, accumulate=acc_dtype != src.dtype):
+    if planes is None:
+        planes = _block_planes(src, groups, accumulate=acc_dtype != src.dtype)
+    for samples, group_block in _blocks(b, groups, planes):
         # mixed-dtype multiply-adds would cast their operands into hidden temporaries at
         # every offset; cast the block's input once and each offset's kernels instead
         x = src5[samples, group_block].to(acc_dtype)
@@ -110,7 +118,7 @@ def _grad_weight(grad_output: Tensor, input: Tensor, groups: int,
     x5 = input.reshape(b, groups, c // groups, height, width)
     gy5 = grad_output.reshape(b, groups, c // groups, height, width)
     offsets = list(_offsets(kernel_size, height, width))
-    for samples, group_block in _chunks(input, groups, accumulate=False):
+    for samples, group_block in _blocks(b, groups, _block_planes(input, groups, False)):
         x, gy = x5[samples, group_block], gy5[samples, group_block]
         gw = grad_weight[samples, group_block]
         for i, j, dy, dx, (h0, h1), (w0, w1) in offsets:

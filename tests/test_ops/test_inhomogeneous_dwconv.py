@@ -68,6 +68,22 @@ def test_float32_stage1_size_matches_reference():
     torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize('planes', [1, 3, 4, 8, 12, 24])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16])
+def test_every_block_size(planes, dtype):
+    # the GPU processes larger blocks of (sample, group) planes than the CPU does
+    from mmdwnet.ops.inhomogeneous_dwconv import _shift_accumulate
+    x, weight = (t.to(dtype).double() for t in _pair(3, 8, 4, 5, 6, 7, dtype=torch.float64))
+    grad = torch.randn(3, 8, 6, 7).to(dtype).double()
+    x_ref = x.detach().requires_grad_()
+    reference_idwconv(x_ref, weight).backward(grad)
+    expected = dict(forward=reference_idwconv(x, weight), transposed=x_ref.grad)
+    for mode, src in (('forward', x), ('transposed', grad)):
+        out = _shift_accumulate(src.to(dtype), weight.to(dtype), mode == 'transposed', planes)
+        tol = 1e-12 if dtype == torch.float64 else 2**-8  # float32 sums, rounded once
+        torch.testing.assert_close(out.double(), expected[mode], rtol=tol, atol=tol)
+
+
 def test_non_contiguous_inputs():
     x, weight = _pair(2, 8, 4, 3, 6, 5)
     x_cl = x.to(memory_format=torch.channels_last)
