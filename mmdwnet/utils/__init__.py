@@ -1,3 +1,6 @@
-from .summary import format_table, summarize_backbones
+from .summary import (format_table, imagenet_classifier_cfg, summarize_backbones,
+                      summarize_classifiers)
 
-__all__ = ['summarize_backbones', 'format_table']
+__all__ = [
+    'summarize_backbones', 'summarize_classifiers', 'imagenet_classifier_cfg', 'format_table'
+]

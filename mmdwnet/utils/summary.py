@@ -6,11 +6,57 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from mmengine.registry import DefaultScope
 
-from mmdwnet.models.backbones.dwnet import CONV_TYPES
+from mmdwnet.models.backbones.dwnet import CONV_TYPES, DWNet
 
 SCOPES = ('mmpretrain', 'mmdet', 'mmseg')
 ARCHS = ('tiny', 'base')
 MODEL_NAMES = {'dw': 'DW', 'ddw': 'D-DW', 'iddw': 'I-D-DW'}
+
+
+def imagenet_classifier_cfg(arch: str, conv_type: str, num_classes: int = 1000) -> Dict:
+    """MMPretrain ``ImageClassifier`` of the paper's ImageNet models: DWNet (last stage,
+    LayerNorm), global average pooling and a linear head."""
+    return dict(
+        type='ImageClassifier',
+        backbone=dict(type='DWNet', arch=arch, conv_type=conv_type, out_indices=(3, )),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(
+            type='LinearClsHead',
+            num_classes=num_classes,
+            in_channels=DWNet.arch_zoo[arch]['embed_dims'] * 8,
+            loss=dict(type='CrossEntropyLoss')))
+
+
+def summarize_classifiers(archs: Sequence[str] = ARCHS,
+                          conv_types: Sequence[str] = CONV_TYPES,
+                          input_size: Tuple[int, int] = (224, 224),
+                          progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
+    """Build the ImageNet classifiers through MMPretrain's registry and classify one image.
+
+    Returns:
+        list[dict]: One row per model with the keys ``scope``, ``model``, ``arch``,
+        ``conv_type``, ``params``, ``shapes`` (the logits' shape without the batch dim) and
+        ``seconds``.
+    """
+    from mmpretrain.registry import MODELS
+    image = torch.randn(1, 3, *input_size, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for arch in archs:
+        for conv_type in conv_types:
+            name = f'{MODEL_NAMES[conv_type]}-{arch[0].upper()}'
+            if progress:
+                progress(f'building the {name} ImageNet classifier with mmpretrain')
+            start = time.perf_counter()
+            with DefaultScope.overwrite_default_scope('mmpretrain'):
+                model = MODELS.build(imagenet_classifier_cfg(arch, conv_type)).eval()
+            with torch.no_grad():
+                logits = model(image, mode='tensor')
+            rows.append(
+                dict(scope='mmpretrain', model=name, arch=arch, conv_type=conv_type,
+                     params=sum(p.numel() for p in model.parameters()),
+                     shapes=[tuple(logits.shape[1:])],
+                     seconds=time.perf_counter() - start))
+    return rows
 
 
 def summarize_backbones(scopes: Sequence[str] = SCOPES,
@@ -51,9 +97,9 @@ def summarize_backbones(scopes: Sequence[str] = SCOPES,
     return rows
 
 
-def format_table(rows: List[Dict]) -> str:
+def format_table(rows: List[Dict], shapes_title: str = 'output shapes (C, H, W)') -> str:
     """Render rows of :func:`summarize_backbones` as a Markdown table."""
-    lines = ['| registry | model | params | output shapes (C, H, W) |', '|---|---|---:|---|']
+    lines = [f'| registry | model | params | {shapes_title} |', '|---|---|---:|---|']
     for r in rows:
         shapes = ' '.join('x'.join(map(str, s)) for s in r['shapes'])
         lines.append(f"| {r['scope']} | {r['model']} | {r['params']:,} | {shapes} |")

@@ -7,6 +7,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdwnet.models import DWNet
 from mmdwnet.models.backbones.dwnet import DynamicDWConv, InhomogeneousDynamicDWConv
+from mmdwnet.utils import imagenet_classifier_cfg
 
 # exact parameter counts of the reference ImageNet classifiers (SPEC.md section 2)
 CLASSIFIER_PARAMS = {
@@ -28,17 +29,9 @@ def test_classifier_parameter_parity(arch, conv_type):
     from mmpretrain.registry import MODELS
     from mmpretrain.utils import register_all_modules
     register_all_modules()
-    channels = DWNet.arch_zoo[arch]['embed_dims'] * 8
-    model = MODELS.build(
-        dict(
-            type='ImageClassifier',
-            backbone=dict(type='DWNet', arch=arch, conv_type=conv_type, out_indices=(3, )),
-            neck=dict(type='GlobalAveragePooling'),
-            head=dict(
-                type='LinearClsHead',
-                num_classes=1000,
-                in_channels=channels,
-                loss=dict(type='CrossEntropyLoss'))))
+    # ImageClassifier(DWNet(arch, conv_type, out_indices=(3,)), GAP, LinearClsHead(1000))
+    model = MODELS.build(imagenet_classifier_cfg(arch, conv_type))
+    assert model.backbone.out_indices == (3, ) and model.head.num_classes == 1000
     assert _num_params(model) == CLASSIFIER_PARAMS[(arch, conv_type)]
 
 
