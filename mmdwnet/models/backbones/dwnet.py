@@ -420,6 +420,30 @@ class DWNet(BaseModule):
             return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return norm(x)
 
+    def get_layer_depth(self, param_name: str, prefix: str = ''):
+        """Layer-wise depth of a parameter, for layer-wise learning-rate decay.
+
+        Args:
+            param_name (str): The name of the parameter.
+            prefix (str): The prefix of the backbone's parameters. Defaults to ''.
+
+        Returns:
+            tuple[int, int]: The depth of the parameter and the number of depths: 0 for the
+            stem, one per block (a stage's patch merging goes with its first block), and
+            the last one for the output norms and everything outside the backbone.
+        """
+        num_layers = sum(self.depths) + 2
+        if not param_name.startswith(prefix):
+            return num_layers - 1, num_layers
+        names = param_name[len(prefix):].split('.')
+        if names[0] == 'patch_embed':
+            return 0, num_layers
+        if names[0] == 'stages':
+            stage_id = int(names[1])
+            block_id = int(names[3]) if names[2] == 'blocks' else 0
+            return sum(self.depths[:stage_id]) + block_id + 1, num_layers
+        return num_layers - 1, num_layers
+
     def _freeze_stages(self):
         frozen = [self.patch_embed] if self.frozen_stages >= 0 else []
         for i in range(self.frozen_stages):

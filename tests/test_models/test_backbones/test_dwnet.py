@@ -256,6 +256,21 @@ def test_drop_path_rates_grow_linearly():
     assert model.stages[3].blocks[1].ffn.dropout_layer.drop_prob == pytest.approx(0.2)
 
 
+def test_get_layer_depth():
+    model = DWNet('tiny', 'ddw')
+    depths = {name: model.get_layer_depth('backbone.' + name, 'backbone.')
+              for name, _ in model.named_parameters()}
+    assert set(n for _, n in depths.values()) == {14}
+    assert depths['patch_embed.projection.weight'] == (0, 14)
+    assert depths['stages.0.blocks.1.pw_conv1.weight'] == (2, 14)
+    assert depths['stages.2.downsample.reduction.weight'] == (5, 14)
+    assert depths['stages.2.blocks.0.dw_conv.conv2.weight'] == (5, 14)
+    assert depths['stages.3.blocks.1.ffn.layers.1.weight'] == (12, 14)
+    assert depths['norm3.weight'] == (13, 14)
+    assert model.get_layer_depth('head.fc.weight', 'backbone.') == (13, 14)
+    assert sorted(set(d for d, _ in depths.values())) == list(range(14))
+
+
 def test_arch_dict():
     model = DWNet(dict(embed_dims=32, depths=[1, 2], group_channels=[4, 8]), 'iddw',
                   out_indices=(0, 1))
