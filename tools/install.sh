@@ -14,8 +14,13 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { echo "[mmdwnet setup] $*"; }
 die() { echo "[mmdwnet setup] ERROR: $*" >&2; exit 1; }
+case "${1:-}" in
+  ""|demo|test) ;;
+  *) die "unknown command '$1' (allowed: demo, test, or nothing)" ;;
+esac
 
-# Pinned versions (keep in sync with setup.py / requirements/runtime.txt).
+# What a fresh environment gets: tested pins inside the bounds of requirements/*.txt,
+# which are also setup.py's. A component already inside those bounds is kept.
 TORCH_SPEC='torch===2.13.0'   # '===' skips the local +cpu wheel whose torchvision cannot load
 TORCHVISION_SPEC='torchvision==0.28.0'
 SETUPTOOLS_SPEC='setuptools>=77.0.3,<81'
@@ -51,59 +56,58 @@ pip_install() {  # pip_install WHAT ARGS...
   "${PIP[@]}" install "$@" || die "installing $what failed (pip install $*); see the pip output above"
 }
 
-# One interpreter start checks every component; prints the names that need work.
+# One interpreter start checks every component against the bounds of requirements/*.txt
+# (the same as setup.py's) and a probe that it works; prints the names that need work.
 check() {  # run outside the repo so that `import mmdwnet` means the installed package
   (cd / && "$PY" - "$ROOT") <<'PYCHECK'
-import importlib, importlib.metadata, os, sys, warnings
+import importlib, importlib.metadata as md, os, sys, warnings
 warnings.filterwarnings('ignore')  # deprecation chatter of the imports below
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # a bare venv: pip's own copy
+    from pip._vendor.packaging.requirements import Requirement
 root = sys.argv[1]
-todo = []
-def ver(mod):
-    return tuple(int(p) for p in mod.__version__.split('+')[0].split('.')[:3] if p.isdigit())
-try:
-    import setuptools, pkg_resources  # noqa: F401  (mmengine/mmcv import pkg_resources)
-    if not ((77, 0, 3) <= ver(setuptools) < (81,)):
-        todo.append('setuptools')
-except Exception:
-    todo.append('setuptools')
-try:
+bounds = {}
+for fname in ('runtime.txt', 'tests.txt'):
+    with open(os.path.join(root, 'requirements', fname)) as f:
+        for line in f:
+            line = line.split('#')[0].strip()
+            if line:
+                req = Requirement(line)
+                bounds[req.name] = req.specifier
+
+def mmcv_ops():
+    from mmcv.ops import RoIAlign, nms  # noqa: F401  (needs the compiled ops)
+
+def torchvision_ops():
     import torch, torchvision
     torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)  # compiled extension loads
-except Exception:
-    todo.append('torch')
-try:
-    import mmengine
-    if mmengine.__version__ != '0.10.7':
-        todo.append('mmengine')
-except Exception:
-    todo.append('mmengine')
-try:
-    import mmcv
-    from mmcv.ops import RoIAlign, nms  # noqa: F401  (needs the compiled ops)
-    if not ((2, 1, 0) <= ver(mmcv) < (2, 2, 0)):
-        todo.append('mmcv')
-except Exception:
-    todo.append('mmcv')
-for name, mod, want in [('mmdet', 'mmdet', '3.3.0'), ('mmsegmentation', 'mmseg', '1.2.2'),
-                        ('mmpretrain', 'mmpretrain', '1.2.0'), ('ftfy', 'ftfy', None),
-                        ('regex', 'regex', None)]:
-    try:
-        m = importlib.import_module(mod)
-        if want and m.__version__ != want:
-            todo.append(name)
-    except Exception:
-        todo.append(name)
-try:
-    import pytest  # noqa: F401
-except Exception:
-    todo.append('pytest')
-try:
+
+def mmdwnet_here():
     import mmdwnet
-    importlib.metadata.version('mmdwnet')  # installed, not just found in the cwd
-    if os.path.dirname(os.path.dirname(os.path.abspath(mmdwnet.__file__))) != root:
-        todo.append('mmdwnet')
-except Exception:
-    todo.append('mmdwnet')
+    assert os.path.dirname(os.path.dirname(os.path.abspath(mmdwnet.__file__))) == root
+
+todo = []
+for component, dists, probe in [
+        ('setuptools', ['setuptools'], lambda: importlib.import_module('pkg_resources')),
+        ('torch', ['torch', 'torchvision'], torchvision_ops),
+        ('mmengine', ['mmengine'], lambda: importlib.import_module('mmengine')),
+        ('mmcv', ['mmcv'], mmcv_ops),
+        ('mmdet', ['mmdet'], lambda: importlib.import_module('mmdet')),
+        ('mmsegmentation', ['mmsegmentation'], lambda: importlib.import_module('mmseg')),
+        ('mmpretrain', ['mmpretrain'], lambda: importlib.import_module('mmpretrain')),
+        ('ftfy', ['ftfy'], lambda: importlib.import_module('ftfy')),
+        ('regex', ['regex'], lambda: importlib.import_module('regex')),
+        ('pytest', ['pytest'], lambda: importlib.import_module('pytest')),
+        ('mmdwnet', ['mmdwnet'], mmdwnet_here)]:
+    try:
+        for dist in dists:
+            if not bounds.get(dist, Requirement(dist).specifier).contains(
+                    md.version(dist), prereleases=True):
+                raise ValueError(f'{dist} {md.version(dist)} is outside {bounds[dist]}')
+        probe()
+    except Exception:
+        todo.append(component)
 print(' '.join(todo))
 PYCHECK
 }
@@ -158,5 +162,4 @@ case "$cmd" in
   "") ;;
   demo) cd "$ROOT" && exec "$PY" demo/quickstart.py "$@" ;;
   test) cd "$ROOT" && exec "$PY" -m pytest tests "$@" ;;
-  *) die "unknown command '$cmd' (allowed: demo, test, or nothing)" ;;
 esac
