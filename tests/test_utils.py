@@ -9,7 +9,7 @@ def test_demo_summaries_build_through_every_registry():
     assert {r['params'] for r in rows} == {25_476_624}
     assert all(r['shapes'] == [(96, 17, 25), (192, 9, 13), (384, 5, 7), (768, 3, 4)]
                for r in rows)
-    assert messages[0] == 'building I-D-DW-T with mmpretrain.registry.MODELS'
+    assert messages[0] == 'building the tiny iddw DWNet with mmpretrain.registry.MODELS'
     cls, = summarize_classifiers(archs=('tiny', ), conv_types=('dw', ), input_size=(64, 64))
     assert cls['params'] == 24_172_744 and cls['shapes'] == [(1000, )]
     table = format_table(rows).splitlines()

@@ -95,9 +95,11 @@ def _forward(input: Tensor, weight: Tensor) -> Tensor:
     return _shift_accumulate(input, weight, transposed=False)
 
 
-@_forward.register_fake
-def _(input: Tensor, weight: Tensor) -> Tensor:
-    return torch.empty_like(input, memory_format=torch.contiguous_format)
+def _like_first(first: Tensor, weight: Tensor) -> Tensor:
+    return torch.empty_like(first, memory_format=torch.contiguous_format)
+
+
+_forward.register_fake(_like_first)
 
 
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_input', mutates_args=())
@@ -105,9 +107,7 @@ def _grad_input(grad_output: Tensor, weight: Tensor) -> Tensor:
     return _shift_accumulate(grad_output, weight, transposed=True)
 
 
-@_grad_input.register_fake
-def _(grad_output: Tensor, weight: Tensor) -> Tensor:
-    return torch.empty_like(grad_output, memory_format=torch.contiguous_format)
+_grad_input.register_fake(_like_first)
 
 
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_weight', mutates_args=())

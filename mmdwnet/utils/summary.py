@@ -5,6 +5,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.registry import DefaultScope
+from torch import Tensor, nn
 
 from mmdwnet.models.backbones.dwnet import CONV_TYPES, DWNet
 
@@ -27,6 +28,26 @@ def imagenet_classifier_cfg(arch: str, conv_type: str, num_classes: int = 1000) 
             loss=dict(type='CrossEntropyLoss')))
 
 
+def _build_and_run(scope: str, cfg: Dict, arch: str, conv_type: str, image: Tensor,
+                   run: Callable[[nn.Module, Tensor], Sequence[Tensor]]) -> Dict:
+    """Build ``cfg`` from the ``MODELS`` registry of ``scope`` (as the default scope), run
+    ``image`` through it and describe the result as one row."""
+    registry = importlib.import_module(f'{scope}.registry').MODELS
+    start = time.perf_counter()
+    with DefaultScope.overwrite_default_scope(scope):
+        model = registry.build(cfg).eval()
+    with torch.no_grad():
+        outs = run(model, image)
+    return dict(scope=scope, model=f'{MODEL_NAMES[conv_type]}-{arch[0].upper()}', arch=arch,
+                conv_type=conv_type, params=sum(p.numel() for p in model.parameters()),
+                shapes=[tuple(o.shape[1:]) for o in outs],
+                seconds=time.perf_counter() - start)
+
+
+def _variants(archs, conv_types):
+    return [(arch, conv_type) for arch in archs for conv_type in conv_types]
+
+
 def summarize_classifiers(archs: Sequence[str] = ARCHS,
                           conv_types: Sequence[str] = CONV_TYPES,
                           input_size: Tuple[int, int] = (224, 224),
@@ -38,24 +59,14 @@ def summarize_classifiers(archs: Sequence[str] = ARCHS,
         ``conv_type``, ``params``, ``shapes`` (the logits' shape without the batch dim) and
         ``seconds``.
     """
-    from mmpretrain.registry import MODELS
     image = torch.randn(1, 3, *input_size, generator=torch.Generator().manual_seed(0))
     rows = []
-    for arch in archs:
-        for conv_type in conv_types:
-            name = f'{MODEL_NAMES[conv_type]}-{arch[0].upper()}'
-            if progress:
-                progress(f'building the {name} ImageNet classifier with mmpretrain')
-            start = time.perf_counter()
-            with DefaultScope.overwrite_default_scope('mmpretrain'):
-                model = MODELS.build(imagenet_classifier_cfg(arch, conv_type)).eval()
-            with torch.no_grad():
-                logits = model(image, mode='tensor')
-            rows.append(
-                dict(scope='mmpretrain', model=name, arch=arch, conv_type=conv_type,
-                     params=sum(p.numel() for p in model.parameters()),
-                     shapes=[tuple(logits.shape[1:])],
-                     seconds=time.perf_counter() - start))
+    for arch, conv_type in _variants(archs, conv_types):
+        if progress:
+            progress(f'building the {arch} {conv_type} ImageNet classifier with mmpretrain')
+        rows.append(
+            _build_and_run('mmpretrain', imagenet_classifier_cfg(arch, conv_type), arch,
+                           conv_type, image, lambda m, x: [m(x, mode='tensor')]))
     return rows
 
 
@@ -72,28 +83,14 @@ def summarize_backbones(scopes: Sequence[str] = SCOPES,
         ``arch``, ``conv_type``, ``params``, ``shapes`` (output shapes without the batch
         dim) and ``seconds``.
     """
-    rows = []
     image = torch.randn(1, 3, *input_size, generator=torch.Generator().manual_seed(0))
+    rows = []
     for scope in scopes:
-        registry = importlib.import_module(f'{scope}.registry').MODELS
-        for arch in archs:
-            for conv_type in conv_types:
-                name = f'{MODEL_NAMES[conv_type]}-{arch[0].upper()}'
-                if progress:
-                    progress(f'building {name} with {scope}.registry.MODELS')
-                start = time.perf_counter()
-                with DefaultScope.overwrite_default_scope(scope):
-                    model = registry.build(
-                        dict(type='DWNet', arch=arch, conv_type=conv_type,
-                             out_indices=(0, 1, 2, 3)))
-                model.eval()
-                with torch.no_grad():
-                    outs = model(image)
-                rows.append(
-                    dict(scope=scope, model=name, arch=arch, conv_type=conv_type,
-                         params=sum(p.numel() for p in model.parameters()),
-                         shapes=[tuple(o.shape[1:]) for o in outs],
-                         seconds=time.perf_counter() - start))
+        for arch, conv_type in _variants(archs, conv_types):
+            if progress:
+                progress(f'building the {arch} {conv_type} DWNet with {scope}.registry.MODELS')
+            cfg = dict(type='DWNet', arch=arch, conv_type=conv_type, out_indices=(0, 1, 2, 3))
+            rows.append(_build_and_run(scope, cfg, arch, conv_type, image, lambda m, x: m(x)))
     return rows
 
 

@@ -174,3 +174,15 @@ def test_forward_peak_memory_within_twice_the_output(dtype):
 def test_memory_measurement_sees_unfolded_inputs():
     # the same measurement of the unfold reference shows its K*K-times larger buffers
     assert _peak_extra_memory('reference') > 40
+
+
+def test_registered_custom_ops_pass_opcheck():
+    # schema, fake (meta) kernels and autograd registration of the named operators
+    x, weight = _pair(2, 8, 4, 3, 5, 6, dtype=torch.float64)
+    grad = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    ops = torch.ops.mmdwnet
+    torch.library.opcheck(ops.inhomogeneous_dwconv2d.default,
+                          (x.requires_grad_(), weight.requires_grad_()))
+    torch.library.opcheck(ops.inhomogeneous_dwconv2d_grad_input.default, (grad, weight.detach()))
+    torch.library.opcheck(ops.inhomogeneous_dwconv2d_grad_weight.default,
+                          (grad, x.detach(), 4, 3))
