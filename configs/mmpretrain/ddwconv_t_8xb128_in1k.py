@@ -1,0 +1,5 @@
+# D-DW-Conv-T on ImageNet-1K, 300 epochs at 224x224, 8 GPUs x 128 images.
+# Paper Table 2: 51M params, 3.8G FLOPs, 81.9 top-1.
+_base_ = './dwconv_t_8xb128_in1k.py'
+
+model = dict(backbone=dict(conv_type='ddw'))

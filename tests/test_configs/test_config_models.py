@@ -1,0 +1,66 @@
+import glob
+import os
+
+import pytest
+from mmengine.config import Config
+from mmengine.registry import MODELS, init_default_scope
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), 'configs')
+
+# (task, model) -> parameters in millions: paper Table 3 (COCO, ADE20K; within 1M) and the
+# exact ImageNet classifier counts (SPEC.md section 2)
+PAPER_PARAMS = {
+    ('mmdet', 'dwconv_t'): 82, ('mmdet', 'ddwconv_t'): 108, ('mmdet', 'iddwconv_t'): 84,
+    ('mmdet', 'dwconv_b'): 132, ('mmdet', 'ddwconv_b'): 219, ('mmdet', 'iddwconv_b'): 137,
+    ('mmseg', 'dwconv_t'): 56, ('mmseg', 'ddwconv_t'): 83, ('mmseg', 'iddwconv_t'): 58,
+    ('mmseg', 'dwconv_b'): 108, ('mmseg', 'ddwconv_b'): 195, ('mmseg', 'iddwconv_b'): 114,
+}
+IMAGENET_PARAMS = {
+    'dwconv_t': 24_172_744, 'ddwconv_t': 51_131_752, 'iddwconv_t': 26_244_280,
+    'dwconv_b': 74_347_112, 'ddwconv_b': 161_597_928, 'iddwconv_b': 80_253_608,
+}
+CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, 'mm*', '*.py')))
+
+
+def _model_key(path):
+    name = os.path.basename(path)
+    for key in sorted(IMAGENET_PARAMS, key=len, reverse=True):
+        if f'_{key}_' in f'_{name}'.replace('cascade_', '_').replace('upernet_', '_'):
+            return key
+    raise AssertionError(f'no model name in {name}')
+
+
+def test_every_config_is_there():
+    names = {os.path.relpath(p, CONFIG_DIR) for p in CONFIGS}
+    for conv in ('dwconv', 'ddwconv', 'iddwconv'):
+        for size in 't', 'b':
+            assert f'mmdet/cascade_{conv}_{size}_3x.py' in names
+            assert f'mmseg/upernet_{conv}_{size}_512x512_160k_ade20k.py' in names
+            assert f'mmpretrain/{conv}_{size}_8xb128_in1k.py' in names
+    assert len(names) == 18
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: os.path.basename(p))
+def test_config_model_parameters(path):
+    cfg = Config.fromfile(path)
+    task = os.path.basename(os.path.dirname(path))
+    assert cfg.default_scope == task
+    assert cfg.custom_imports == dict(imports=['mmdwnet'], allow_failed_imports=False)
+    init_default_scope(cfg.default_scope)
+    model = MODELS.build(cfg.model)
+    params = sum(p.numel() for p in model.parameters())
+    key = _model_key(path)
+    backbone = cfg.model.backbone
+    assert backbone.type == 'DWNet'
+    assert backbone.arch == {'t': 'tiny', 'b': 'base'}[key[-1]]
+    assert backbone.conv_type == key.split('conv')[0]
+    if task == 'mmpretrain':
+        assert params == IMAGENET_PARAMS[key]
+    else:
+        assert abs(params / 1e6 - PAPER_PARAMS[(task, key)]) < 1.0, params
+        assert backbone.out_indices == (0, 1, 2, 3)
+        assert backbone.init_cfg == dict(type='Pretrained',
+                                         checkpoint=f'checkpoints/{key}_in1k.pth',
+                                         prefix='backbone.')
+        assert backbone.out_norm_cfg['type'] == 'SyncBN'
