@@ -1,4 +1,7 @@
 from . import models  # noqa: F401  (registers the models)
+from .engine import register_checkpoint_types
 from .version import __version__
+
+register_checkpoint_types()
 
 __all__ = ['__version__']

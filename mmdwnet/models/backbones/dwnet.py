@@ -5,6 +5,8 @@ Swin Transformer's layout with every window-attention layer replaced by a depth-
 convolution block: static (``'dw'``), homogeneous dynamic (``'ddw'``) or inhomogeneous
 dynamic (``'iddw'``).
 """
+import logging
+import os.path as osp
 from copy import deepcopy
 from typing import Dict, Optional, Sequence, Union
 
@@ -14,6 +16,7 @@ import torch.utils.checkpoint as cp
 from mmcv.cnn import build_activation_layer, build_norm_layer
 from mmcv.cnn.bricks.drop import build_dropout
 from mmcv.cnn.bricks.transformer import FFN, PatchEmbed, PatchMerging
+from mmengine.logging import print_log
 from mmengine.model import BaseModule, ModuleList
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -255,7 +258,8 @@ class DWNet(BaseModule):
             Defaults to False.
         with_cp (bool): Gradient checkpointing in every block. Defaults to False.
         init_cfg (dict | list[dict], optional): Initialization config; e.g.
-            ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``.
+            ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')`` (a local
+            checkpoint that does not exist gives a warning and the default init).
             Defaults to truncated-normal Linear weights (std 0.02) and unit LayerNorms.
     """
     arch_zoo = {
@@ -271,6 +275,10 @@ class DWNet(BaseModule):
         }),
     }
     arch_keys = ('embed_dims', 'depths', 'group_channels')
+    default_init_cfg = [
+        dict(type='TruncNormal', layer='Linear', std=.02, bias=0.),
+        dict(type='Constant', layer='LayerNorm', val=1., bias=0.)
+    ]
 
     def __init__(self,
                  arch: Union[str, Dict] = 'tiny',
@@ -285,10 +293,7 @@ class DWNet(BaseModule):
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
-                 init_cfg: Optional[Union[Dict, Sequence[Dict]]] = [
-                     dict(type='TruncNormal', layer='Linear', std=.02, bias=0.),
-                     dict(type='Constant', layer='LayerNorm', val=1., bias=0.)
-                 ]):
+                 init_cfg: Optional[Union[Dict, Sequence[Dict]]] = default_init_cfg):
         super().__init__(init_cfg=deepcopy(init_cfg))
         if conv_type not in CONV_TYPES:
             raise ValueError(f'DWNet: `conv_type` must be one of {CONV_TYPES}, '
@@ -419,6 +424,23 @@ class DWNet(BaseModule):
         if isinstance(norm, nn.LayerNorm):  # normalises the last dim: channels-last
             return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return norm(x)
+
+    def init_weights(self):
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            path = cfg.get('checkpoint')
+            if isinstance(path, str) and '://' not in path and not osp.isfile(
+                    osp.expanduser(path)):
+                # a config's default ImageNet checkpoint that is not there (yet): train
+                # from scratch rather than fail, and say so
+                print_log(
+                    f'DWNet: the pretrained checkpoint {path!r} of init_cfg does not exist '
+                    f'(looked for {osp.abspath(osp.expanduser(path))}); the backbone starts '
+                    'from random initialisation. Train one with configs/mmpretrain, convert '
+                    'the released weights, or set model.backbone.init_cfg.checkpoint.',
+                    logger='current', level=logging.WARNING)
+                self.init_cfg = deepcopy(self.default_init_cfg)
+        super().init_weights()
 
     def get_layer_depth(self, param_name: str, prefix: str = ''):
         """Layer-wise depth of a parameter, for layer-wise learning-rate decay.

@@ -248,6 +248,27 @@ def test_pretrained_init_with_prefix(tmp_path):
         torch.testing.assert_close(v, state[f'backbone.{k}'], msg=k)
 
 
+def test_missing_pretrained_checkpoint_warns_and_inits_randomly(tmp_path, monkeypatch):
+    import logging
+
+    from mmdwnet.models.backbones import dwnet
+    messages = []
+    monkeypatch.setattr(dwnet, 'print_log',
+                        lambda msg, logger=None, level=None: messages.append((msg, level)))
+    missing = str(tmp_path / 'no.pth')
+    model = DWNet('tiny', init_cfg=dict(type='Pretrained', checkpoint=missing,
+                                        prefix='backbone.'))
+    model.init_weights()
+    (msg, level), = messages
+    assert level == logging.WARNING
+    assert f"the pretrained checkpoint '{missing}' of init_cfg does not exist" in msg
+    assert 'random initialisation' in msg
+    assert model.init_cfg == DWNet.default_init_cfg
+    # the default init ran: LayerNorms at one, Linear biases at zero
+    assert torch.equal(model.norm3.weight, torch.ones(768))
+    assert torch.equal(model.stages[0].blocks[0].ffn.layers[1].bias, torch.zeros(96))
+
+
 def test_drop_path_rates_grow_linearly():
     model = DWNet('tiny', drop_path_rate=0.2)
     rates = [b.drop_path.drop_prob for s in model.stages for b in s.blocks]

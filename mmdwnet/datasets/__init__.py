@@ -1,0 +1,3 @@
+from .synthetic import make_ade20k, make_coco, make_datasets, make_imagenet
+
+__all__ = ['make_coco', 'make_ade20k', 'make_imagenet', 'make_datasets']

@@ -1,0 +1,155 @@
+"""What ``tools/train.py`` and ``tools/test.py`` do before handing a config to mmengine's
+Runner: load it, check the task and the data, and adapt it to the machine."""
+import os
+import os.path as osp
+from typing import Dict, Iterable, Optional
+
+import torch
+from mmengine.config import Config, ConfigDict
+from mmengine.logging import print_log
+
+TASKS = ('mmdet', 'mmseg', 'mmpretrain')
+DATA_HINT = ('generate a small one with `python tools/generate_data.py`, or point the config '
+             'elsewhere with --cfg-options {key}.dataset.data_root=PATH')
+
+
+class LaunchError(RuntimeError):
+    """A problem with the config, the data or a checkpoint that the user has to fix."""
+
+
+def load_config(path: str, cfg_options: Optional[Dict] = None) -> Config:
+    """Load a config, merge command-line overrides and check its task (``default_scope``)."""
+    if not osp.isfile(path):
+        raise LaunchError(f'config file {path!r} does not exist (looked for '
+                          f'{osp.abspath(path)}); configs of this project are under '
+                          'configs/mmdet, configs/mmseg and configs/mmpretrain')
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    scope = cfg.get('default_scope')
+    if scope not in TASKS:
+        raise LaunchError(f'config {path!r} has default_scope={scope!r}; the tools run '
+                          f'configs of {TASKS} (the task follows from default_scope)')
+    return cfg
+
+
+def _datasets(dataset: Dict):
+    """The leaf datasets of a dataset config (through wrappers such as RepeatDataset)."""
+    if 'datasets' in dataset:
+        for d in dataset['datasets']:
+            yield from _datasets(d)
+    elif 'dataset' in dataset:
+        yield from _datasets(dataset['dataset'])
+    else:
+        yield dataset
+
+
+def check_data(cfg: Config, keys: Iterable[str]) -> None:
+    """Fail early, with the paths involved, when a dataloader's data is not on disk."""
+    for key in keys:
+        loader = cfg.get(key)
+        if not loader:
+            continue
+        for dataset in _datasets(loader['dataset']):
+            root = dataset.get('data_root', '') or ''
+            if root and not osp.isdir(root):
+                raise LaunchError(
+                    f'{key}: dataset directory {root!r} not found (looked in '
+                    f'{osp.abspath(root)}). Put the dataset there, '
+                    + DATA_HINT.format(key=key))
+            ann_file = dataset.get('ann_file', '') or ''
+            if ann_file:
+                path = ann_file if osp.isabs(ann_file) else osp.join(root, ann_file)
+                if not osp.isfile(path):
+                    raise LaunchError(
+                        f'{key}: annotation file {ann_file!r} not found (looked for '
+                        f'{osp.abspath(path)}). Check the dataset layout, '
+                        + DATA_HINT.format(key=key))
+
+
+def _replace_sync_bn(node) -> int:
+    count = 0
+    if isinstance(node, dict):
+        if node.get('type') == 'SyncBN':
+            node['type'] = 'BN'
+            count += 1
+        for value in node.values():
+            count += _replace_sync_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            count += _replace_sync_bn(value)
+    return count
+
+
+def adapt_to_device(cfg: Config, launcher: str = 'none') -> None:
+    """Make a GPU recipe run on a machine without CUDA: plain instead of AMP optimizer
+    wrapper, BN instead of SyncBN, and for distributed launches the gloo backend with a CPU
+    DistributedDataParallel (mmengine initialises NCCL on a CUDA device otherwise)."""
+    if torch.cuda.is_available():
+        return
+    if cfg.get('optim_wrapper', {}).get('type') == 'AmpOptimWrapper':
+        cfg.optim_wrapper.type = 'OptimWrapper'
+        cfg.optim_wrapper.pop('loss_scale', None)
+        print_log('No CUDA device: mixed precision (AmpOptimWrapper) is off, training in '
+                  'float32.', logger='current')
+    if launcher != 'none':
+        replaced = _replace_sync_bn(cfg.model)
+        if replaced:
+            print_log(f'No CUDA device: {replaced} SyncBN layers of the config use BN.',
+                      logger='current')
+        cfg.env_cfg = ConfigDict(cfg.get('env_cfg', {}))
+        cfg.env_cfg.dist_cfg = dict(backend='gloo')
+        cfg.model_wrapper_cfg = dict(
+            type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False))
+        if launcher == 'pytorch' and not torch.distributed.is_initialized():
+            # mmengine's init_dist calls torch.cuda.set_device first, which fails here
+            torch.distributed.init_process_group(backend='gloo')
+
+
+def enable_visualization(cfg: Config, show_dir: str) -> None:
+    """Save the visualised test predictions under ``show_dir`` (each task's own hook)."""
+    hook = cfg.default_hooks.get('visualization')
+    if hook is None:
+        raise LaunchError('--show-dir needs a `visualization` entry in default_hooks, '
+                          'which this config does not have')
+    if cfg.default_scope == 'mmdet':
+        hook.update(draw=True, test_out_dir=show_dir)
+    elif cfg.default_scope == 'mmseg':
+        hook.update(draw=True)
+        cfg.visualizer.save_dir = show_dir
+    else:
+        hook.update(enable=True, out_dir=show_dir)
+
+
+def default_work_dir(cfg: Config, config_path: str, work_dir: Optional[str]) -> str:
+    """``--work-dir``, else the config's ``work_dir``, else ``work_dirs/<config name>``."""
+    if work_dir:
+        return work_dir
+    return cfg.get('work_dir') or osp.join('work_dirs',
+                                           osp.splitext(osp.basename(config_path))[0])
+
+
+
+
+def check_checkpoint_matches(model: torch.nn.Module, filename: str) -> None:
+    """Refuse a checkpoint whose weights do not fit the model (another architecture)."""
+    from mmengine.runner.checkpoint import _load_checkpoint
+    if not osp.isfile(filename):
+        raise LaunchError(f'checkpoint {filename!r} does not exist (looked for '
+                          f'{osp.abspath(filename)})')
+    checkpoint = _load_checkpoint(filename, map_location='cpu')
+    state = checkpoint.get('state_dict', checkpoint)
+    model = getattr(model, 'module', model)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        examples = [f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
+                    for k in mismatched[:3]] + missing[:2] + unexpected[:2]
+        raise LaunchError(
+            f'checkpoint {filename!r} does not fit the model of this config: '
+            f'{len(missing)} missing, {len(unexpected)} unexpected and {len(mismatched)} '
+            f'differently shaped tensors (e.g. {"; ".join(examples)}). It was probably '
+            'trained with another architecture; use the config it was trained with.')
