@@ -35,7 +35,8 @@ def overrides(task, data_root):
             'train_dataloader.batch_size=2', 'train_cfg.max_epochs=1', 'train_cfg.val_interval=9',
             'train_dataloader.dataset.pipeline.3.prob=[1.0,0.0]',
             'train_dataloader.dataset.pipeline.3.transforms.0.0.scales=[(320,240)]',
-            'test_dataloader.dataset.pipeline.1.scale=(320,240)']
+            'test_dataloader.dataset.pipeline.1.scale=(320,240)',
+            'model.test_cfg.rcnn.score_thr=0.0']  # an untrained model still reports boxes
     if task == 'mmseg':
         root = f'{data_root}/ade/ADEChallengeData2016'
         return [f'{k}.dataset.data_root={root}' for k in loaders] + [
