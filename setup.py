@@ -2,6 +2,7 @@
 import os.path as osp
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = osp.dirname(osp.abspath(__file__))
 
@@ -19,6 +20,22 @@ def parse_requirements(fname):
         return [line for line in lines if line]
 
 
+class build_py_with_pth(build_py):
+    """Also put ``mmdwnet-mim.pth`` at the top of the wheel (site-packages): it imports
+    ``_mmdwnet_mim`` at start-up so that mmengine resolves ``mmdwnet::`` config paths.
+    Editable installs get the file from ``python -m _mmdwnet_mim install``."""
+
+    def run(self):
+        super().run()
+        with open(osp.join(self.build_lib, 'mmdwnet-mim.pth'), 'w') as f:
+            f.write('import _mmdwnet_mim\n')
+
+    def get_outputs(self, include_bytecode=True):
+        return super().get_outputs(include_bytecode) + [
+            osp.join(self.build_lib, 'mmdwnet-mim.pth')
+        ]
+
+
 setup(
     name='mmdwnet',
     version=get_version(),
@@ -29,7 +46,10 @@ setup(
     license='Apache License 2.0',
     python_requires='>=3.8',
     packages=find_packages(exclude=('configs', 'tools', 'tests', 'demo')),
-    include_package_data=True,
+    py_modules=['_mmdwnet_mim'],
+    # mmdwnet/.mim/configs links to configs/: `mim` and `mmdwnet::` inheritance read it
+    package_data={'mmdwnet': ['.mim/configs/*/*.py', '.mim/model-index.yml']},
+    cmdclass={'build_py': build_py_with_pth},
     install_requires=parse_requirements('runtime.txt'),
     extras_require={'tests': parse_requirements('tests.txt')},
     zip_safe=False,

@@ -1,23 +1,108 @@
-"""Quickstart demo: build every DWNet variant through the MMPretrain, MMDetection and
-MMSegmentation registries and print parameters and output shapes for one image."""
-import argparse
+"""Quickstart demo.
 
+1. Builds every DWNet variant through the MMPretrain, MMDetection and MMSegmentation
+   registries and prints parameters and output shapes.
+2. Generates small COCO, ADE20K and ImageNet datasets, trains the tiny DW-Conv model of each
+   task for a few iterations on the CPU with tools/train.py, tests it with tools/test.py,
+   prints the metrics and saves visualised detection and segmentation predictions as PNG.
+"""
+import argparse
+import glob
+import json
+import os
+import os.path as osp
+import shutil
+import subprocess
+import sys
+import time
+
+from PIL import Image
+
+from mmdwnet.datasets import make_datasets
+from mmdwnet.engine.smoke import smoke_run_options
 from mmdwnet.utils import format_table, summarize_backbones, summarize_classifiers
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+RUNS = [
+    ('mmdet', 'configs/mmdet/cascade_dwconv_t_3x.py', 'epoch_1.pth',
+     ['coco/bbox_mAP', 'coco/segm_mAP']),
+    ('mmseg', 'configs/mmseg/upernet_dwconv_t_512x512_160k_ade20k.py', 'iter_2.pth',
+     ['mIoU', 'aAcc']),
+    ('mmpretrain', 'configs/mmpretrain/dwconv_t_8xb128_in1k.py', 'epoch_2.pth',
+     ['accuracy/top1', 'accuracy/top5']),
+]
+# draw a few boxes of the barely trained detector instead of none
+DRAW_OPTIONS = dict(mmdet=['model.test_cfg.rcnn.max_per_img=5',
+                           'default_hooks.visualization.score_thr=0.0'])
+
+
+def run(tool, *args):
+    cmd = [sys.executable, osp.join(ROOT, 'tools', tool), *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f'{tool} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}')
+    return result.stdout
+
+
+def train_and_test(task, config, checkpoint, work_dir, data_root):
+    options = smoke_run_options(task, data_root) + DRAW_OPTIONS.get(task, [])
+    start = time.perf_counter()
+    run('train.py', config, '--work-dir', work_dir, '--cfg-options', *options)
+    out = run('test.py', config, osp.join(work_dir, checkpoint), '--work-dir', work_dir,
+              '--show-dir', 'vis', '--cfg-options', *options)
+    line = [ln for ln in out.splitlines() if ln.startswith('metrics: ')][-1]
+    return json.loads(line[len('metrics: '):]), time.perf_counter() - start
+
+
+def save_png(work_dir, task, target):
+    pattern = dict(mmdet='*/vis/*.jpg', mmseg='vis/vis_data/vis_image/*.png')[task]
+    images = sorted(glob.glob(osp.join(work_dir, pattern)))
+    if not images:
+        return None
+    Image.open(images[0]).save(target)
+    return target
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--size', type=int, nargs=2, default=(224, 224), metavar=('H', 'W'),
-                        help='input image size (default: 224 224)')
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--work-dir', default='work_dirs/quickstart',
+                        help='where data, logs, checkpoints and pictures go')
+    parser.add_argument('--skip-models', action='store_true', help='skip part 1')
+    parser.add_argument('--skip-training', action='store_true', help='skip part 2')
     args = parser.parse_args()
-    size = tuple(args.size)
     progress = lambda msg: print(msg, flush=True)  # noqa: E731
-    backbones = summarize_backbones(input_size=size, progress=progress)
-    classifiers = summarize_classifiers(input_size=size, progress=progress)
-    print(f'\nDWNet backbones, out_indices=(0, 1, 2, 3), one {size[0]}x{size[1]} image:\n')
-    print(format_table(backbones))
-    print('\nImageNet-1K classifiers (DWNet + global average pooling + linear head):\n')
-    print(format_table(classifiers, shapes_title='logits shape'))
+    work_root = osp.abspath(args.work_dir)
+
+    if not args.skip_models:
+        backbones = summarize_backbones(progress=progress)
+        classifiers = summarize_classifiers(progress=progress)
+        print('\nDWNet backbones, out_indices=(0, 1, 2, 3), one 224x224 image:\n')
+        print(format_table(backbones))
+        print('\nImageNet-1K classifiers (DWNet + global average pooling + linear head):\n')
+        print(format_table(classifiers, shapes_title='logits shape'))
+
+    if not args.skip_training:
+        data_root = osp.join(work_root, 'data')
+        shutil.rmtree(data_root, ignore_errors=True)
+        progress(f'\ngenerating datasets under {data_root}')
+        make_datasets(data_root, progress=progress)
+        rows = []
+        for task, config, checkpoint, keys in RUNS:
+            work_dir = osp.join(work_root, task)
+            shutil.rmtree(work_dir, ignore_errors=True)
+            progress(f'training and testing {config} on the generated data (CPU) ...')
+            metrics, seconds = train_and_test(task, config, checkpoint, work_dir, data_root)
+            picture = None
+            if task in ('mmdet', 'mmseg'):
+                picture = save_png(work_dir, task, osp.join(work_root, f'{task}_prediction.png'))
+            rows.append((config, ', '.join(f'{k} {metrics[k]:.4g}' for k in keys), seconds,
+                         picture))
+        print('\nA few iterations of training on generated data, then testing:\n')
+        print('| config | metrics | seconds | prediction |\n|---|---|---:|---|')
+        for config, metrics, seconds, picture in rows:
+            shown = osp.relpath(picture) if picture else '-'
+            print(f'| {config} | {metrics} | {seconds:.0f} | {shown} |')
 
 
 if __name__ == '__main__':

@@ -86,6 +86,7 @@ def torchvision_ops():
 def mmdwnet_here():
     import mmdwnet
     assert os.path.dirname(os.path.dirname(os.path.abspath(mmdwnet.__file__))) == root
+    assert '_mmdwnet_mim' in sys.modules  # mmdwnet-mim.pth ran: `mmdwnet::` configs resolve
 
 todo = []
 for component, dists, probe in [
@@ -149,7 +150,11 @@ for name in sys.argv[1:]: print(f"{name}=={version(name)}")' "$@"
   done
   [ ${#specs[@]} -eq 0 ] || pip_install "OpenMMLab task libraries" -c "$CONSTRAINTS" "${specs[@]}"
   needs pytest && pip_install "test requirements" -c "$CONSTRAINTS" "${TEST_SPECS[@]}"
-  needs mmdwnet && pip_install "mmdwnet (editable)" -c "$CONSTRAINTS" --no-build-isolation -e "$ROOT"
+  if needs mmdwnet; then
+    pip_install "mmdwnet (editable)" -c "$CONSTRAINTS" --no-build-isolation -e "$ROOT"
+    # editable installs do not carry the .pth file that makes `mmdwnet::` configs resolve
+    (cd / && "$PY" -m _mmdwnet_mim install) || die "could not install mmdwnet-mim.pth"
+  fi
   TODO=" $(check) "
   [ "$TODO" = "  " ] || die "still not working after installation:$TODO"
 fi

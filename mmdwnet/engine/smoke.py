@@ -1,0 +1,47 @@
+"""Command-line overrides for short CPU runs of the real configs on generated data."""
+from typing import List
+
+DATA_DIRS = dict(mmdet='coco/', mmseg='ade/ADEChallengeData2016', mmpretrain='imagenet')
+
+
+def smoke_run_options(task: str, data_root: str) -> List[str]:
+    """``--cfg-options`` that run a real config of ``task`` for a few iterations on the
+    generated data under ``data_root`` (see :func:`mmdwnet.datasets.make_datasets`): data
+    roots, small images, a short schedule, no data-loading workers."""
+    if task not in DATA_DIRS:
+        raise ValueError(f'smoke_run_options: `task` must be one of {sorted(DATA_DIRS)}, '
+                         f'got {task!r}')
+    root = f'{data_root}/{DATA_DIRS[task]}'
+    options = [
+        option for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
+        for option in (f'{loader}.dataset.data_root={root}', f'{loader}.num_workers=0',
+                       f'{loader}.persistent_workers=False')
+    ]
+    if task == 'mmdet':
+        ann = f'{root}annotations/instances_val2017.json'
+        return options + [
+            f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}',
+            'train_dataloader.batch_size=2', 'train_cfg.max_epochs=1', 'train_cfg.val_interval=9',
+            # always the multi-scale branch, at the generated images' own size
+            'train_dataloader.dataset.pipeline.3.prob=[1.0,0.0]',
+            'train_dataloader.dataset.pipeline.3.transforms.0.0.scales=[(320,240)]',
+            'test_dataloader.dataset.pipeline.1.scale=(320,240)',
+            'model.test_cfg.rcnn.score_thr=0.0',  # an untrained model still reports boxes
+        ]
+    if task == 'mmseg':
+        return options + [
+            'train_cfg.max_iters=2', 'train_cfg.val_interval=100',
+            'default_hooks.checkpoint.interval=2',
+            'train_dataloader.dataset.pipeline.2.scale=(256,128)',
+            'train_dataloader.dataset.pipeline.3.crop_size=(128,128)',
+            'model.data_preprocessor.size=(128,128)',
+            'test_dataloader.dataset.pipeline.1.scale=(256,128)',
+        ]
+    return options + [
+        'train_dataloader.batch_size=4', 'val_dataloader.batch_size=4',
+        'train_cfg.max_epochs=2', 'train_cfg.val_interval=9',
+        'param_scheduler.0.end=1', 'param_scheduler.1.begin=1',  # 1 warm-up epoch of 2
+        'train_dataloader.dataset.pipeline.1.scale=64',
+        'test_dataloader.dataset.pipeline.1.scale=72',
+        'test_dataloader.dataset.pipeline.2.crop_size=64',
+    ]

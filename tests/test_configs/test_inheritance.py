@@ -1,0 +1,50 @@
+"""`_base_ = 'mmdwnet::...'` from a project outside the repository, in a fresh interpreter,
+for the editable install of this checkout and for a regular (wheel) install."""
+import os.path as osp
+import subprocess
+import sys
+import sysconfig
+import textwrap
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+DOWNSTREAM = textwrap.dedent('''
+    _base_ = 'mmdwnet::mmdet/cascade_dwconv_t_3x.py'
+    model = dict(backbone=dict(conv_type='iddw'))
+    train_cfg = dict(max_epochs=12)
+''')
+CHECK = textwrap.dedent('''
+    from mmengine.config import Config
+    cfg = Config.fromfile('downstream.py')
+    import mmdwnet
+    print(cfg.model.backbone.type, cfg.model.backbone.conv_type, cfg.model.backbone.arch,
+          cfg.train_cfg.max_epochs, cfg.default_scope, cfg.model.type, mmdwnet.__file__)
+''')
+
+
+def test_editable_install(tmp_path):
+    (tmp_path / 'downstream.py').write_text(DOWNSTREAM)
+    out = subprocess.run([sys.executable, '-c', CHECK], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[:6] == ['DWNet', 'iddw', 'tiny', '12', 'mmdet', 'CascadeRCNN']
+    assert out[6] == osp.join(ROOT, 'mmdwnet', '__init__.py')
+
+
+def test_regular_install(tmp_path):
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
+                    '-q', '-w', str(tmp_path / 'wheel'), ROOT], check=True)
+    wheel, = (tmp_path / 'wheel').iterdir()
+    site = tmp_path / 'site'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--target',
+                    str(site), str(wheel)], check=True)
+    assert (site / 'mmdwnet-mim.pth').read_text() == 'import _mmdwnet_mim\n'
+    assert (site / 'mmdwnet' / '.mim' / 'configs' / 'mmdet' / 'cascade_dwconv_t_3x.py').is_file()
+    (tmp_path / 'downstream.py').write_text(DOWNSTREAM)
+    # no site processing, so the editable install of this checkout stays out of the way;
+    # the other requirements come from this environment's site-packages, and the wheel's
+    # directory is a site dir whose .pth file runs as in a real installation
+    purelib = sysconfig.get_paths()['purelib']
+    boot = (f'import site, sys; sys.path.append({purelib!r}); site.addsitedir({str(site)!r})\n')
+    out = subprocess.run([sys.executable, '-S', '-c', boot + CHECK], cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[:6] == ['DWNet', 'iddw', 'tiny', '12', 'mmdet', 'CascadeRCNN']
+    assert out[6] == str(site / 'mmdwnet' / '__init__.py')

@@ -1,0 +1,121 @@
+import os
+import os.path as osp
+import subprocess
+import sys
+import time
+
+import torch
+from _tools import ROOT, data_root, overrides, run_tool  # noqa: F401  (fixture)
+
+import mmdwnet  # noqa: F401  (allows the checkpoint types for weights_only loading)
+
+CLS_CONFIG = osp.join(ROOT, 'configs', 'mmpretrain', 'dwconv_t_8xb128_in1k.py')
+
+
+def _cls_options(data_root, epochs):
+    # 4 images, batch 2: 2 iterations an epoch
+    return overrides('mmpretrain', data_root) + [
+        f'train_cfg.max_epochs={epochs}', 'train_dataloader.batch_size=2']
+
+
+def test_resume_after_the_process_is_killed(data_root, tmp_path):
+    work_dir = str(tmp_path / 'work')
+    cmd = [sys.executable, osp.join(ROOT, 'tools', 'train.py'), CLS_CONFIG, '--work-dir',
+           work_dir, '--cfg-options', *_cls_options(data_root, 4)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = osp.join(work_dir, 'last_checkpoint')
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if osp.isfile(last) and open(last).read().strip().endswith('epoch_2.pth'):
+            break
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert not osp.exists(osp.join(work_dir, 'epoch_4.pth')), 'was not stopped part way'
+    stopped_at = open(last).read().strip()
+
+    resumed = run_tool('train.py', CLS_CONFIG, '--work-dir', work_dir, '--resume',
+                       '--cfg-options', *_cls_options(data_root, 4))
+    log = resumed.stdout + resumed.stderr
+    assert f'Load checkpoint from {stopped_at}' in log or stopped_at in log
+    assert 'resumed epoch: ' in log
+    final = torch.load(osp.join(work_dir, 'epoch_4.pth'), weights_only=True)
+    assert final['meta']['epoch'] == 4 and final['meta']['iter'] == 8
+    # AdamW and the schedulers carried on from the checkpoint: 8 steps, not 8 - resumed
+    steps = {int(s['step']) for s in final['optimizer']['state'].values()}
+    assert steps == {8}
+    warmup, cosine = final['param_schedulers']
+    assert warmup['last_step'] == 8 and cosine['last_step'] == 8
+
+
+def test_corrupt_checkpoint_is_named(data_root, tmp_path):
+    work_dir = str(tmp_path / 'work')
+    run_tool('train.py', CLS_CONFIG, '--work-dir', work_dir, '--cfg-options',
+             *_cls_options(data_root, 2))
+    good = osp.join(work_dir, 'epoch_2.pth')
+    truncated = str(tmp_path / 'truncated.pth')
+    with open(good, 'rb') as src, open(truncated, 'wb') as dst:
+        dst.write(src.read()[:4096])
+    result = run_tool('test.py', CLS_CONFIG, truncated, '--cfg-options',
+                      *overrides('mmpretrain', data_root), check=False)
+    assert result.returncode == 1
+    assert f'error: checkpoint {truncated} is corrupt or truncated and cannot be read' \
+        in result.stderr
+    assert 'Traceback' not in result.stderr
+    result = run_tool('train.py', CLS_CONFIG, '--work-dir', work_dir, '--resume', truncated,
+                      '--cfg-options', *_cls_options(data_root, 3), check=False)
+    assert result.returncode == 1 and f'checkpoint {truncated} is corrupt' in result.stderr
+
+    # a checkpoint of another architecture
+    other = osp.join(ROOT, 'configs', 'mmpretrain', 'ddwconv_t_8xb128_in1k.py')
+    result = run_tool('test.py', other, good, '--cfg-options',
+                      *overrides('mmpretrain', data_root), check=False)
+    assert result.returncode == 1
+    assert f"error: checkpoint '{good}' does not fit the model of this config" in result.stderr
+    assert 'trained with another architecture' in result.stderr
+
+
+def test_clear_errors_for_missing_things(data_root, tmp_path):
+    result = run_tool('train.py', 'configs/mmdet/cascade_dwconv_s_3x.py', check=False)
+    assert result.returncode == 1
+    assert "error: config file 'configs/mmdet/cascade_dwconv_s_3x.py' does not exist" \
+        in result.stderr
+
+    bad_scope = tmp_path / 'bad_scope.py'
+    bad_scope.write_text(f"_base_ = {CLS_CONFIG!r}\ndefault_scope = 'mmfoo'\n")
+    result = run_tool('train.py', str(bad_scope), check=False)
+    assert result.returncode == 1
+    assert "has default_scope='mmfoo'; the tools run configs of ('mmdet', 'mmseg', " \
+        "'mmpretrain')" in result.stderr
+
+    missing = str(tmp_path / 'nowhere')
+    result = run_tool('train.py', osp.join(ROOT, 'configs', 'mmseg',
+                                           'upernet_dwconv_t_512x512_160k_ade20k.py'),
+                      '--cfg-options', f'train_dataloader.dataset.data_root={missing}',
+                      check=False)
+    assert result.returncode == 1
+    assert f"error: train_dataloader: dataset directory '{missing}' not found" in result.stderr
+    assert 'tools/generate_data.py' in result.stderr
+
+    result = run_tool('train.py', osp.join(ROOT, 'configs', 'mmdet', 'cascade_dwconv_t_3x.py'),
+                      '--cfg-options', f'train_dataloader.dataset.data_root={data_root}/coco/',
+                      'train_dataloader.dataset.ann_file=annotations/missing.json', check=False)
+    assert result.returncode == 1
+    assert ("error: train_dataloader: annotation file 'annotations/missing.json' not found "
+            f'(looked for {data_root}/coco/annotations/missing.json)') in result.stderr
+    for result in (result, ):
+        assert 'Traceback' not in result.stderr
+
+
+def test_dist_train_two_processes_on_cpu(data_root, tmp_path):
+    work_dir = str(tmp_path / 'work')
+    env = dict(os.environ, PYTHON=sys.executable, PORT='29517', OMP_NUM_THREADS='1')
+    result = subprocess.run(
+        ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), CLS_CONFIG, '2', '--work-dir',
+         work_dir, '--cfg-options', *_cls_options(data_root, 2)],
+        cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert 'Distributed launcher: pytorch' in log or "'backend': 'gloo'" in log
+    assert 'world_size: 2' in log.replace('World size', 'world_size').replace('=', ': ')
+    assert osp.isfile(osp.join(work_dir, 'epoch_2.pth'))
