@@ -1,0 +1,38 @@
+"""The host libraries' own tools/train.py run our configs, also from a downstream project
+that inherits them with `mmdwnet::`."""
+import os.path as osp
+import subprocess
+import sys
+
+import mmdet
+import mmpretrain
+from _tools import ROOT, data_root, overrides  # noqa: F401  (fixture)
+
+
+def _stock_train(package, config, work_dir, options, cwd):
+    tool = osp.join(osp.dirname(package.__file__), '.mim', 'tools', 'train.py')
+    result = subprocess.run([sys.executable, tool, config, '--work-dir', work_dir,
+                             '--cfg-options', *options], cwd=cwd, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_mmpretrain_stock_train(data_root, tmp_path):
+    config = osp.join(ROOT, 'configs', 'mmpretrain', 'iddwconv_t_8xb128_in1k.py')
+    _stock_train(mmpretrain, config, str(tmp_path / 'work'),
+                 overrides('mmpretrain', data_root), cwd=ROOT)
+    assert osp.isfile(tmp_path / 'work' / 'epoch_2.pth')
+
+
+def test_downstream_config_with_stock_mmdet_train(data_root, tmp_path):
+    project = tmp_path / 'project'
+    project.mkdir()
+    (project / 'my_cascade.py').write_text(
+        "_base_ = 'mmdwnet::mmdet/cascade_dwconv_t_3x.py'\n"
+        "model = dict(backbone=dict(conv_type='ddw'))\n"
+        "optim_wrapper = dict(type='OptimWrapper')  # this CPU has no AMP\n")
+    result = _stock_train(mmdet, 'my_cascade.py', str(tmp_path / 'work'),
+                          overrides('mmdet', data_root), cwd=project)
+    assert "conv_type='ddw'" in result.stdout + result.stderr
+    assert osp.isfile(tmp_path / 'work' / 'epoch_1.pth')
