@@ -55,8 +55,8 @@ def train_and_test(task, config, checkpoint, work_dir, data_root):
 
 
 def save_png(work_dir, task, target):
-    pattern = dict(mmdet='*/vis/*.jpg', mmseg='vis/vis_data/vis_image/*.png')[task]
-    images = sorted(glob.glob(osp.join(work_dir, pattern)))
+    pattern = dict(mmdet='*/vis/*.jpg', mmseg='vis/**/*.png')[task]
+    images = sorted(glob.glob(osp.join(work_dir, pattern), recursive=True))
     if not images:
         return None
     Image.open(images[0]).save(target)
@@ -86,7 +86,7 @@ def main():
         data_root = osp.join(work_root, 'data')
         shutil.rmtree(data_root, ignore_errors=True)
         progress(f'\ngenerating datasets under {data_root}')
-        make_datasets(data_root, progress=progress)
+        make_datasets(data_root, num_train=4, num_val=2, progress=progress)
         rows = []
         for task, config, checkpoint, keys in RUNS:
             work_dir = osp.join(work_root, task)

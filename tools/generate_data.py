@@ -11,9 +11,14 @@ def main():
                         'data/imagenet go (default: data)')
     parser.add_argument('--tasks', nargs='+', default=['coco', 'ade20k', 'imagenet'],
                         choices=['coco', 'ade20k', 'imagenet'])
+    parser.add_argument('--num-train', type=int,
+                        help='training images (per class for ImageNet); default: 16 / 8')
+    parser.add_argument('--num-val', type=int,
+                        help='validation images (per class for ImageNet); default: 4 / 2')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
-    make_datasets(args.data_root, args.tasks, args.seed, progress=print)
+    make_datasets(args.data_root, args.tasks, args.num_train, args.num_val, args.seed,
+                  progress=print)
 
 
 if __name__ == '__main__':

@@ -158,10 +158,15 @@ def make_imagenet(root: str, num_train: int = 8, num_val: int = 2, size=(64, 64)
     return {split: len(split_lines) for split, split_lines in lines.items()}
 
 
-def make_datasets(data_root: str = 'data', tasks=('coco', 'ade20k', 'imagenet'),
-                  seed: int = 0, progress: Optional[Callable[[str], None]] = None) -> Dict:
+def make_datasets(data_root: str = 'data',
+                  tasks=('coco', 'ade20k', 'imagenet'),
+                  num_train: Optional[int] = None,
+                  num_val: Optional[int] = None,
+                  seed: int = 0,
+                  progress: Optional[Callable[[str], None]] = None) -> Dict:
     """Write the generated datasets where the configs look for them: ``<data_root>/coco``,
-    ``<data_root>/ade/ADEChallengeData2016`` and ``<data_root>/imagenet``."""
+    ``<data_root>/ade/ADEChallengeData2016`` and ``<data_root>/imagenet``. ``num_train`` and
+    ``num_val`` (images; per class for ImageNet) replace each maker's defaults."""
     makers = dict(
         coco=(make_coco, 'coco'),
         ade20k=(make_ade20k, osp.join('ade', 'ADEChallengeData2016')),
@@ -169,8 +174,9 @@ def make_datasets(data_root: str = 'data', tasks=('coco', 'ade20k', 'imagenet'),
     unknown = [t for t in tasks if t not in makers]
     if unknown:
         raise ValueError(f'make_datasets: unknown tasks {unknown}; allowed: {sorted(makers)}')
+    sizes = {k: v for k, v in dict(num_train=num_train, num_val=num_val).items() if v}
     return {
         task: makers[task][0](osp.join(data_root, makers[task][1]), seed=seed,
-                              progress=progress)
+                              progress=progress, **sizes)
         for task in tasks
     }

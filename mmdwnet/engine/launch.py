@@ -108,18 +108,21 @@ def adapt_to_device(cfg: Config, launcher: str = 'none') -> None:
 
 
 def enable_visualization(cfg: Config, show_dir: str) -> None:
-    """Save the visualised test predictions under ``show_dir`` (each task's own hook)."""
+    """Save the visualised test predictions under ``show_dir`` with each task's own hook; a
+    relative ``show_dir`` is inside the work dir (mmdet adds its timestamped folder)."""
     hook = cfg.default_hooks.get('visualization')
     if hook is None:
         raise LaunchError('--show-dir needs a `visualization` entry in default_hooks, '
                           'which this config does not have')
     if cfg.default_scope == 'mmdet':
         hook.update(draw=True, test_out_dir=show_dir)
-    elif cfg.default_scope == 'mmseg':
-        hook.update(draw=True)
-        cfg.visualizer.save_dir = show_dir
+        return
+    out_dir = show_dir if osp.isabs(show_dir) else osp.join(cfg.work_dir, show_dir)
+    if cfg.default_scope == 'mmseg':
+        hook.update(draw=True, interval=1)
+        cfg.visualizer.save_dir = out_dir
     else:
-        hook.update(enable=True, out_dir=show_dir)
+        hook.update(enable=True, out_dir=out_dir)
 
 
 def default_work_dir(cfg: Config, config_path: str, work_dir: Optional[str]) -> str:
