@@ -128,3 +128,18 @@ def test_dist_train_two_processes_on_cpu(data_root, tmp_path):
     # 4 images, 2 processes x 2 images: one iteration an epoch
     assert 'Epoch(train) [2][1/1]' in log
     assert osp.isfile(osp.join(work_dir, 'epoch_2.pth'))
+
+
+def test_trained_checkpoint_loads_in_the_inferencer(data_root, tmp_path):
+    from mmengine.config import Config
+    from mmpretrain.apis import ImageClassificationInferencer
+    work_dir = str(tmp_path / 'work')
+    run_tool('train.py', CLS_CONFIG, '--work-dir', work_dir, '--cfg-options',
+             *_cls_options(data_root, 2))
+    cfg = Config.fromfile(CLS_CONFIG)
+    inferencer = ImageClassificationInferencer(cfg, pretrained=osp.join(work_dir, 'epoch_2.pth'),
+                                               device='cpu')
+    image = osp.join(str(data_root), 'imagenet', 'val', 'ILSVRC2012_val_00000001.JPEG')
+    result, = inferencer(image)
+    assert 0 <= result['pred_label'] < 1000 and 0 <= result['pred_score'] <= 1
+    assert result['pred_scores'].shape == (1000, )
