@@ -28,6 +28,10 @@ MMENGINE_SPEC='mmengine==0.10.7'
 MMCV_SPEC='mmcv==2.1.0'
 TASK_SPECS=('mmdet==3.3.0' 'mmsegmentation==1.2.2' 'mmpretrain==1.2.0' 'ftfy' 'regex')
 TEST_SPECS=('pytest>=7')
+# openmim without its opendatalab -> openxlab dependencies, which pin setuptools~=60.2
+# (below torch 2.13's >=77.0.3) and are not needed by `mim train/test/search`
+MIM_SPECS=('openmim==0.3.9')
+MIM_DEPS=('click' 'colorama' 'model-index' 'pandas' 'requests' 'rich' 'tabulate')
 
 # ---------------------------------------------------------------- python ---
 if [ -n "${MMDWNET_PYTHON:-}" ]; then
@@ -100,6 +104,7 @@ for component, dists, probe in [
         ('ftfy', ['ftfy'], lambda: importlib.import_module('ftfy')),
         ('regex', ['regex'], lambda: importlib.import_module('regex')),
         ('pytest', ['pytest'], lambda: importlib.import_module('pytest')),
+        ('openmim', ['openmim'], lambda: importlib.import_module('mim')),
         ('mmdwnet', ['mmdwnet'], mmdwnet_here)]:
     try:
         for dist in dists:
@@ -150,6 +155,10 @@ for name in sys.argv[1:]: print(f"{name}=={version(name)}")' "$@"
   done
   [ ${#specs[@]} -eq 0 ] || pip_install "OpenMMLab task libraries" -c "$CONSTRAINTS" "${specs[@]}"
   needs pytest && pip_install "test requirements" -c "$CONSTRAINTS" "${TEST_SPECS[@]}"
+  if needs openmim; then
+    pip_install "mim's requirements" -c "$CONSTRAINTS" "${MIM_DEPS[@]}"
+    pip_install "openmim (without openxlab)" -c "$CONSTRAINTS" --no-deps "${MIM_SPECS[@]}"
+  fi
   if needs mmdwnet; then
     pip_install "mmdwnet (editable)" -c "$CONSTRAINTS" --no-build-isolation -e "$ROOT"
     # editable installs do not carry the .pth file that makes `mmdwnet::` configs resolve

@@ -36,3 +36,15 @@ def test_downstream_config_with_stock_mmdet_train(data_root, tmp_path):
                           overrides('mmdet', data_root), cwd=project)
     assert "conv_type='ddw'" in result.stdout + result.stderr
     assert osp.isfile(tmp_path / 'work' / 'epoch_1.pth')
+
+
+def test_mim_train(data_root, tmp_path):
+    mim = osp.join(osp.dirname(sys.executable), 'mim')
+    config = osp.join(ROOT, 'configs', 'mmpretrain', 'dwconv_t_8xb128_in1k.py')
+    result = subprocess.run([mim, 'train', 'mmpretrain', config, '--work-dir',
+                             str(tmp_path / 'work'), '--cfg-options',
+                             *overrides('mmpretrain', data_root)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert 'Training finished successfully' in result.stdout + result.stderr
+    assert osp.isfile(tmp_path / 'work' / 'epoch_2.pth')
