@@ -4,38 +4,28 @@ import json
 import os
 import sys
 
-from mmengine.config import DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from mmdwnet.engine import (CheckpointError, LaunchError, adapt_to_device, check_data,
-                            default_work_dir, enable_visualization, load_config)
-from mmdwnet.engine.launch import check_checkpoint_matches
+from mmdwnet.engine import (CheckpointError, LaunchError, adapt_to_device, add_launch_args,
+                            check_checkpoint_matches, check_data, enable_visualization,
+                            prepare_config)
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--work-dir', help='the dir to save logs and metrics')
     parser.add_argument('--show-dir', help='save visualised predictions to this dir '
                         '(relative to the work dir\'s timestamped folder for mmdet)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings of the config, key=value pairs')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_launch_args(parser)
+    return parser.parse_args()
 
 
 def main():
     args = parse_args()
     try:
-        cfg = load_config(args.config, args.cfg_options)
-        cfg.launcher = args.launcher
-        cfg.work_dir = default_work_dir(cfg, args.config, args.work_dir)
+        cfg = prepare_config(args)
         if not os.path.isfile(args.checkpoint):
             raise LaunchError(f'checkpoint {args.checkpoint!r} does not exist (looked for '
                               f'{os.path.abspath(args.checkpoint)})')

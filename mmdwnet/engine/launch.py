@@ -1,11 +1,12 @@
 """What ``tools/train.py`` and ``tools/test.py`` do before handing a config to mmengine's
 Runner: load it, check the task and the data, and adapt it to the machine."""
+import argparse
 import os
 import os.path as osp
 from typing import Dict, Iterable, Optional
 
 import torch
-from mmengine.config import Config, ConfigDict
+from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 
 TASKS = ('mmdet', 'mmseg', 'mmpretrain')
@@ -15,6 +16,25 @@ DATA_HINT = ('generate a small one with `python tools/generate_data.py`, or poin
 
 class LaunchError(RuntimeError):
     """A problem with the config, the data or a checkpoint that the user has to fix."""
+
+
+def add_launch_args(parser: argparse.ArgumentParser) -> None:
+    """The options tools/train.py and tools/test.py share."""
+    parser.add_argument('--work-dir', help='the dir to save logs, checkpoints and metrics')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings of the config, key=value pairs')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def prepare_config(args: argparse.Namespace) -> Config:
+    """Load ``args.config`` with the shared options of :func:`add_launch_args` applied."""
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    cfg = load_config(args.config, args.cfg_options)
+    cfg.launcher = args.launcher
+    cfg.work_dir = default_work_dir(cfg, args.config, args.work_dir)
+    return cfg
 
 
 def load_config(path: str, cfg_options: Optional[Dict] = None) -> Config:
