@@ -143,3 +143,27 @@ def test_trained_checkpoint_loads_in_the_inferencer(data_root, tmp_path):
     result, = inferencer(image)
     assert 0 <= result['pred_label'] < 1000 and 0 <= result['pred_score'] <= 1
     assert result['pred_scores'].shape == (1000, )
+
+
+def test_slurm_scripts_build_the_srun_command(tmp_path):
+    # no cluster here: a stand-in srun records the command line it is given
+    fake = tmp_path / 'srun'
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f'{tmp_path}:{os.environ["PATH"]}', GPUS='16',
+               GPUS_PER_NODE='8', PYTHON='python3')
+    train = subprocess.run(['bash', osp.join(ROOT, 'tools', 'slurm_train.sh'), 'part', 'job',
+                            'cfg.py', 'wd', '--amp'], env=env, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert train[:8] == ['-p', 'part', '--job-name=job', '--gres=gpu:8', '--ntasks=16',
+                         '--ntasks-per-node=8', '--cpus-per-task=5', '--kill-on-bad-exit=1']
+    assert train[8:] == ['python3', '-u', osp.join(ROOT, 'tools', 'train.py'), 'cfg.py',
+                         '--work-dir=wd', '--launcher=slurm', '--amp']
+    test = subprocess.run(['bash', osp.join(ROOT, 'tools', 'slurm_test.sh'), 'part', 'job',
+                           'cfg.py', 'ckpt.pth'], env=env, capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+    assert test[8:] == ['python3', '-u', osp.join(ROOT, 'tools', 'test.py'), 'cfg.py',
+                        'ckpt.pth', '--launcher=slurm']
+    usage = subprocess.run(['bash', osp.join(ROOT, 'tools', 'dist_train.sh')],
+                           capture_output=True, text=True)
+    assert usage.returncode == 2 and 'usage: ' in usage.stderr
