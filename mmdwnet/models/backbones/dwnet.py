@@ -190,9 +190,9 @@ class DWStage(BaseModule):
     Args:
         in_channels (int): Channels entering the stage.
         embed_dims (int): Channels inside the stage.
-        depth (int): Number of blocks.
         downsample (bool): Start with patch merging (``in_channels`` -> ``embed_dims``).
-        drop_path_rates (Sequence[float]): Stochastic depth rate of each block.
+        drop_path_rates (Sequence[float]): Stochastic depth rate of each block (one block
+            per rate).
         block_cfg (dict): Keyword arguments shared by the blocks (see :class:`DWBlock`).
         init_cfg (dict, optional): Initialization config. Defaults to None.
     """
@@ -200,7 +200,6 @@ class DWStage(BaseModule):
     def __init__(self,
                  in_channels: int,
                  embed_dims: int,
-                 depth: int,
                  downsample: bool,
                  drop_path_rates: Sequence[float],
                  block_cfg: Dict,
@@ -213,7 +212,6 @@ class DWStage(BaseModule):
             in_channels, embed_dims, norm_cfg=dict(type='LN')) if downsample else None
         self.blocks = ModuleList(
             DWBlock(embed_dims, drop_path_rate=rate, **block_cfg) for rate in drop_path_rates)
-        assert len(self.blocks) == depth
 
     def forward(self, x: Tensor) -> Tensor:
         if self.downsample is not None:
@@ -336,7 +334,7 @@ class DWNet(BaseModule):
                 with_cp=with_cp)
             first = sum(self.depths[:i])
             self.stages.append(
-                DWStage(self.channels[i - 1] if i else channels, channels, depth,
+                DWStage(self.channels[i - 1] if i else channels, channels,
                         downsample=i > 0, drop_path_rates=rates[first:first + depth],
                         block_cfg=block_cfg))
 
