@@ -7,6 +7,7 @@ dynamic (``'iddw'``).
 """
 import logging
 import os.path as osp
+import re
 from copy import deepcopy
 from typing import Dict, Optional, Sequence, Union
 
@@ -425,20 +426,68 @@ class DWNet(BaseModule):
 
     def init_weights(self):
         cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            path = cfg.get('checkpoint')
-            if isinstance(path, str) and '://' not in path and not osp.isfile(
-                    osp.expanduser(path)):
-                # a config's default ImageNet checkpoint that is not there (yet): train
-                # from scratch rather than fail, and say so
-                print_log(
-                    f'DWNet: the pretrained checkpoint {path!r} of init_cfg does not exist '
-                    f'(looked for {osp.abspath(osp.expanduser(path))}); the backbone starts '
-                    'from random initialisation. Train one with configs/mmpretrain, convert '
-                    'the released weights, or set model.backbone.init_cfg.checkpoint.',
-                    logger='current', level=logging.WARNING)
-                self.init_cfg = deepcopy(self.default_init_cfg)
+        if not (isinstance(cfg, dict) and cfg.get('type') == 'Pretrained'):
+            return super().init_weights()
+        path = cfg.get('checkpoint')
+        if isinstance(path, str) and '://' not in path and not osp.isfile(
+                osp.expanduser(path)):
+            # a config's default ImageNet checkpoint that is not there (yet): train from
+            # scratch rather than fail, and say so
+            print_log(
+                f'DWNet: the pretrained checkpoint {path!r} of init_cfg does not exist '
+                f'(looked for {osp.abspath(osp.expanduser(path))}); the backbone starts '
+                'from random initialisation. Train one with configs/mmpretrain, convert '
+                'the released weights, or set model.backbone.init_cfg.checkpoint.',
+                logger='current', level=logging.WARNING)
+            self.init_cfg = deepcopy(self.default_init_cfg)
+            return super().init_weights()
+        # default initialisation first: what the checkpoint does not provide starts fresh
+        self.init_cfg = deepcopy(self.default_init_cfg)
         super().init_weights()
+        self.init_cfg = cfg
+        self._load_pretrained(path, cfg.get('prefix'), cfg.get('map_location', 'cpu'))
+
+    def _load_pretrained(self, path: str, prefix: Optional[str], map_location) -> None:
+        """Copy every tensor the checkpoint and this backbone share, and log exactly which
+        keys were not loaded and why (e.g. an ImageNet classifier's head and final LayerNorm
+        for a detection backbone with BN output norms)."""
+        from mmengine.runner.checkpoint import _load_checkpoint
+        checkpoint = _load_checkpoint(path, map_location=map_location)
+        state = checkpoint.get('state_dict', checkpoint)
+        prefix = prefix or ''
+        own = self.state_dict()
+        reasons = {}  # checkpoint key -> why it is not loaded
+        loaded = {}
+        inside = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        for key in state:
+            if not key.startswith(prefix):
+                reasons[key] = f'outside the prefix {prefix!r}'
+        for key, value in inside.items():
+            norm = key.split('.')[0]
+            if key not in own:
+                reasons[prefix + key] = 'not a parameter of this backbone'
+            elif re.fullmatch(r'norm\d', norm) and (
+                    {k for k in inside if k.startswith(norm + '.')}
+                    != {k for k in own if k.startswith(norm + '.')}):
+                reasons[prefix + key] = (f'{norm} is another kind of norm here '
+                                         f'({type(getattr(self, norm)).__name__})')
+            elif value.shape != own[key].shape:
+                reasons[prefix + key] = (f'shape {tuple(value.shape)} here '
+                                         f'{tuple(own[key].shape)}')
+            else:
+                loaded[key] = value
+        self.load_state_dict(loaded, strict=False)
+        by_reason = {}
+        for key, reason in reasons.items():
+            by_reason.setdefault(reason, []).append(key)
+        lines = [f'DWNet: initialised {len(loaded)} of {len(own)} backbone tensors from '
+                 f'{path} (prefix {prefix!r}).']
+        lines += [f'  not loaded ({reason}): {", ".join(keys)}'
+                  for reason, keys in by_reason.items()]
+        fresh = sorted(set(own) - set(loaded))
+        if fresh:
+            lines.append(f'  kept at initialisation (not in the checkpoint): {", ".join(fresh)}')
+        print_log('\n'.join(lines), logger='current')
 
     def get_layer_depth(self, param_name: str, prefix: str = ''):
         """Layer-wise depth of a parameter, for layer-wise learning-rate decay.

@@ -248,6 +248,43 @@ def test_pretrained_init_with_prefix(tmp_path):
         torch.testing.assert_close(v, state[f'backbone.{k}'], msg=k)
 
 
+def test_imagenet_checkpoint_initialises_a_dense_backbone(tmp_path, monkeypatch):
+    from mmpretrain.registry import MODELS
+
+    from mmdwnet.models.backbones import dwnet
+    classifier = MODELS.build(imagenet_classifier_cfg('tiny', 'iddw'))
+    with torch.no_grad():
+        for p in classifier.parameters():
+            p.add_(torch.randn_like(p))
+    path = str(tmp_path / 'in1k.pth')
+    torch.save({'state_dict': classifier.state_dict(), 'meta': {}}, path)
+    messages = []
+    monkeypatch.setattr(dwnet, 'print_log',
+                        lambda msg, logger=None, level=None: messages.append(msg))
+    dense = DWNet('tiny', 'iddw', out_indices=(0, 1, 2, 3), out_norm_cfg=dict(type='BN'),
+                  init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone.'))
+    dense.init_weights()
+    source = classifier.state_dict()
+    own = dense.state_dict()
+    copied = [k for k in own if not k.startswith('norm')]
+    assert len(copied) == len(own) - 4 * 5
+    for key in copied:  # every backbone tensor that exists in both
+        assert torch.equal(own[key], source['backbone.' + key]), key
+    for i in range(4):  # fresh BN output norms, not the classifier's final LayerNorm
+        assert torch.equal(own[f'norm{i}.weight'], torch.ones_like(own[f'norm{i}.weight']))
+        assert torch.equal(own[f'norm{i}.running_mean'],
+                           torch.zeros_like(own[f'norm{i}.running_mean']))
+    log, = messages
+    lines = log.splitlines()
+    assert lines[0] == (f'DWNet: initialised {len(copied)} of {len(own)} backbone tensors '
+                        f"from {path} (prefix 'backbone.').")
+    assert "  not loaded (outside the prefix 'backbone.'): head.fc.weight, head.fc.bias" in lines
+    assert ('  not loaded (norm3 is another kind of norm here (BatchNorm2d)): '
+            'backbone.norm3.weight, backbone.norm3.bias') in lines
+    fresh = [ln for ln in lines if ln.startswith('  kept at initialisation')][0]
+    assert fresh.count('norm') == 20 and 'norm0.running_var' in fresh
+
+
 def test_missing_pretrained_checkpoint_warns_and_inits_randomly(tmp_path, monkeypatch):
     import logging
 
