@@ -1,0 +1,53 @@
+"""tools/demo.py and the task libraries' inferencers with our configs and checkpoints."""
+import os.path as osp
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from _tools import ROOT, data_root  # noqa: F401  (fixture)
+from mmengine.config import Config
+from mmengine.registry import MODELS, init_default_scope
+from PIL import Image
+
+CASES = [
+    ('mmdet/cascade_dwconv_t_3x.py', 'coco/val2017/000000000001.jpg',
+     'objects scoring at least 0.0'),
+    ('mmseg/upernet_iddwconv_t_512x512_160k_ade20k.py',
+     'ade/ADEChallengeData2016/images/validation/ADE_val_00000001.jpg', 'classes in the map'),
+    ('mmpretrain/ddwconv_t_8xb128_in1k.py', 'imagenet/val/ILSVRC2012_val_00000001.JPEG', '5. '),
+]
+
+
+def _dataset_meta(scope):
+    if scope == 'mmdet':
+        from mmdet.datasets import CocoDataset
+        return dict(CocoDataset.METAINFO)
+    if scope == 'mmseg':
+        from mmseg.datasets import ADE20KDataset
+        return dict(ADE20KDataset.METAINFO)
+    from mmpretrain.datasets import ImageNet
+    return dict(ImageNet.METAINFO)
+
+
+@pytest.mark.parametrize('config,image,expected', CASES, ids=lambda c: str(c)[:12])
+def test_demo_tool_runs_the_inferencer(config, image, expected, data_root, tmp_path):
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', config))
+    init_default_scope(cfg.default_scope)
+    model = MODELS.build(cfg.model)
+    checkpoint = str(tmp_path / 'model.pth')
+    torch.save({'state_dict': model.state_dict(),
+                'meta': dict(dataset_meta=_dataset_meta(cfg.default_scope))}, checkpoint)
+    out = tmp_path / 'prediction.png'
+    image = osp.join(str(data_root), image)
+    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'demo.py'), image,
+                             osp.join(ROOT, 'configs', config), checkpoint, '--out', str(out),
+                             '--score-thr', '0.0'], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert expected in result.stdout
+    if cfg.default_scope == 'mmpretrain':
+        assert result.stdout.count('\n') >= 5 and not out.exists()
+    else:
+        picture = np.asarray(Image.open(out))
+        assert picture.shape[:2] == np.asarray(Image.open(image)).shape[:2]
