@@ -8,6 +8,8 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
+from mmdwnet.engine.checkpoint import state_dict_differences
+
 BLOCK_RULES = [
     # (reference name inside a block, mmdwnet name inside a block)
     (r'attn2conv\.conv0\.', 'pw_conv1.'),
@@ -146,12 +148,9 @@ def target_config(kind: str, arch: str, conv_type: str) -> str:
 def check_fits(state: Dict[str, Tensor], model: torch.nn.Module) -> None:
     """Raise :class:`ConversionError` unless ``state`` loads into ``model`` with no missing,
     unexpected or differently shaped tensors."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    missing, unexpected, mismatched = state_dict_differences(state, model)
     if missing or unexpected or mismatched:
         raise ConversionError(
             f'the converted weights do not fit the mmdwnet model: {len(missing)} missing '
             f'(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), '
-            f'{len(mismatched)} differently shaped (e.g. {sorted(mismatched)[:3]})')
+            f'{len(mismatched)} differently shaped (e.g. {mismatched[:3]})')

@@ -9,6 +9,8 @@ import torch
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 
+from .checkpoint import state_dict_differences
+
 TASKS = ('mmdet', 'mmseg', 'mmpretrain')
 DATA_HINT = ('generate a small one with `python tools/generate_data.py`, or point the config '
              'elsewhere with --cfg-options {key}.dataset.data_root=PATH')
@@ -163,14 +165,10 @@ def check_checkpoint_matches(model: torch.nn.Module, filename: str) -> None:
                           f'{osp.abspath(filename)})')
     checkpoint = _load_checkpoint(filename, map_location='cpu')
     state = checkpoint.get('state_dict', checkpoint)
-    model = getattr(model, 'module', model)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    missing, unexpected, mismatched = state_dict_differences(state, model)
     if missing or unexpected or mismatched:
-        examples = [f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
-                    for k in mismatched[:3]] + missing[:2] + unexpected[:2]
+        examples = [f'{k}: checkpoint {tuple(state[k].shape)}' for k in mismatched[:3]] + \
+            missing[:2] + unexpected[:2]
         raise LaunchError(
             f'checkpoint {filename!r} does not fit the model of this config: '
             f'{len(missing)} missing, {len(unexpected)} unexpected and {len(mismatched)} '
