@@ -7,9 +7,10 @@ The reference implementation of the paper ships this as a CUDA-only CuPy kernel;
 portable rewrite unfolds the input into a K*K-times larger tensor. Here the sum runs over the
 K*K kernel offsets instead, each one an in-place multiply-add of the overlapping parts of the
 output and the shifted input (no padding, no unfold), so the forward pass allocates its output
-and, for float16/bfloat16, float32 buffers for an eighth of it at a time. The backward pass is written out by hand for the same reason. The three pieces are
-registered with ``torch.library.custom_op`` so that tracers, ``torch.compile`` and FLOP
-counters see one named operator.
+and, for float16/bfloat16, float32 buffers for a sixteenth of it at a time. The backward pass
+is written out by hand for the same reason. The three pieces are registered with
+``torch.library.custom_op`` so that tracers, ``torch.compile`` and FLOP counters see one named
+operator.
 """
 from typing import Optional, Tuple
 
