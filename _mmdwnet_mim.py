@@ -9,7 +9,8 @@ not where an editable install's code lives. A config's ``custom_imports`` runs o
 ``mmdwnet-mim.pth`` in site-packages. It imports nothing heavy: it waits until mmengine's two
 modules are imported, then adds ``mmdwnet`` to ``MODULE2PACKAGE`` and makes the installed
 path of ``mmdwnet`` the directory its code is imported from (``mmdwnet/.mim/configs`` links to
-the repository's ``configs/``; wheels carry a copy).
+the repository's ``configs/``; wheels carry a copy). mim (``mim search mmdwnet``,
+``mim train``) locates packages the same way and gets the same fix.
 
 Wheels install the .pth file themselves; editable installs get it from
 ``python -m _mmdwnet_mim install`` (run by tools/install.sh).
@@ -48,6 +49,8 @@ def _patch_package_utils(module) -> None:
 PATCHES = {
     'mmengine.config.utils': _patch_config_utils,
     'mmengine.utils.package_utils': _patch_package_utils,
+    # mim (search, download, train) finds packages the same way, through the distribution.
+    'mim.utils.utils': _patch_package_utils,
 }
 
 

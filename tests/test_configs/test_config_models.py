@@ -5,6 +5,8 @@ import pytest
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
 
+from mmdwnet.utils.model_zoo import load_models
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), 'configs')
 
@@ -20,6 +22,8 @@ IMAGENET_PARAMS = {
     'dwconv_t': 24_172_744, 'ddwconv_t': 51_131_752, 'iddwconv_t': 26_244_280,
     'dwconv_b': 74_347_112, 'ddwconv_b': 161_597_928, 'iddwconv_b': 80_253_608,
 }
+METAFILE_PARAMS = {m['Config']: m['Metadata']['Parameters']
+                   for m in load_models(os.path.dirname(CONFIG_DIR))}
 CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, 'mm*', '*.py')))
 
 
@@ -59,6 +63,9 @@ def test_config_model_parameters(path):
         assert params == IMAGENET_PARAMS[key]
     else:
         assert abs(params / 1e6 - PAPER_PARAMS[(task, key)]) < 1.0, params
+    # the model zoo's metafile records this exact count
+    assert METAFILE_PARAMS[os.path.relpath(path, os.path.dirname(CONFIG_DIR))] == params
+    if task != 'mmpretrain':
         assert backbone.out_indices == (0, 1, 2, 3)
         assert backbone.init_cfg == dict(type='Pretrained',
                                          checkpoint=f'checkpoints/{key}_in1k.pth',

@@ -38,6 +38,10 @@ def test_regular_install(tmp_path):
                     str(site), str(wheel)], check=True)
     assert (site / 'mmdwnet-mim.pth').read_text() == 'import _mmdwnet_mim\n'
     assert (site / 'mmdwnet' / '.mim' / 'configs' / 'mmdet' / 'cascade_dwconv_t_3x.py').is_file()
+    # the model zoo metadata travels with the configs (what `mim search` reads)
+    from modelindex.load_model_index import load
+    index = load(str(site / 'mmdwnet' / '.mim' / 'model-index.yml'))
+    assert len(index.models) == 18
     (tmp_path / 'downstream.py').write_text(DOWNSTREAM)
     # no site processing, so the editable install of this checkout stays out of the way;
     # the other requirements come from this environment's site-packages, and the wheel's

@@ -6,11 +6,13 @@ import os.path as osp
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
+from PIL import Image
 
 from mmdwnet.converters import ConversionError, check_fits, convert_official
 from mmdwnet.utils import imagenet_classifier_cfg
@@ -140,9 +142,10 @@ def test_patch_merging_order_is_not_the_identity():
     ('det', 'mmdet/cascade_iddwconv_t_3x.py'),
     ('seg', 'mmseg/upernet_ddwconv_t_512x512_160k_ade20k.py'),
 ])
-def test_dense_checkpoints_convert(kind, config):
+def test_dense_checkpoints_convert(kind, config, tmp_path):
     """A dense checkpoint in the reference layout: backbone in the classifier layout with
-    `backbone.` and norm0..norm3 (SyncBN), the heads as in mmdet 2.x / mmseg 0.x."""
+    `backbone.` and norm0..norm3 (SyncBN), the heads as in mmdet 2.x / mmseg 0.x. Converted
+    with the tool, it loads strictly and runs through tools/demo.py (the task inferencer)."""
     cfg = Config.fromfile(osp.join(ROOT, 'configs', config))
     init_default_scope(cfg.default_scope)
     model = MODELS.build(cfg.model)
@@ -162,6 +165,28 @@ def test_dense_checkpoints_convert(kind, config):
     check_fits(state, model)
     missing, unexpected = model.load_state_dict(state, strict=True)
     assert not missing and not unexpected
+
+    src, dst = tmp_path / 'official.pth', tmp_path / 'converted.pth'
+    torch.save({'state_dict': official, 'meta': {}}, src)
+    tools = osp.join(ROOT, 'tools')
+    result = subprocess.run([sys.executable, osp.join(tools, 'model_converters',
+                                                      'official_to_mmdwnet.py'), str(src),
+                             str(dst)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    converted = torch.load(dst, weights_only=True)['state_dict']
+    assert converted.keys() == state.keys()
+    assert all(torch.equal(converted[k], state[k]) for k in state)
+
+    image = tmp_path / 'image.jpg'
+    pixels = torch.randint(0, 256, (240, 320, 3), generator=torch.Generator().manual_seed(0))
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(image)
+    out = tmp_path / 'prediction.png'
+    result = subprocess.run([sys.executable, osp.join(tools, 'demo.py'), str(image),
+                             osp.join(ROOT, 'configs', config), str(dst), '--out', str(out),
+                             '--score-thr', '0.0'], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr
+    assert np.asarray(Image.open(out)).shape == (240, 320, 3)
 
 
 def test_refuses_other_files():

@@ -1,0 +1,123 @@
+"""The model zoo's metafiles: complete, consistent with the models built here, with the
+converter and with the paper; readable by mim; the README rendered from them. (Every
+config's parameter count is checked against its metafile entry in
+tests/test_configs/test_config_models.py, where the models are built anyway.)"""
+import glob
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+from mmengine.config import Config
+
+from mmdwnet.converters.official import target_config
+from mmdwnet.utils.complexity import model_complexity
+from mmdwnet.utils.model_zoo import (METAFILES, README_END, README_START, load_models,
+                                     render_model_zoo, update_readme)
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+MODELS = load_models(ROOT)
+BY_NAME = {m['Name']: m for m in MODELS}
+# GMACs of the reference code's own counter at 224x224 (SPEC.md section 2)
+REFERENCE_GMACS = {
+    'dwconv_t_8xb128_in1k': 3.742, 'ddwconv_t_8xb128_in1k': 3.771,
+    'iddwconv_t_8xb128_in1k': 4.389, 'dwconv_b_8xb128_in1k': 12.845,
+    'ddwconv_b_8xb128_in1k': 12.935, 'iddwconv_b_8xb128_in1k': 14.372,
+}
+
+
+def _size(text):
+    """'82M' -> 82e6, '3.8G' -> 3.8e9."""
+    return float(text[:-1]) * {'M': 1e6, 'G': 1e9}[text[-1]]
+
+
+def test_every_config_has_one_entry():
+    configs = sorted(osp.relpath(p, ROOT) for task in ('mmdet', 'mmseg', 'mmpretrain')
+                     for p in glob.glob(osp.join(ROOT, 'configs', task, '*.py')))
+    assert sorted(m['Config'] for m in MODELS) == configs
+    assert len(BY_NAME) == len(MODELS) == 18
+    for m in MODELS:
+        assert m['Name'] == osp.splitext(osp.basename(m['Config']))[0]
+        assert m['Results'] and all(r['Metrics'] for r in m['Results'])
+
+
+def test_model_index_loads_with_modelindex():
+    from modelindex.load_model_index import load
+    index = load(osp.join(ROOT, 'model-index.yml'))
+    assert sorted(m.name for m in index.models) == sorted(BY_NAME)
+    assert {c.name for c in index.collections} == {
+        'DWNet', 'Cascade Mask R-CNN DWNet', 'UPerNet DWNet'}
+
+
+def test_mim_search_lists_every_config():
+    result = subprocess.run(['mim', 'search', 'mmdwnet', '--valid-config'],
+                            capture_output=True, text=True, cwd='/')
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in BY_NAME:
+        assert f"'{name}'" in result.stdout
+    result = subprocess.run(['mim', 'search', 'mmdwnet', '--dataset', 'coco', '--field',
+                             'parameters', 'flops', 'coco/box_ap'],
+                            capture_output=True, text=True, cwd='/')
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'cascade_iddwconv_b_3x' in result.stdout and '51.8' in result.stdout
+    assert 'upernet_' not in result.stdout
+
+
+@pytest.mark.parametrize('name', [
+    *REFERENCE_GMACS, 'cascade_dwconv_t_3x', 'upernet_iddwconv_t_512x512_160k_ade20k'])
+def test_flops_are_counted(name):
+    """FLOPs recounted equal the metafile's; classifiers within 3% of the reference code's
+    counter (the I-D-DW operator is counted by mmdwnet's rule, invisible to mmengine's)."""
+    meta = BY_NAME[name]['Metadata']
+    row = model_complexity(Config.fromfile(osp.join(ROOT, BY_NAME[name]['Config'])))
+    assert row['flops'] == meta['FLOPs'] and row['params'] == meta['Parameters']
+    if name in REFERENCE_GMACS:
+        assert abs(row['flops'] / 1e9 / REFERENCE_GMACS[name] - 1) < 0.03
+
+
+def test_numbers_agree_with_the_paper():
+    """Counted parameters within 1M and FLOPs within 3% of the paper's rounded figures."""
+    for m in MODELS:
+        meta = m['Metadata']
+        assert abs(meta['Parameters'] - _size(meta['Paper Parameters'])) <= 1e6, m['Name']
+        assert abs(meta['FLOPs'] / _size(meta['Paper FLOPs']) - 1) < 0.03, m['Name']
+
+
+def test_authors_checkpoints_match_the_converter():
+    """Every released checkpoint is attached to the config the converter targets for it;
+    no I-D-DW weights were released."""
+    released = {}
+    for m in MODELS:
+        source = m.get('Converted From')
+        if source is None:
+            continue
+        name = osp.basename(source['Weights'])
+        assert source['Weights'].startswith(
+            'https://github.com/Atten4Vis/DemystifyLocalViT/releases/download/prerelease/')
+        kind = ('det' if name.startswith('cascade_mask_rcnn_') else
+                'seg' if name.startswith('upernet_') else 'cls')
+        conv_type = 'ddw' if 'dynamic_dwnet' in name else 'dw'
+        arch = 'tiny' if '_tiny' in name else 'base'
+        assert 'configs/' + target_config(kind, arch, conv_type) == m['Config']
+        released[name] = m['Name']
+    assert len(released) == 12
+    assert not any('iddw' in n for n in released.values())
+
+
+def test_readme_is_rendered_from_the_metafiles(tmp_path):
+    assert not update_readme(osp.join(ROOT, 'README.md'), render_model_zoo(MODELS),
+                             check=True), 'run: python tools/model_zoo.py readme'
+    body = render_model_zoo(MODELS)
+    assert '| I-D-DW-B | 80,253,608 | 14.37G | 80M / 14.3G | 244.9 | 83.4 | - |' in body
+    # the tool's --check fails on a stale README and rewrites it otherwise
+    stale = tmp_path / 'README.md'
+    stale.write_text(f'# x\n{README_START}\nold table\n{README_END}\n')
+    tool = [sys.executable, osp.join(ROOT, 'tools', 'model_zoo.py'), 'readme', '--readme',
+            str(stale)]
+    result = subprocess.run(tool + ['--check'], capture_output=True, text=True)
+    assert result.returncode == 1 and 'out of date' in result.stderr
+    result = subprocess.run(tool, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert stale.read_text() == f'# x\n{README_START}\n{body}\n{README_END}\n'
+    assert os.path.getsize(stale) > 1000 and len(METAFILES) == 3
