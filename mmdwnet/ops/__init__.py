@@ -1,3 +1,6 @@
+from .depthwise_conv import DepthwiseConv2d, depthwise_conv2d
 from .inhomogeneous_dwconv import InhomogeneousDWConv2d, inhomogeneous_dwconv2d
 
-__all__ = ['inhomogeneous_dwconv2d', 'InhomogeneousDWConv2d']
+__all__ = [
+    'inhomogeneous_dwconv2d', 'InhomogeneousDWConv2d', 'depthwise_conv2d', 'DepthwiseConv2d'
+]

@@ -17,6 +17,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import cpu_extension
+
 __all__ = ['inhomogeneous_dwconv2d', 'InhomogeneousDWConv2d']
 
 
@@ -91,8 +93,20 @@ def _shift_accumulate(src: Tensor, weight: Tensor, transposed: bool,
     return out
 
 
+def _compiled(*tensors: Tensor):
+    """The compiled CPU kernels when they apply (CPU float32/float64 and the extension
+    builds), else None."""
+    first = tensors[0]
+    if first.device.type != 'cpu' or first.dtype not in (torch.float32, torch.float64):
+        return None
+    return cpu_extension.load()
+
+
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d', mutates_args=())
 def _forward(input: Tensor, weight: Tensor) -> Tensor:
+    ops = _compiled(input)
+    if ops is not None:
+        return ops.inhomogeneous_dwconv2d(input.contiguous(), weight.contiguous())
     return _shift_accumulate(input, weight, transposed=False)
 
 
@@ -105,6 +119,10 @@ _forward.register_fake(_like_first)
 
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_input', mutates_args=())
 def _grad_input(grad_output: Tensor, weight: Tensor) -> Tensor:
+    ops = _compiled(grad_output)
+    if ops is not None:
+        return ops.inhomogeneous_dwconv2d_grad_input(grad_output.contiguous(),
+                                                     weight.contiguous())
     return _shift_accumulate(grad_output, weight, transposed=True)
 
 
@@ -114,6 +132,10 @@ _grad_input.register_fake(_like_first)
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_weight', mutates_args=())
 def _grad_weight(grad_output: Tensor, input: Tensor, groups: int,
                  kernel_size: int) -> Tensor:
+    ops = _compiled(input)
+    if ops is not None:
+        return ops.inhomogeneous_dwconv2d_grad_weight(grad_output.contiguous(),
+                                                      input.contiguous(), groups, kernel_size)
     b, c, height, width = input.shape
     grad_weight = grad_output.new_zeros(b, groups, kernel_size, kernel_size, height, width)
     x5 = input.reshape(b, groups, c // groups, height, width)

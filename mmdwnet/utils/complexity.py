@@ -34,7 +34,18 @@ def inhomogeneous_dwconv_flop_jit(inputs, outputs) -> int:
     return out_numel * weight_shape[2] * weight_shape[3]
 
 
-OP_HANDLES = {'mmdwnet::inhomogeneous_dwconv2d': inhomogeneous_dwconv_flop_jit}
+def baddbmm_flop_jit(inputs, outputs) -> int:
+    """``baddbmm(bias, a, b)``: the batched product's multiply-accumulates (mmengine has
+    rules for ``bmm`` and ``addmm`` only; the I-D-DW kernel predictor uses this one)."""
+    batch, n, k = get_shape(inputs[1])
+    m = get_shape(inputs[2])[-1]
+    return batch * n * k * m
+
+
+OP_HANDLES = {
+    'mmdwnet::inhomogeneous_dwconv2d': inhomogeneous_dwconv_flop_jit,
+    'aten::baddbmm': baddbmm_flop_jit,
+}
 
 
 def count_flops(model: nn.Module, inputs: Tuple) -> int:

@@ -176,19 +176,21 @@ def render_model_zoo(models: List[Dict]) -> str:
     return '\n'.join(out)
 
 
-def update_readme(readme_path: str, body: str, check: bool = False) -> bool:
-    """Replace the text between the model-zoo markers of ``readme_path`` with ``body``.
+def update_readme(readme_path: str, body: str, check: bool = False,
+                  start: str = README_START, end: str = README_END) -> bool:
+    """Replace the text between the ``start`` and ``end`` marker lines of
+    ``readme_path`` (by default the model-zoo markers) with ``body``.
 
     Returns:
         bool: Whether the README was (``check=False``) or would be (``check=True``) changed.
     """
     with open(readme_path) as f:
         text = f.read()
-    pattern = re.compile(re.escape(README_START) + r'\n.*?' + re.escape(README_END), re.S)
+    pattern = re.compile(re.escape(start) + r'\n.*?' + re.escape(end), re.S)
     if not pattern.search(text):
-        raise ValueError(f'{readme_path} has no model-zoo markers; add the lines '
-                         f'{README_START!r} and {README_END!r} where the tables go')
-    new = pattern.sub(lambda _: f'{README_START}\n{body}\n{README_END}', text)
+        raise ValueError(f'{readme_path} has no generated-section markers; add the lines '
+                         f'{start!r} and {end!r} where the section goes')
+    new = pattern.sub(lambda _: f'{start}\n{body}\n{end}', text)
     if new != text and not check:
         with open(readme_path, 'w') as f:
             f.write(new)

@@ -12,7 +12,6 @@ from copy import deepcopy
 from typing import Dict, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_activation_layer, build_norm_layer
 from mmcv.cnn.bricks.drop import build_dropout
@@ -22,7 +21,8 @@ from mmengine.model import BaseModule, ModuleList
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmdwnet.ops import InhomogeneousDWConv2d
+from mmdwnet.models.utils import bn_affine, fold_bn_after, fold_bn_before_linear, is_foldable
+from mmdwnet.ops import DepthwiseConv2d, InhomogeneousDWConv2d, depthwise_conv2d
 from mmdwnet.registry import ROOT_MODELS
 
 CONV_TYPES = ('dw', 'ddw', 'iddw')
@@ -60,13 +60,27 @@ class DynamicDWConv(BaseModule):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
+        b, c = x.shape[:2]
         weight = self.conv2(self.act(self.norm(self.conv1(self.pool(x)))))
-        # every (sample, channel) pair is one group of a single grouped convolution
-        weight = weight.reshape(b * c, 1, self.kernel_size, self.kernel_size)
-        out = F.conv2d(x.reshape(1, b * c, h, w), weight, padding=self.kernel_size // 2,
-                       groups=b * c)
-        return out.reshape(b, c, h, w) + self.bias.view(1, c, 1, 1)
+        weight = weight.reshape(b, c, self.kernel_size, self.kernel_size)
+        return depthwise_conv2d(x, weight, self.bias)
+
+    @torch.no_grad()
+    def switch_to_deploy(self, out_norm: Optional[nn.Module] = None) -> bool:
+        """Fold the predictor's BatchNorm into ``conv1`` and, when given, a BatchNorm
+        applied to this operator's output into the predicted kernels and the bias.
+        Returns whether ``out_norm`` was folded."""
+        if is_foldable(self.norm):
+            self.conv1 = fold_bn_after(self.conv1, self.norm)
+            self.norm = nn.Identity()
+        if out_norm is None or not is_foldable(out_norm):
+            return False
+        scale, shift = bn_affine(out_norm)
+        per_tap = scale.repeat_interleave(self.kernel_size**2)  # conv2 rows are c*K*K + k
+        self.conv2.weight.mul_(per_tap.view(-1, 1, 1, 1))
+        self.conv2.bias.mul_(per_tap)
+        self.bias.mul_(scale).add_(shift)
+        return True
 
 
 class InhomogeneousDynamicDWConv(BaseModule):
@@ -101,11 +115,41 @@ class InhomogeneousDynamicDWConv(BaseModule):
         self.conv2 = nn.Conv2d(channels // reduction, self.groups * kernel_size**2, 1)
         self.op = InhomogeneousDWConv2d(kernel_size)
 
+    # Without autograd the kernels are predicted and applied a few samples at a time, so
+    # that at most this many bytes of them exist at once (they are G*K*K/C = 16x larger
+    # than the features at the paper's settings).
+    chunk_bytes = 8 * 2**20
+
     def forward(self, x: Tensor) -> Tensor:
-        b, _, h, w = x.shape
-        weight = self.conv2(self.act(self.norm(self.conv1(x))))
-        weight = weight.reshape(b, self.groups, self.kernel_size, self.kernel_size, h, w)
-        return self.op(x, weight)
+        hidden = self.act(self.norm(self.conv1(x)))
+        if torch.is_grad_enabled() and (x.requires_grad or self.conv2.weight.requires_grad):
+            return self.op(x, self._kernels(hidden))
+        b = x.shape[0]
+        per_sample = self.conv2.out_channels * x[0, 0].numel() * x.element_size()
+        step = max(1, min(b, self.chunk_bytes // per_sample))
+        if step == b:
+            return self.op(x, self._kernels(hidden))
+        return torch.cat([
+            self.op(x[i:i + step], self._kernels(hidden[i:i + step]))
+            for i in range(0, b, step)
+        ])
+
+    def _kernels(self, hidden: Tensor) -> Tensor:
+        """Predict the (B, G, K, K, H, W) kernels with ``conv2`` as a batched matrix
+        product, written directly in the layout the operator reads: whatever the memory
+        format of the features, no transposed copy of this large tensor is made."""
+        b, r, h, w = hidden.shape
+        weight = self.conv2.weight.view(-1, r)
+        kernels = torch.baddbmm(
+            self.conv2.bias.view(1, -1, 1), weight.expand(b, -1, -1), hidden.reshape(b, r, h * w))
+        return kernels.view(b, self.groups, self.kernel_size, self.kernel_size, h, w)
+
+    def switch_to_deploy(self) -> None:
+        """Fold the predictor's BatchNorm into ``conv1`` (the output cannot take a
+        per-channel norm: the kernels are shared by the channels of a group)."""
+        if is_foldable(self.norm):
+            self.conv1 = fold_bn_after(self.conv1, self.norm)
+            self.norm = nn.Identity()
 
 
 class DWBlock(BaseModule):
@@ -144,8 +188,7 @@ class DWBlock(BaseModule):
         self.pw_conv1 = nn.Conv2d(embed_dims, embed_dims, 1, bias=False)
         self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
         if conv_type == 'dw':
-            self.dw_conv = nn.Conv2d(embed_dims, embed_dims, kernel_size,
-                                     padding=kernel_size // 2, groups=embed_dims)
+            self.dw_conv = DepthwiseConv2d(embed_dims, kernel_size)
         elif conv_type == 'ddw':
             self.dw_conv = DynamicDWConv(embed_dims, kernel_size, norm_cfg=norm_cfg)
         elif conv_type == 'iddw':
@@ -183,6 +226,30 @@ class DWBlock(BaseModule):
         if self.with_cp and x.requires_grad:
             return cp.checkpoint(_inner_forward, x, use_reentrant=False)
         return _inner_forward(x)
+
+    @torch.no_grad()
+    def switch_to_deploy(self) -> None:
+        """Fold every BatchNorm (with its running statistics) into the adjacent
+        convolution or linear layer and replace it by an identity; norms of other kinds
+        stay. The block then computes the same function in eval mode, faster."""
+        if is_foldable(self.norm1):
+            self.pw_conv1 = fold_bn_after(self.pw_conv1, self.norm1)
+            self.norm1 = nn.Identity()
+        if isinstance(self.dw_conv, nn.Conv2d):
+            if is_foldable(self.norm2):
+                self.dw_conv = fold_bn_after(self.dw_conv, self.norm2)
+                self.norm2 = nn.Identity()
+        elif isinstance(self.dw_conv, DynamicDWConv):
+            if self.dw_conv.switch_to_deploy(self.norm2):
+                self.norm2 = nn.Identity()
+        else:
+            self.dw_conv.switch_to_deploy()
+        if is_foldable(self.norm3):
+            self.pw_conv2 = fold_bn_after(self.pw_conv2, self.norm3)
+            self.norm3 = nn.Identity()
+        if is_foldable(self.ffn_norm):
+            fold_bn_before_linear(self.ffn_norm, self.ffn.layers[0][0])
+            self.ffn_norm = nn.Identity()
 
 
 class DWStage(BaseModule):
@@ -256,6 +323,9 @@ class DWNet(BaseModule):
         norm_eval (bool): Keep every BatchNorm in eval mode during training.
             Defaults to False.
         with_cp (bool): Gradient checkpointing in every block. Defaults to False.
+        deploy (bool): Build the inference structure of :meth:`switch_to_deploy` (block
+            BatchNorms folded into the convolution/linear layers), e.g. to load a
+            checkpoint saved after switching. Defaults to False.
         init_cfg (dict | list[dict], optional): Initialization config; e.g.
             ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')`` (a local
             checkpoint that does not exist gives a warning and the default init).
@@ -292,6 +362,7 @@ class DWNet(BaseModule):
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
+                 deploy: bool = False,
                  init_cfg: Optional[Union[Dict, Sequence[Dict]]] = default_init_cfg):
         super().__init__(init_cfg=deepcopy(init_cfg))
         if conv_type not in CONV_TYPES:
@@ -344,7 +415,28 @@ class DWNet(BaseModule):
                 if out_norm_cfg is not None else nn.Identity()
             self.add_module(f'norm{i}', norm)
 
+        self.deploy = False
+        if deploy:
+            self.switch_to_deploy()
         self._freeze_stages()
+
+    def switch_to_deploy(self) -> None:
+        """Fold the BatchNorms of every block into the adjacent layers for inference.
+
+        Each block norm that is a BatchNorm (the default ``norm_cfg``) is merged, with its
+        running statistics, into the 1x1 convolution before it, the static or dynamic
+        depth-wise kernels before it, or the FFN's first linear layer after it, and then
+        removed; outputs in eval mode stay the same (up to float rounding). The stem,
+        patch merging and output norms are LayerNorms and stay. Call it after loading the
+        weights; MMPretrain's ``tools/model_converters/reparameterize_model.py`` calls it
+        and saves a checkpoint that loads into a model built with ``deploy=True``.
+        """
+        if self.deploy:
+            return
+        for stage in self.stages:
+            for block in stage.blocks:
+                block.switch_to_deploy()
+        self.deploy = True
 
     def _parse_arch(self, arch, conv_type: str) -> Dict:
         if isinstance(arch, str):

@@ -1,0 +1,72 @@
+"""The compiled CPU kernels of mmdwnet's operators (``csrc/*.cpp``): the inhomogeneous
+dynamic depth-wise convolution and the channels-last static / per-sample depth-wise
+convolution.
+
+Compiled on first use with ``torch.utils.cpp_extension.load`` (ninja and a C++ compiler)
+into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``), which takes about a minute once per machine and
+source version; later processes load the cached library in milliseconds. The build is
+specialised to the CPU's vector width (AVX2 / AVX-512, or portable), and is named after it so
+machines sharing a cache do not share a wrong build. If it cannot be built (no compiler),
+a warning says why and the operator runs its PyTorch implementation.
+Set ``MMDWNET_CPU_EXTENSION=0`` to use the PyTorch implementation deliberately.
+"""
+import os
+import os.path as osp
+import threading
+import warnings
+from typing import Optional
+
+import torch
+
+SOURCES = [
+    osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', name)
+    for name in ('inhomogeneous_dwconv_cpu.cpp', 'depthwise_conv_cpu.cpp')
+]
+_lock = threading.Lock()
+_state = {'tried': False, 'ops': None, 'error': None}
+
+
+def _arch_flags():
+    capability = torch.backends.cpu.get_cpu_capability()  # 'AVX512', 'AVX2', 'DEFAULT', ...
+    if capability == 'AVX512':
+        return 'avx512', ['-mavx512f', '-mavx512bw', '-mavx512vl', '-mavx2', '-mfma']
+    if capability == 'AVX2':
+        return 'avx2', ['-mavx2', '-mfma']
+    return 'generic', []
+
+
+def enabled() -> bool:
+    """Whether the compiled kernels may be used (``MMDWNET_CPU_EXTENSION`` is not ``0``)."""
+    return os.environ.get('MMDWNET_CPU_EXTENSION', '1') != '0'
+
+
+def load(verbose: bool = False):
+    """Build (once) and load the extension; returns ``torch.ops.mmdwnet_cpu`` or None."""
+    if not enabled():
+        return None
+    with _lock:
+        if not _state['tried']:
+            _state['tried'] = True
+            try:
+                from torch.utils.cpp_extension import load as load_extension
+                suffix, flags = _arch_flags()
+                load_extension(
+                    name=f'mmdwnet_cpu_ops_{suffix}',
+                    sources=SOURCES,
+                    # OpenMP pragmas for at::parallel_for (torch's own libgomp is reused)
+                    extra_cflags=['-O3', '-fopenmp', *flags],
+                    is_python_module=False,
+                    verbose=verbose)
+                _state['ops'] = torch.ops.mmdwnet_cpu
+            except Exception as e:  # no compiler / ninja / headers: fall back, but say so
+                _state['error'] = f'{type(e).__name__}: {str(e).strip()[-500:]}'
+                warnings.warn('mmdwnet: could not build the CPU kernels of the depth-wise '
+                              'operators, using the slower PyTorch implementation. Reason: '
+                              f"{_state['error']}")
+    return _state['ops']
+
+
+def error() -> Optional[str]:
+    """Why the extension could not be built, if it was tried and failed."""
+    return _state['error']

@@ -1,0 +1,289 @@
+"""Side-by-side speed and memory of DWNet classifiers and MMPretrain's Swin-T / ConvNeXt-T.
+
+All models run in one process on the same input and threads, interleaved repeat by repeat
+so that machine noise hits all of them alike. Peak memory on CPU is measured in a fresh
+subprocess per model (the process's resident-set high-water mark, reset before the measured
+step, with malloc returning large blocks to the system so that the mark sees them); on CUDA
+with the allocator's peak statistics.
+"""
+import ctypes
+import json
+import os
+import os.path as osp
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from copy import deepcopy
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from mmengine.config import Config
+from torch import nn
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+MODELS = {
+    'dwconv_t': 'configs/mmpretrain/dwconv_t_8xb128_in1k.py',
+    'ddwconv_t': 'configs/mmpretrain/ddwconv_t_8xb128_in1k.py',
+    'iddwconv_t': 'configs/mmpretrain/iddwconv_t_8xb128_in1k.py',
+    'dwconv_b': 'configs/mmpretrain/dwconv_b_8xb128_in1k.py',
+    'ddwconv_b': 'configs/mmpretrain/ddwconv_b_8xb128_in1k.py',
+    'iddwconv_b': 'configs/mmpretrain/iddwconv_b_8xb128_in1k.py',
+    'swin_t': 'mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py',
+    'convnext_t': 'mmpretrain::convnext/convnext-tiny_32xb128_in1k.py',
+}
+DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+BASELINE = 'swin_t'
+
+
+def build_classifier(name: str) -> nn.Module:
+    """The ImageNet classifier of ``name`` (a key of :data:`MODELS`) from its config, with
+    the training-time batch augmentations (Mixup/CutMix) removed."""
+    if name not in MODELS:
+        raise ValueError(f'unknown model {name!r}; choose from {sorted(MODELS)}')
+    path = MODELS[name]
+    if '::' in path:  # a config shipped inside an installed OpenMMLab package
+        package, rel = path.split('::')
+        module = __import__(package)
+        path = osp.join(osp.dirname(module.__file__), '.mim', 'configs', rel)
+    else:
+        path = osp.join(REPO_ROOT, path)
+    cfg = Config.fromfile(path)
+    model_cfg = cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else dict(cfg.model)
+    model_cfg.pop('train_cfg', None)
+    model_cfg.pop('data_preprocessor', None)
+    if model_cfg['backbone'].get('type') == 'DWNet':
+        model_cfg['backbone']['init_cfg'] = None  # no Pretrained lookups
+    from mmengine.registry import DefaultScope
+    from mmpretrain.registry import MODELS as REGISTRY
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return REGISTRY.build(model_cfg)
+
+
+def inference_model(model: nn.Module, fuse: bool) -> nn.Module:
+    """An eval-mode copy; with ``fuse``, BatchNorms folded where the backbone can
+    (``switch_to_deploy``). Models without it run unchanged."""
+    model = deepcopy(model).eval()
+    if fuse and hasattr(model.backbone, 'switch_to_deploy'):
+        model.backbone.switch_to_deploy()
+    return model
+
+
+def _sync(device: str) -> None:
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+class Runner:
+    """Timed inference and training steps of one model on a fixed batch."""
+
+    def __init__(self, name: str, device: str, batch_size: int, img_size: int, dtype: str,
+                 fuse: bool, seed: int = 0):
+        torch.manual_seed(seed)
+        self.name, self.device, self.dtype = name, device, dtype
+        self.model = build_classifier(name).to(device).train()
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self.infer = inference_model(self.model, fuse)
+        self.fused = fuse and hasattr(self.model.backbone, 'switch_to_deploy')
+        generator = torch.Generator().manual_seed(seed)
+        self.inputs = torch.randn(batch_size, 3, img_size, img_size,
+                                  generator=generator).to(device)
+        self.labels = torch.randint(0, 1000, (batch_size, ), generator=generator).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4,
+                                           weight_decay=0.05)
+
+    def _autocast(self):
+        if self.dtype == 'fp32':
+            return nullcontext()
+        return torch.autocast(device_type='cuda', dtype=DTYPES[self.dtype])
+
+    def inference(self) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        with torch.inference_mode(), self._autocast():
+            self.infer(self.inputs, mode='tensor')
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    def train_step(self) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        with self._autocast():
+            logits = self.model(self.inputs, mode='tensor')
+            loss = F.cross_entropy(logits.float(), self.labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        _sync(self.device)
+        return time.perf_counter() - start
+
+
+def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 16,
+                  img_size: int = 224, dtype: str = 'fp32', repeats: int = 5,
+                  warmup: int = 2, fuse: bool = True, train: bool = True,
+                  progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
+    """Median inference throughput and training-step time of each model, interleaved."""
+    runners = []
+    for name in names:
+        if progress:
+            progress(f'building {name}')
+        runners.append(Runner(name, device, batch_size, img_size, dtype, fuse))
+    for i in range(warmup):
+        for r in runners:
+            if progress:
+                progress(f'warm-up {i + 1}/{warmup}: {r.name}')
+            r.inference()
+            if train:
+                r.train_step()
+    infer = {r.name: [] for r in runners}
+    step = {r.name: [] for r in runners}
+    for i in range(repeats):
+        for r in runners:
+            infer[r.name].append(r.inference())
+            if train:
+                step[r.name].append(r.train_step())
+            if progress:
+                msg = f'repeat {i + 1}/{repeats}: {r.name} inference {infer[r.name][-1]:.3f} s'
+                if train:
+                    msg += f', training step {step[r.name][-1]:.3f} s'
+                progress(msg)
+    rows = []
+    for r in runners:
+        seconds = statistics.median(infer[r.name])
+        rows.append(dict(
+            model=r.name, params=r.params, fused=r.fused,
+            img_per_s=batch_size / seconds,
+            train_step_s=statistics.median(step[r.name]) if train else None))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# peak memory
+
+def _rss_kb(field: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise RuntimeError(f'{field} not in /proc/self/status')
+
+
+def _reset_peak_rss() -> None:
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # resets VmHWM to the current RSS
+
+
+def _peak_cpu(fn: Callable[[], object]) -> float:
+    libc = ctypes.CDLL('libc.so.6')
+    libc.malloc_trim(0)
+    base = _rss_kb('VmRSS')
+    _reset_peak_rss()
+    fn()
+    return (_rss_kb('VmHWM') - base) / 1024
+
+
+def _peak_cuda(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure_memory_here(name: str, device: str, batch_size: int, img_size: int, dtype: str,
+                        fuse: bool) -> Dict:
+    """Peak memory (MiB above what is allocated before the step) of one inference and
+    one training step, in this process."""
+    runner = Runner(name, device, batch_size, img_size, dtype, fuse)
+    peak = _peak_cuda if device.startswith('cuda') else _peak_cpu
+    runner.inference()
+    runner.train_step()  # optimizer state exists before the measured step
+    return dict(infer_peak_mem_mb=peak(runner.inference),
+                peak_mem_mb=peak(runner.train_step))
+
+
+def measure_memory(name: str, device: str, batch_size: int, img_size: int, dtype: str,
+                   fuse: bool) -> Dict:
+    """:func:`measure_memory_here` in a fresh process on CPU (so that earlier models'
+    freed memory does not hide this one's peak), in this one on CUDA."""
+    if device.startswith('cuda'):
+        return measure_memory_here(name, device, batch_size, img_size, dtype, fuse)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20), MALLOC_TRIM_THRESHOLD_='0')
+    code = ('import json, sys, mmdwnet; from mmdwnet.utils.benchmark import '
+            'measure_memory_here as m; print("RESULT " + json.dumps(m(*json.loads('
+            'sys.argv[1]))))')
+    args = json.dumps([name, device, batch_size, img_size, dtype, fuse])
+    result = subprocess.run([sys.executable, '-c', code, args], capture_output=True,
+                            text=True, env=env)
+    for line in result.stdout.splitlines():
+        if line.startswith('RESULT '):
+            return json.loads(line[len('RESULT '):])
+    raise RuntimeError(f'memory measurement of {name} failed:\n{result.stderr[-3000:]}')
+
+
+# ---------------------------------------------------------------------------------------
+# reporting
+
+def add_ratios(rows: List[Dict], baseline: str = BASELINE) -> List[Dict]:
+    """``speedup`` (inference img/s) and ``train_speedup`` (training-step time) relative
+    to ``baseline`` when it was measured."""
+    base = next((r for r in rows if r['model'] == baseline), None)
+    for r in rows:
+        r['speedup'] = r['img_per_s'] / base['img_per_s'] if base else None
+        r['train_speedup'] = (base['train_step_s'] / r['train_step_s']
+                              if base and r.get('train_step_s') else None)
+    return rows
+
+
+def machine_description(device: str) -> str:
+    if device.startswith('cuda'):
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f
+                       if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return f'{cpu}, {torch.get_num_threads()} threads'
+
+
+def format_table(rows: List[Dict], baseline: str = BASELINE) -> str:
+    def num(value, fmt):
+        return '-' if value is None else format(value, fmt)
+
+    lines = [f'| model | params | img/s | vs {baseline} | train step (s) | train vs {baseline} '
+             '| peak mem train (MiB) | peak mem infer (MiB) | BN folded |',
+             '|---|---:|---:|---:|---:|---:|---:|---:|---|']
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['img_per_s']:.2f} "
+            f"| {num(r.get('speedup'), '.2f')}x | {num(r.get('train_step_s'), '.3f')} "
+            f"| {num(r.get('train_speedup'), '.2f')}x | {num(r.get('peak_mem_mb'), '.0f')} "
+            f"| {num(r.get('infer_peak_mem_mb'), '.0f')} | {'yes' if r['fused'] else 'no'} |")
+    return '\n'.join(lines)
+
+
+def plot(rows: List[Dict], path: str, title: str) -> None:
+    """Throughput against parameters, one labelled point per model."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for r in rows:
+        ours = r['model'] not in ('swin_t', 'convnext_t')
+        ax.scatter(r['params'] / 1e6, r['img_per_s'], marker='o' if ours else 's',
+                   color='tab:blue' if ours else 'tab:gray')
+        ax.annotate(r['model'], (r['params'] / 1e6, r['img_per_s']),
+                    textcoords='offset points', xytext=(4, 4), fontsize=8)
+    ax.set_xlabel('parameters (M)')
+    ax.set_ylabel('inference throughput (img/s)')
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
