@@ -3,7 +3,8 @@
 DWNet classifiers against MMPretrain's own Swin-T and ConvNeXt-T (1000-class heads), in one
 process, same input and threads, interleaved repeat by repeat. Inference uses the models'
 deploy form (BatchNorms folded, ``switch_to_deploy``) unless ``--no-fuse``; a training step
-is forward + cross-entropy + backward + AdamW step in train mode.
+is forward + cross-entropy + backward + AdamW step (torch's fused AdamW, for every model)
+in train mode.
 
 Example:
     python tools/benchmark.py dwconv_t ddwconv_t iddwconv_t swin_t convnext_t \\

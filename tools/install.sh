@@ -103,6 +103,7 @@ for component, dists, probe in [
         ('mmpretrain', ['mmpretrain'], lambda: importlib.import_module('mmpretrain')),
         ('ftfy', ['ftfy'], lambda: importlib.import_module('ftfy')),
         ('regex', ['regex'], lambda: importlib.import_module('regex')),
+        ('ninja', ['ninja'], lambda: importlib.import_module('ninja')),
         ('pytest', ['pytest'], lambda: importlib.import_module('pytest')),
         ('openmim', ['openmim'], lambda: importlib.import_module('mim')),
         ('mmdwnet', ['mmdwnet'], mmdwnet_here)]:
@@ -154,6 +155,7 @@ for name in sys.argv[1:]: print(f"{name}=={version(name)}")' "$@"
     name="${s%%[=<>]*}"; needs "$name" && specs+=("$s")
   done
   [ ${#specs[@]} -eq 0 ] || pip_install "OpenMMLab task libraries" -c "$CONSTRAINTS" "${specs[@]}"
+  needs ninja && pip_install "ninja (builds mmdwnet's CPU kernels)" -c "$CONSTRAINTS" ninja
   needs pytest && pip_install "test requirements" -c "$CONSTRAINTS" "${TEST_SPECS[@]}"
   if needs openmim; then
     pip_install "mim's requirements" -c "$CONSTRAINTS" "${MIM_DEPS[@]}"
@@ -167,6 +169,15 @@ for name in sys.argv[1:]: print(f"{name}=={version(name)}")' "$@"
   TODO=" $(check) "
   [ "$TODO" = "  " ] || die "still not working after installation:$TODO"
 fi
+# mmdwnet's compiled CPU kernels: built once into torch's extension cache (about 15 s),
+# loaded in milliseconds afterwards; without them the PyTorch fallback runs (slower)
+(cd / && "$PY" -W ignore -c 'import logging, sys
+logging.disable(logging.WARNING)  # cpp_extension notes that no CUDA runtime is present
+from mmdwnet.ops import cpu_extension
+print("[mmdwnet setup] loading (building once, about 15 s) the compiled CPU kernels", flush=True)
+if cpu_extension.load() is None:
+    sys.exit("[mmdwnet setup] WARNING: compiled CPU kernels unavailable, using the slower "
+             "PyTorch fallback: " + str(cpu_extension.error()))') || true
 (cd / && "$PY" -W ignore -c 'import torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, mmdwnet
 print("[mmdwnet setup] ready: " + ", ".join(f"{m.__name__} {m.__version__}" for m in
       (torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, mmdwnet)))')

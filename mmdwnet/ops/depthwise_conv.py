@@ -1,12 +1,17 @@
-"""Depth-wise K x K convolution (odd K, zero padding K // 2, stride 1) with kernels shared
-by the batch (static DW-Conv) or one set per sample (homogeneous dynamic D-DW-Conv).
+"""Depth-wise K x K convolution (stride 1, zero padding that keeps the size) with kernels
+shared by the batch (static DW-Conv) or one set per sample (homogeneous dynamic D-DW-Conv).
+Tap ``i`` reads row ``h + i - K // 2`` (and likewise for columns): padding K // 2 on both
+sides for odd K; for even K, K // 2 before and K // 2 - 1 after.
 
 On CPU, for float32/float64 channels-last features (the layout DWNet's blocks run in), it
-uses the compiled kernels of ``csrc/depthwise_conv_cpu.cpp``: every multiply-add is a vector
-operation along the contiguous channel axis, forward and backward, and per-sample kernels
-need no reshaping of the batch into one grouped convolution. Measured on the paper's stage
-shapes it is several times faster than PyTorch's channels-last depth-wise convolution on
-CPU (see tools/benchmark.py). Elsewhere - GPU, other dtypes, even K, or when the extension
+combines oneDNN's depth-wise convolution, fast in the forward direction (also used for the
+input gradient, a convolution with the rotated kernels), with the compiled kernels of
+``csrc/depthwise_conv_cpu.cpp`` for the kernel gradient, which PyTorch computes slowly, and
+for per-sample kernels on small maps; every compiled multiply-add is a vector operation
+along the contiguous channel axis. Per-sample kernels need no folding of the batch into
+one grouped convolution in the NCHW layout. At DWNet's stage shapes (batch 16, 2 threads)
+forward + backward takes about half the time of PyTorch's channels-last convolution with
+static kernels and a third to a quarter with per-sample kernels. Elsewhere - GPU, other dtypes, even K, or when the extension
 cannot be built - it is ``F.conv2d`` with ``groups=C`` (per-sample kernels: one grouped
 convolution over the batch folded into channels).
 """
@@ -24,54 +29,72 @@ __all__ = ['depthwise_conv2d', 'DepthwiseConv2d']
 def _reference(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     b, c, h, w = input.shape
     k = weight.shape[-1]
+    padding = k // 2
+    if k % 2 == 0:
+        # even K: tap i reads row h + i - K // 2, so K // 2 rows of zeros above, one fewer
+        # below (likewise for columns); the output keeps the input's size
+        input = F.pad(input, (k // 2, k // 2 - 1, k // 2, k // 2 - 1))
+        padding = 0
     if weight.shape[1] == 1 and weight.shape[0] == c:
-        return F.conv2d(input, weight, bias, padding=k // 2, groups=c)
-    out = F.conv2d(input.reshape(1, b * c, h, w), weight.reshape(b * c, 1, k, k),
-                   padding=k // 2, groups=b * c).reshape(b, c, h, w)
+        return F.conv2d(input, weight, bias, padding=padding, groups=c)
+    out = F.conv2d(input.reshape(1, b * c, *input.shape[2:]), weight.reshape(b * c, 1, k, k),
+                   padding=padding, groups=b * c).reshape(b, c, h, w)
     return out if bias is None else out + bias.view(1, c, 1, 1)
 
 
+# Per-sample kernels on maps at least this large run as one oneDNN depth-wise convolution
+# per sample (fastest there); smaller maps, where per-call overhead dominates, run the
+# compiled kernel over the whole batch at once.
+_PER_SAMPLE_ONEDNN_MIN_PIXELS = 400
+
+
+def _per_sample(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Channels-last depth-wise convolution of each sample with its own (C, K, K) kernels."""
+    b, c, h, w = x.shape
+    k = weight.shape[-1]
+    if h * w >= _PER_SAMPLE_ONEDNN_MIN_PIXELS:
+        return torch.cat([
+            F.conv2d(x[i:i + 1], weight[i].unsqueeze(1), bias, padding=k // 2, groups=c)
+            for i in range(b)
+        ])
+    taps = weight.reshape(b, c, k * k).transpose(1, 2).contiguous()  # (B, K*K, C)
+    return cpu_extension.load().depthwise_conv2d(
+        x, taps, None if bias is None else bias.contiguous(), k)
+
+
 class _DepthwiseConv2dCPU(torch.autograd.Function):
-    """Static kernels: forward and input gradient are oneDNN's channels-last depth-wise
-    convolutions (fast on CPU); the kernel gradient, slow in PyTorch, is the compiled
-    kernel. Per-sample kernels: all three are compiled kernels."""
+    """Forward and input gradient are oneDNN's channels-last depth-wise convolutions (fast
+    on CPU; per sample for per-sample kernels, or the compiled kernel on small maps); the
+    kernel gradient, slow in PyTorch, is the compiled kernel."""
 
     @staticmethod
     def forward(ctx, input: Tensor, weight: Tensor, bias: Optional[Tensor],
                 shared: bool) -> Tensor:
-        ops = cpu_extension.load()
-        k = weight.shape[-1]
-        c = input.shape[1]
+        k, c = weight.shape[-1], input.shape[1]
         x = input.contiguous(memory_format=torch.channels_last)
-        ctx.kernel_size, ctx.shared, ctx.has_bias = k, shared, bias is not None
-        ctx.weight_shape = weight.shape
+        ctx.save_for_backward(x, weight)
+        ctx.shared, ctx.has_bias = shared, bias is not None
         if shared:
-            ctx.save_for_backward(x, weight)
             return F.conv2d(x, weight, bias, padding=k // 2, groups=c)
-        # (B, C, K, K) per sample -> (B, K*K, C), the layout of the compiled kernels
-        taps = weight.reshape(weight.shape[0], c, k * k).transpose(1, 2).contiguous()
-        ctx.save_for_backward(x, taps)
-        return ops.depthwise_conv2d(x, taps, None if bias is None else bias.contiguous(), k)
+        return _per_sample(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        ops = cpu_extension.load()
-        x, kernels = ctx.saved_tensors
-        k, c = ctx.kernel_size, x.shape[1]
+        x, weight = ctx.saved_tensors
+        k, c = weight.shape[-1], x.shape[1]
         g = grad_output.contiguous(memory_format=torch.channels_last)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             # the adjoint of a zero-padded odd-K correlation is the same correlation with
             # the kernel rotated by 180 degrees
-            if ctx.shared:
-                grad_input = F.conv2d(g, kernels.flip(-1, -2), None, padding=k // 2, groups=c)
-            else:
-                grad_input = ops.depthwise_conv2d(g, kernels.flip(1).contiguous(), None, k)
+            flipped = weight.flip(-1, -2)
+            grad_input = (F.conv2d(g, flipped, None, padding=k // 2, groups=c)
+                          if ctx.shared else _per_sample(g, flipped, None))
         if ctx.needs_input_grad[1]:
-            per_sample = ops.depthwise_conv2d_weight_grad(g, x, k)  # (B, K*K, C)
+            per_sample = cpu_extension.load().depthwise_conv2d_weight_grad(g, x, k)
             if ctx.shared:
                 per_sample = per_sample.sum(0, keepdim=True)
-            grad_weight = per_sample.transpose(1, 2).reshape(ctx.weight_shape)
+            grad_weight = per_sample.transpose(1, 2).reshape(weight.shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum((0, 2, 3))
         return grad_input, grad_weight, grad_bias, None

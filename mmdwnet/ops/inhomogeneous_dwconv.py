@@ -4,7 +4,12 @@
 with zeros outside the feature map, for weights ``w`` of shape (B, G, K, K, H, W).
 
 The reference implementation of the paper ships this as a CUDA-only CuPy kernel; the usual
-portable rewrite unfolds the input into a K*K-times larger tensor. Here the sum runs over the
+portable rewrite unfolds the input into a K*K-times larger tensor. On CPU (float32/float64)
+compiled kernels do the work (``csrc/inhomogeneous_dwconv_cpu.cpp``, see
+:mod:`mmdwnet.ops.cpu_extension`): one task per (sample, group) plane streams that plane's
+K*K kernel maps once while the group's channels stay in cache. On CUDA Triton kernels do
+(:mod:`mmdwnet.ops.triton_idwconv`). Elsewhere (CPU float16/bfloat16, no compiler, no
+Triton) the PyTorch implementation below runs: the sum runs over the
 K*K kernel offsets instead, each one an in-place multiply-add of the overlapping parts of the
 output and the shifted input (no padding, no unfold), so the forward pass allocates its output
 and, for float16/bfloat16, float32 buffers for a sixteenth of it at a time. The backward pass
@@ -12,12 +17,13 @@ is written out by hand for the same reason. The three pieces are registered with
 ``torch.library.custom_op`` so that tracers, ``torch.compile`` and FLOP counters see one named
 operator.
 """
+import warnings
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from . import cpu_extension
+from . import cpu_extension, triton_idwconv
 
 __all__ = ['inhomogeneous_dwconv2d', 'InhomogeneousDWConv2d']
 
@@ -102,8 +108,28 @@ def _compiled(*tensors: Tensor):
     return cpu_extension.load()
 
 
+_triton_failed = []
+
+
+def _triton(fn, *args):
+    """Run a Triton kernel of :mod:`triton_idwconv` when it applies (CUDA tensors); None
+    if it does not or fails (with a one-time warning), so the caller falls back."""
+    if _triton_failed or not triton_idwconv.available(args[0]):
+        return None
+    try:
+        return fn(*args)
+    except Exception as e:  # e.g. no compiler for the GPU: keep working, say so once
+        _triton_failed.append(e)
+        warnings.warn(f'mmdwnet: the Triton I-D-DW kernels failed ({type(e).__name__}: '
+                      f'{e}); using the PyTorch implementation from now on')
+        return None
+
+
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d', mutates_args=())
 def _forward(input: Tensor, weight: Tensor) -> Tensor:
+    out = _triton(triton_idwconv.forward, input, weight)
+    if out is not None:
+        return out
     ops = _compiled(input)
     if ops is not None:
         return ops.inhomogeneous_dwconv2d(input.contiguous(), weight.contiguous())
@@ -119,6 +145,9 @@ _forward.register_fake(_like_first)
 
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_input', mutates_args=())
 def _grad_input(grad_output: Tensor, weight: Tensor) -> Tensor:
+    out = _triton(triton_idwconv.forward, grad_output, weight, True)
+    if out is not None:
+        return out
     ops = _compiled(grad_output)
     if ops is not None:
         return ops.inhomogeneous_dwconv2d_grad_input(grad_output.contiguous(),
@@ -132,6 +161,9 @@ _grad_input.register_fake(_like_first)
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_weight', mutates_args=())
 def _grad_weight(grad_output: Tensor, input: Tensor, groups: int,
                  kernel_size: int) -> Tensor:
+    out = _triton(triton_idwconv.weight_grad, grad_output, input, groups, kernel_size)
+    if out is not None:
+        return out
     ops = _compiled(input)
     if ops is not None:
         return ops.inhomogeneous_dwconv2d_grad_weight(grad_output.contiguous(),

@@ -186,3 +186,43 @@ def test_registered_custom_ops_pass_opcheck():
     torch.library.opcheck(ops.inhomogeneous_dwconv2d_grad_input.default, (grad, weight.detach()))
     torch.library.opcheck(ops.inhomogeneous_dwconv2d_grad_weight.default,
                           (grad, x.detach(), 4, 3))
+
+
+def test_compiled_and_pytorch_paths_agree(monkeypatch):
+    """The compiled CPU kernels and the PyTorch implementation (the GPU / fallback path)
+    compute the same forward and gradients at the stage-1 shape."""
+    from mmdwnet.ops import cpu_extension
+    assert cpu_extension.load() is not None, cpu_extension.error()
+    x, weight = _pair(2, 96, 32, 7, 56, 56)
+    x.requires_grad_()
+    weight.requires_grad_()
+    grad = torch.randn_like(x)
+    results = []
+    for flag in ('1', '0'):
+        monkeypatch.setenv('MMDWNET_CPU_EXTENSION', flag)
+        y = inhomogeneous_dwconv2d(x, weight)
+        results.append((y, *torch.autograd.grad(y, (x, weight), grad)))
+    for compiled, fallback in zip(*results):
+        torch.testing.assert_close(compiled, fallback, atol=1e-4, rtol=1e-4)
+    # and the PyTorch path is exact in float64
+    x64, w64 = _pair(2, 6, 3, 3, 5, 7, dtype=torch.float64)
+    assert torch.autograd.gradcheck(inhomogeneous_dwconv2d,
+                                    (x64.requires_grad_(), w64.requires_grad_()))
+
+
+def test_forward_backward_peak_memory_is_a_fifth_of_unfold():
+    """tools/benchmark_op.py's peak-memory measurement (fresh processes) at the stage-1
+    shape with B=2: forward + backward within 1/5 of the unfold implementation's."""
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), 'tools', 'benchmark_op.py')
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
+    peaks = {}
+    for impl in ('mmdwnet', 'unfold'):
+        out = subprocess.run([sys.executable, tool, '--peak-of', impl, '--batch-size', '2',
+                              '--threads', '1'], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        peaks[impl] = float(out.stdout.strip().splitlines()[-1])
+    # the operator needs little more than the gradients themselves: grad of the kernels
+    # (2*32*49*56*56 floats = 38.4 MiB) and of the input and the output (2.3 MiB each)
+    assert peaks['mmdwnet'] < 60, peaks
+    assert peaks['mmdwnet'] * 5 <= peaks['unfold'], peaks

@@ -48,3 +48,38 @@ def test_mim_train(data_root, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert 'Training finished successfully' in result.stdout + result.stderr
     assert osp.isfile(tmp_path / 'work' / 'epoch_2.pth')
+
+
+def test_mmpretrain_reparameterize_tool_folds_batchnorm(tmp_path):
+    """mmpretrain's stock reparameterize_model.py calls DWNet.switch_to_deploy(); the saved
+    checkpoint loads into a deploy=True model that gives the original logits."""
+    import torch
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+
+    from mmdwnet.utils import imagenet_classifier_cfg
+    init_default_scope('mmpretrain')
+    model = MODELS.build(imagenet_classifier_cfg('tiny', 'ddw')).eval()
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, tmp_path / 'cls.pth')
+    tool = osp.join(osp.dirname(mmpretrain.__file__), '.mim', 'tools', 'model_converters',
+                    'reparameterize_model.py')
+    config = osp.join(ROOT, 'configs', 'mmpretrain', 'ddwconv_t_8xb128_in1k.py')
+    result = subprocess.run([sys.executable, tool, config, str(tmp_path / 'cls.pth'),
+                             str(tmp_path / 'deploy.pth')], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    cfg = imagenet_classifier_cfg('tiny', 'ddw')
+    cfg['backbone']['deploy'] = True
+    deployed = MODELS.build(cfg).eval()
+    state = torch.load(tmp_path / 'deploy.pth', weights_only=True)['state_dict']
+    deployed.load_state_dict(state, strict=True)
+    assert not any(k.endswith('norm1.running_mean') for k in state)
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x, mode='tensor'), model(x, mode='tensor'),
+                                   atol=1e-4, rtol=0)

@@ -376,3 +376,43 @@ def test_bad_inputs():
         model(torch.randn(1, 3, 64, 64).numpy())
     gray = DWNet('tiny', in_channels=1).eval()
     assert gray(torch.randn(1, 1, 32, 32))[0].shape == (1, 768, 1, 1)
+
+
+@pytest.mark.parametrize('conv_type', ['dw', 'ddw', 'iddw'])
+def test_switch_to_deploy_folds_batchnorm(conv_type, tmp_path):
+    """Folded BatchNorms give the same outputs (1e-4), no block BatchNorm is left, and the
+    folded weights load into a model built with deploy=True."""
+    model = DWNet('tiny', conv_type, out_indices=(0, 1, 2, 3)).eval()
+    _randomise_bn_stats(model)
+    for m in model.modules():
+        if isinstance(m, DynamicDWConv):
+            m.bias.data.uniform_(-0.2, 0.2)  # the folded output norm changes this bias
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        expected = model(x)
+        model.switch_to_deploy()
+        model.switch_to_deploy()  # idempotent
+        folded = model(x)
+    for e, f in zip(expected, folded):
+        torch.testing.assert_close(f, e, atol=1e-4, rtol=0)
+    norms = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    # I-D-DW kernels are shared by the channels of a group: its output norm stays
+    assert norms == ([f'stages.{i}.blocks.{j}.norm2' for i, d in enumerate(model.depths)
+                      for j in range(d)] if conv_type == 'iddw' else [])
+    expected_params = {'dw': 23_378_592, 'ddw': 50_336_496, 'iddw': 25_456_752}[conv_type]
+    assert _num_params(model) == expected_params
+    deployed = DWNet('tiny', conv_type, out_indices=(0, 1, 2, 3), deploy=True).eval()
+    deployed.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        for e, d in zip(expected, deployed(x)):
+            torch.testing.assert_close(d, e, atol=1e-4, rtol=0)
+
+
+def test_switch_to_deploy_keeps_other_norms():
+    model = DWNet('tiny', 'dw', norm_cfg=dict(type='GN', num_groups=8)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)[0]
+        model.switch_to_deploy()
+        torch.testing.assert_close(model(x)[0], expected)
+    assert model.stages[0].blocks[0].norm1.__class__.__name__ == 'GroupNorm'

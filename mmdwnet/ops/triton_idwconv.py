@@ -1,0 +1,119 @@
+"""Triton kernels of the inhomogeneous dynamic depth-wise convolution for CUDA.
+
+One program computes a block of positions of one (sample, group) plane for all the group's
+channels: forward ``y[c, p] = sum_k w[k, p] * x[c, p + d_k]``, the input gradient
+``gx[c, p] = sum_k w[k, p - d_k] * gy[c, p - d_k]`` and the kernel gradient
+``gw[k, p] = sum_c gy[c, p] * x[c, p + d_k]``, with zeros outside the map, accumulating in
+float32 for every input dtype. Nothing is unfolded or padded, so memory is the output only.
+
+Used automatically for CUDA tensors when Triton is importable (it ships with the CUDA builds
+of torch); ``MMDWNET_TRITON=0`` or any failure falls back to the PyTorch implementation.
+The kernels are checked against that implementation on CPU through Triton's interpreter
+(``TRITON_INTERPRET=1``), so CI without a GPU still tests their logic.
+"""
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only torch builds
+    triton = None
+
+BLOCK = 128
+
+
+def available(t: Tensor) -> bool:
+    """Whether the Triton kernels run for tensor ``t``."""
+    if triton is None or os.environ.get('MMDWNET_TRITON', '1') == '0':
+        return False
+    return t.is_cuda or os.environ.get('TRITON_INTERPRET') == '1'
+
+
+if triton is not None:
+
+    @triton.jit
+    def _forward_kernel(x_ptr, w_ptr, y_ptr, H, W, CPG: tl.constexpr, K: tl.constexpr,
+                        TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr):
+        bg = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        plane = H * W
+        inside = offs < plane
+        h = offs // W
+        w = offs % W
+        pad = K // 2
+        x_base = x_ptr + bg.to(tl.int64) * CPG * plane
+        w_base = w_ptr + bg.to(tl.int64) * K * K * plane
+        y_base = y_ptr + bg.to(tl.int64) * CPG * plane
+        for c in tl.static_range(CPG):
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for i in tl.static_range(K):
+                for j in tl.static_range(K):
+                    if TRANSPOSED:  # gather form of the input gradient
+                        hh = h - (i - pad)
+                        ww = w - (j - pad)
+                    else:
+                        hh = h + (i - pad)
+                        ww = w + (j - pad)
+                    valid = inside & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                    src = hh * W + ww
+                    xv = tl.load(x_base + c * plane + src, mask=valid, other=0.)
+                    if TRANSPOSED:
+                        wv = tl.load(w_base + (i * K + j) * plane + src, mask=valid, other=0.)
+                    else:
+                        wv = tl.load(w_base + (i * K + j) * plane + offs, mask=valid, other=0.)
+                    acc += xv.to(tl.float32) * wv.to(tl.float32)
+            tl.store(y_base + c * plane + offs, acc.to(y_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _weight_grad_kernel(gy_ptr, x_ptr, gw_ptr, H, W, CPG: tl.constexpr, K: tl.constexpr,
+                            BLOCK: tl.constexpr):
+        bg = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        plane = H * W
+        inside = offs < plane
+        h = offs // W
+        w = offs % W
+        pad = K // 2
+        x_base = x_ptr + bg.to(tl.int64) * CPG * plane
+        gy_base = gy_ptr + bg.to(tl.int64) * CPG * plane
+        gw_base = gw_ptr + bg.to(tl.int64) * K * K * plane
+        for i in tl.static_range(K):
+            for j in tl.static_range(K):
+                hh = h + (i - pad)
+                ww = w + (j - pad)
+                valid = inside & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                acc = tl.zeros([BLOCK], dtype=tl.float32)
+                for c in tl.static_range(CPG):
+                    g = tl.load(gy_base + c * plane + offs, mask=valid, other=0.)
+                    xv = tl.load(x_base + c * plane + hh * W + ww, mask=valid, other=0.)
+                    acc += g.to(tl.float32) * xv.to(tl.float32)
+                tl.store(gw_base + (i * K + j) * plane + offs,
+                         acc.to(gw_ptr.dtype.element_ty), mask=inside)
+
+
+def _grid(b: int, groups: int, h: int, w: int):
+    return (b * groups, triton.cdiv(h * w, BLOCK))
+
+
+def forward(input: Tensor, weight: Tensor, transposed: bool = False) -> Tensor:
+    """``transposed=False``: the operator; ``True``: its input gradient, with ``input``
+    the output gradient."""
+    input, weight = input.contiguous(), weight.contiguous()
+    b, c, h, w = input.shape
+    groups, k = weight.shape[1], weight.shape[2]
+    out = torch.empty_like(input)
+    _forward_kernel[_grid(b, groups, h, w)](input, weight, out, h, w, CPG=c // groups, K=k,
+                                            TRANSPOSED=transposed, BLOCK=BLOCK)
+    return out
+
+
+def weight_grad(grad_output: Tensor, input: Tensor, groups: int, kernel_size: int) -> Tensor:
+    grad_output, input = grad_output.contiguous(), input.contiguous()
+    b, c, h, w = input.shape
+    out = input.new_empty(b, groups, kernel_size, kernel_size, h, w)
+    _weight_grad_kernel[_grid(b, groups, h, w)](grad_output, input, out, h, w,
+                                                CPG=c // groups, K=kernel_size, BLOCK=BLOCK)
+    return out

@@ -1,0 +1,89 @@
+"""The depth-wise convolution with shared or per-sample kernels: compiled CPU kernels
+against PyTorch's convolution, gradients, and the fallback path."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmdwnet.ops import DepthwiseConv2d, cpu_extension, depthwise_conv2d
+
+
+def reference(x, weight, bias=None):
+    """PyTorch's grouped convolution; per-sample kernels one sample at a time."""
+    k = weight.shape[-1]
+    if weight.shape[1] == 1:
+        return F.conv2d(x, weight, bias, padding=k // 2, groups=x.shape[1])
+    return torch.cat([
+        F.conv2d(x[i:i + 1], weight[i].unsqueeze(1), bias, padding=k // 2, groups=x.shape[1])
+        for i in range(x.shape[0])
+    ])
+
+
+def _inputs(b, c, h, w, k, shared, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h, w, generator=gen, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    weight = torch.randn(*((c, 1) if shared else (b, c)), k, k, generator=gen, dtype=dtype)
+    bias = torch.randn(c, generator=gen, dtype=dtype)
+    return x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
+
+
+def test_compiled_kernels_build_here():
+    # CI and the project machines have a compiler: the fast path must be the tested one
+    assert cpu_extension.load() is not None, cpu_extension.error()
+
+
+@pytest.mark.parametrize('shared', [True, False])
+# (1, 68, ...): more channels than the kernel-gradient's 64-channel blocks
+@pytest.mark.parametrize('shape', [(2, 5, 6, 7, 3), (1, 20, 5, 6, 7), (1, 68, 3, 3, 3)])
+def test_gradcheck_float64(shared, shape):
+    b, c, h, w, k = shape
+    x, weight, bias = _inputs(b, c, h, w, k, shared, torch.float64)
+    torch.testing.assert_close(depthwise_conv2d(x, weight, bias), reference(x, weight, bias))
+    assert torch.autograd.gradcheck(depthwise_conv2d, (x, weight, bias))
+
+
+@pytest.mark.parametrize('shared', [True, False])
+@pytest.mark.parametrize('c,size', [(96, 56), (384, 14), (768, 7)])
+def test_float32_stage_shapes_match_pytorch(shared, c, size):
+    """Forward and all gradients at DWNet's stage shapes (K=7)."""
+    x, weight, bias = _inputs(2, c, size, size, 7, shared)
+    grad = torch.randn(2, c, size, size).contiguous(memory_format=torch.channels_last)
+    outs = []
+    for fn in (depthwise_conv2d, reference):
+        y = fn(x, weight, bias)
+        outs.append((y, *torch.autograd.grad(y, (x, weight, bias), grad)))
+    for ours, theirs in zip(*outs):
+        # kernel gradients sum B*H*W products: float32 rounding differs with the order
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(ours, theirs, atol=1e-5 * max(scale, 1.0), rtol=1e-4)
+
+
+def test_fallback_path_agrees(monkeypatch):
+    """Without the extension (or for inputs it does not take) the same function is
+    computed by PyTorch's convolution."""
+    x, weight, bias = _inputs(2, 12, 10, 9, 7, shared=False)
+    compiled = depthwise_conv2d(x, weight, bias)
+    monkeypatch.setenv('MMDWNET_CPU_EXTENSION', '0')
+    torch.testing.assert_close(depthwise_conv2d(x, weight, bias), compiled)
+    monkeypatch.delenv('MMDWNET_CPU_EXTENSION')
+    # NCHW-contiguous input and an even kernel take the PyTorch path
+    torch.testing.assert_close(depthwise_conv2d(x.contiguous(), weight, bias), compiled,
+                               atol=1e-5, rtol=1e-5)
+    # even K keeps the size: tap i reads row h + i - K // 2
+    x4, w4, _ = _inputs(1, 3, 10, 9, 4, shared=True)
+    y = depthwise_conv2d(x4, w4)
+    assert y.shape == (1, 3, 10, 9)
+    expected = sum(w4[1, 0, i, j] * x4[0, 1, 5 + i - 2, 0 + j - 2]
+                   for i in range(4) for j in range(4) if 0 <= 0 + j - 2)
+    torch.testing.assert_close(y[0, 1, 5, 0], expected)
+
+
+def test_module_is_a_conv2d_and_checks_shapes():
+    module = DepthwiseConv2d(8, 7)
+    plain = torch.nn.Conv2d(8, 8, 7, padding=3, groups=8)
+    assert module.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(module.state_dict())
+    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(module(x), plain(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r'`weight` must be \(C, 1, K, K\) or \(B, C, K, K\)'):
+        depthwise_conv2d(x, torch.randn(3, 8, 7, 7))
