@@ -13,8 +13,9 @@ from mmengine.config import Config
 
 from mmdwnet.converters.official import target_config
 from mmdwnet.utils.complexity import model_complexity
-from mmdwnet.utils.model_zoo import (METAFILES, README_END, README_START, load_models,
-                                     render_model_zoo, update_readme)
+from mmdwnet.utils.model_zoo import (ABLATIONS_END, ABLATIONS_START, METAFILES, README_END,
+                                     README_START, input_size, load_models,
+                                     render_ablations, render_model_zoo, update_readme)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 MODELS = load_models(ROOT)
@@ -33,10 +34,11 @@ def _size(text):
 
 
 def test_every_config_has_one_entry():
-    configs = sorted(osp.relpath(p, ROOT) for task in ('mmdet', 'mmseg', 'mmpretrain')
+    configs = sorted(osp.relpath(p, ROOT) for task in ('mmdet', 'mmseg', 'mmpretrain',
+                                                         'mmpretrain/ablations')
                      for p in glob.glob(osp.join(ROOT, 'configs', task, '*.py')))
     assert sorted(m['Config'] for m in MODELS) == configs
-    assert len(BY_NAME) == len(MODELS) == 18
+    assert len(BY_NAME) == len(MODELS) == 18 + 7
     for m in MODELS:
         assert m['Name'] == osp.splitext(osp.basename(m['Config']))[0]
         assert m['Results'] and all(r['Metrics'] for r in m['Results'])
@@ -47,7 +49,7 @@ def test_model_index_loads_with_modelindex():
     index = load(osp.join(ROOT, 'model-index.yml'))
     assert sorted(m.name for m in index.models) == sorted(BY_NAME)
     assert {c.name for c in index.collections} == {
-        'DWNet', 'Cascade Mask R-CNN DWNet', 'UPerNet DWNet'}
+        'DWNet', 'Cascade Mask R-CNN DWNet', 'UPerNet DWNet', 'DWNet Ablations'}
 
 
 def test_mim_search_lists_every_config():
@@ -65,23 +67,29 @@ def test_mim_search_lists_every_config():
 
 
 @pytest.mark.parametrize('name', [
-    *REFERENCE_GMACS, 'cascade_dwconv_t_3x', 'upernet_iddwconv_t_512x512_160k_ade20k'])
+    *REFERENCE_GMACS, 'cascade_dwconv_t_3x', 'iddwconv_t_dw_8xb128_in1k',
+    'dwconv_t_k12_384px_ft'])
 def test_flops_are_counted(name):
     """FLOPs recounted equal the metafile's; classifiers within 3% of the reference code's
     counter (the I-D-DW operator is counted by mmdwnet's rule, invisible to mmengine's)."""
     meta = BY_NAME[name]['Metadata']
-    row = model_complexity(Config.fromfile(osp.join(ROOT, BY_NAME[name]['Config'])))
+    row = model_complexity(Config.fromfile(osp.join(ROOT, BY_NAME[name]['Config'])),
+                           input_size(BY_NAME[name]))
     assert row['flops'] == meta['FLOPs'] and row['params'] == meta['Parameters']
     if name in REFERENCE_GMACS:
         assert abs(row['flops'] / 1e9 / REFERENCE_GMACS[name] - 1) < 0.03
 
 
 def test_numbers_agree_with_the_paper():
-    """Counted parameters within 1M and FLOPs within 3% of the paper's rounded figures."""
+    """Counted parameters within 1M and FLOPs within 3% of the paper's rounded figures
+    (where the paper gives them: every main model, some ablations)."""
     for m in MODELS:
         meta = m['Metadata']
-        assert abs(meta['Parameters'] - _size(meta['Paper Parameters'])) <= 1e6, m['Name']
-        assert abs(meta['FLOPs'] / _size(meta['Paper FLOPs']) - 1) < 0.03, m['Name']
+        if 'Paper Parameters' in meta:
+            assert abs(meta['Parameters'] - _size(meta['Paper Parameters'])) <= 1e6, m['Name']
+        if 'Paper FLOPs' in meta:
+            assert abs(meta['FLOPs'] / _size(meta['Paper FLOPs']) - 1) < 0.03, m['Name']
+    assert sum('Paper Parameters' in m['Metadata'] for m in MODELS) == 18 + 5
 
 
 def test_authors_checkpoints_match_the_converter():
@@ -110,14 +118,21 @@ def test_readme_is_rendered_from_the_metafiles(tmp_path):
                              check=True), 'run: python tools/model_zoo.py readme'
     body = render_model_zoo(MODELS)
     assert '| I-D-DW-B | 80,253,608 | 14.37G | 80M / 14.3G | 244.9 | 83.4 | - |' in body
+    assert 'ablations/' not in body  # the ablations have their own section
+    assert not update_readme(osp.join(ROOT, 'README.md'), render_ablations(MODELS), check=True,
+                             start=ABLATIONS_START, end=ABLATIONS_END)
+    assert '| Table 6 | I-D-DW-T + DW |' in render_ablations(MODELS)
     # the tool's --check fails on a stale README and rewrites it otherwise
     stale = tmp_path / 'README.md'
-    stale.write_text(f'# x\n{README_START}\nold table\n{README_END}\n')
+    stale.write_text(f'# x\n{README_START}\nold table\n{README_END}\n'
+                     f'{ABLATIONS_START}\nold\n{ABLATIONS_END}\n')
     tool = [sys.executable, osp.join(ROOT, 'tools', 'model_zoo.py'), 'readme', '--readme',
             str(stale)]
     result = subprocess.run(tool + ['--check'], capture_output=True, text=True)
     assert result.returncode == 1 and 'out of date' in result.stderr
     result = subprocess.run(tool, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert stale.read_text() == f'# x\n{README_START}\n{body}\n{README_END}\n'
-    assert os.path.getsize(stale) > 1000 and len(METAFILES) == 3
+    assert stale.read_text() == (f'# x\n{README_START}\n{body}\n{README_END}\n'
+                                 f'{ABLATIONS_START}\n{render_ablations(MODELS)}\n'
+                                 f'{ABLATIONS_END}\n')
+    assert os.path.getsize(stale) > 1000 and len(METAFILES) == 4

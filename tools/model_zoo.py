@@ -11,8 +11,9 @@ import argparse
 import os.path as osp
 import sys
 
-from mmdwnet.utils.model_zoo import (REPO_ROOT, load_models, render_model_zoo,
-                                     update_complexity, update_readme)
+from mmdwnet.utils.model_zoo import (ABLATIONS_END, ABLATIONS_START, REPO_ROOT, load_models,
+                                     render_ablations, render_model_zoo, update_complexity,
+                                     update_readme)
 
 
 def parse_args():
@@ -36,8 +37,11 @@ def main():
         print(f'updated {len(updated)} metafile entries; now run: '
               'python tools/model_zoo.py readme')
         return
+    models = load_models()
     try:
-        changed = update_readme(args.readme, render_model_zoo(load_models()), check=args.check)
+        changed = update_readme(args.readme, render_model_zoo(models), check=args.check)
+        changed |= update_readme(args.readme, render_ablations(models), check=args.check,
+                                 start=ABLATIONS_START, end=ABLATIONS_END)
     except ValueError as e:
         sys.exit(f'error: {e}')
     if args.check and changed:

@@ -11,6 +11,7 @@ machines sharing a cache do not share a wrong build. If it cannot be built (no c
 a warning says why and the operator runs its PyTorch implementation.
 Set ``MMDWNET_CPU_EXTENSION=0`` to use the PyTorch implementation deliberately.
 """
+import logging
 import os
 import os.path as osp
 import threading
@@ -49,6 +50,8 @@ def load(verbose: bool = False):
         if not _state['tried']:
             _state['tried'] = True
             try:
+                # it warns on import that no CUDA runtime exists on CPU-only machines
+                logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
                 from torch.utils.cpp_extension import load as load_extension
                 suffix, flags = _arch_flags()
                 load_extension(

@@ -14,6 +14,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from contextlib import nullcontext
 from copy import deepcopy
@@ -291,7 +292,7 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
                     textcoords='offset points', xytext=(4, 4), fontsize=8)
     ax.set_xlabel('parameters (M)')
     ax.set_ylabel('inference throughput (img/s)')
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 80), fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -8,16 +8,16 @@ from PIL import Image
 
 
 def test_benchmark_side_by_side(tmp_path):
-    out = run_tool('benchmark.py', 'dwconv_t', 'ddwconv_t', 'swin_t', '--batch-size', '2',
+    out = run_tool('benchmark.py', 'ddwconv_t', 'swin_t', '--batch-size', '2',
                    '--img-size', '64', '--repeats', '2', '--warmup', '1', '--json',
                    str(tmp_path / 'rows.json'), '--plot', str(tmp_path / 'plot.png'))
     rows = json.loads((tmp_path / 'rows.json').read_text())
-    assert [r['model'] for r in rows] == ['dwconv_t', 'ddwconv_t', 'swin_t']
+    assert [r['model'] for r in rows] == ['ddwconv_t', 'swin_t']
     by_name = {r['model']: r for r in rows}
-    assert by_name['dwconv_t']['params'] == 24_172_744
+    assert by_name['ddwconv_t']['params'] == 51_131_752
     assert by_name['swin_t']['params'] == 28_288_354  # mmpretrain's Swin-T, 1000 classes
     assert by_name['swin_t']['speedup'] == 1.0 and by_name['swin_t']['train_speedup'] == 1.0
-    assert by_name['dwconv_t']['fused'] and not by_name['swin_t']['fused']
+    assert by_name['ddwconv_t']['fused'] and not by_name['swin_t']['fused']
     for r in rows:
         assert r['img_per_s'] > 0 and r['train_step_s'] > 0
         assert r['peak_mem_mb'] > 0 and r['infer_peak_mem_mb'] >= 0

@@ -158,6 +158,37 @@ class InhomogeneousDynamicDWConv(BaseModule):
             self.norm = nn.Identity()
 
 
+class ChannelSharedDWConv(BaseModule):
+    """Static depth-wise convolution whose K x K kernel is shared inside groups of
+    consecutive channels (the paper's Table 4 "sharing across channels and positions",
+    with as many groups as Swin has attention heads); the bias stays per channel.
+
+    Args:
+        channels (int): Input and output channels C.
+        kernel_size (int): Kernel size K.
+        groups (int): Kernels G; each is shared by C / G channels.
+        init_cfg (dict, optional): Initialization config. Defaults to None.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, groups: int,
+                 init_cfg: Optional[Dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        if groups < 1 or channels % groups:
+            raise ValueError(f'ChannelSharedDWConv: `groups` must divide the {channels} '
+                             f'channels, got {groups!r}')
+        self.channels, self.groups = channels, groups
+        self.weight = nn.Parameter(torch.empty(groups, 1, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(channels))
+        # nn.Conv2d's default initialisation for a depth-wise kernel (fan-in K*K)
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        bound = 1 / kernel_size
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight.repeat_interleave(self.channels // self.groups, dim=0)
+        return depthwise_conv2d(x, weight, self.bias)
+
+
 class DWBlock(BaseModule):
     """One DWNet block: a depth-wise convolution half and an FFN half, each residual.
 
@@ -175,6 +206,14 @@ class DWBlock(BaseModule):
         norm_cfg (dict): Norm layers of the block. Defaults to ``dict(type='BN')``.
         act_cfg (dict): Activation of the FFN. Defaults to ``dict(type='GELU')``.
         with_cp (bool): Use gradient checkpointing. Defaults to False.
+        se_ratio (int, optional): Ablation (Table 15): a squeeze-and-excitation layer
+            (MMPretrain's ``SELayer``, squeeze channels C / ``se_ratio`` rounded up to a
+            multiple of 8) after the depth-wise operator's norm and ReLU. Defaults to None.
+        extra_dw (bool): Ablation (Table 6, I-D-DW + DW): a residual static depth-wise
+            convolution with a norm in front, ``x + DW(norm(x))``, between the two halves,
+            as Shuffle Transformer's neighbour-window connection. Defaults to False.
+        shared_kernel_groups (int, optional): Ablation (Table 4): ``'dw'`` kernels shared
+            by groups of channels, this many groups. Defaults to None (one per channel).
         init_cfg (dict, optional): Initialization config. Defaults to None.
     """
 
@@ -188,12 +227,20 @@ class DWBlock(BaseModule):
                  norm_cfg: Dict = dict(type='BN'),
                  act_cfg: Dict = dict(type='GELU'),
                  with_cp: bool = False,
+                 se_ratio: Optional[int] = None,
+                 extra_dw: bool = False,
+                 shared_kernel_groups: Optional[int] = None,
                  init_cfg: Optional[Dict] = None):
         super().__init__(init_cfg=init_cfg)
         self.with_cp = with_cp
         self.pw_conv1 = nn.Conv2d(embed_dims, embed_dims, 1, bias=False)
         self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
-        if conv_type == 'dw':
+        if shared_kernel_groups is not None:
+            if conv_type != 'dw':
+                raise ValueError('DWBlock: `shared_kernel_groups` applies to conv_type '
+                                 f"'dw' only, got conv_type={conv_type!r}")
+            self.dw_conv = ChannelSharedDWConv(embed_dims, kernel_size, shared_kernel_groups)
+        elif conv_type == 'dw':
             self.dw_conv = DepthwiseConv2d(embed_dims, kernel_size)
         elif conv_type == 'ddw':
             self.dw_conv = DynamicDWConv(embed_dims, kernel_size, norm_cfg=norm_cfg)
@@ -204,10 +251,19 @@ class DWBlock(BaseModule):
             raise ValueError(f'DWBlock: `conv_type` must be one of {CONV_TYPES}, '
                              f'got {conv_type!r}')
         self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.se = None
+        if se_ratio is not None:
+            from mmpretrain.models.utils import SELayer
+            self.se = SELayer(embed_dims, ratio=se_ratio)
         self.pw_conv2 = nn.Conv2d(embed_dims, embed_dims, 1, bias=False)
         self.norm3 = build_norm_layer(norm_cfg, embed_dims)[1]
         self.act = nn.ReLU(inplace=True)
         self.drop_path = build_dropout(dict(type='DropPath', drop_prob=drop_path_rate))
+
+        self.extra_dw = extra_dw
+        if extra_dw:
+            self.local_norm = build_norm_layer(norm_cfg, embed_dims)[1]
+            self.local_conv = DepthwiseConv2d(embed_dims, kernel_size)
 
         self.ffn_norm = build_norm_layer(norm_cfg, embed_dims)[1]
         self.ffn = FFN(
@@ -223,8 +279,12 @@ class DWBlock(BaseModule):
         def _inner_forward(x):
             y = self.act(self.norm1(self.pw_conv1(x)))
             y = self.act(self.norm2(self.dw_conv(y)))
+            if self.se is not None:
+                y = self.se(y)
             y = self.norm3(self.pw_conv2(y))
             x = x + self.drop_path(y)
+            if self.extra_dw:
+                x = x + self.local_conv(self.local_norm(x))
             # the FFN works on (B, H, W, C); the identity is added inside it
             y = self.ffn(self.ffn_norm(x).permute(0, 2, 3, 1), identity=x.permute(0, 2, 3, 1))
             return y.permute(0, 3, 1, 2)
@@ -248,8 +308,9 @@ class DWBlock(BaseModule):
         elif isinstance(self.dw_conv, DynamicDWConv):
             if self.dw_conv.switch_to_deploy(self.norm2):
                 self.norm2 = nn.Identity()
-        else:
+        elif isinstance(self.dw_conv, InhomogeneousDynamicDWConv):
             self.dw_conv.switch_to_deploy()
+        # channel-shared kernels cannot take a per-channel scale: norm2 stays
         if is_foldable(self.norm3):
             self.pw_conv2 = fold_bn_after(self.pw_conv2, self.norm3)
             self.norm3 = nn.Identity()
@@ -313,7 +374,10 @@ class DWNet(BaseModule):
         conv_type (str): ``'dw'`` static depth-wise, ``'ddw'`` homogeneous dynamic or
             ``'iddw'`` inhomogeneous dynamic. Defaults to 'dw'.
         in_channels (int): Input image channels. Defaults to 3.
-        kernel_size (int): Kernel size of the depth-wise operators (odd). Defaults to 7.
+        kernel_size (int): Kernel size K of the depth-wise operators. Defaults to 7. An
+            even K (the 12x12 kernels of the paper's 384-pixel fine-tuning, Table 14) keeps
+            the map size with K // 2 rows/columns of zero padding before and K // 2 - 1
+            after, so tap ``i`` reads offset ``i - K // 2``.
         mlp_ratio (float): FFN hidden width relative to the stage width. Defaults to 4.
         drop_path_rate (float): Stochastic depth rate, growing linearly over the blocks
             from 0 to this value. Defaults to 0.
@@ -329,6 +393,14 @@ class DWNet(BaseModule):
         norm_eval (bool): Keep every BatchNorm in eval mode during training.
             Defaults to False.
         with_cp (bool): Gradient checkpointing in every block. Defaults to False.
+        se_ratio (int, optional): Ablation (Table 15): squeeze-and-excitation after the
+            depth-wise operator, squeeze ratio ``se_ratio`` (16 in the ablation config).
+            Defaults to None.
+        extra_dw (bool): Ablation (Table 6, I-D-DW + DW): an extra residual depth-wise
+            convolution before every FFN, as in Shuffle Transformer. Defaults to False.
+        shared_kernel_groups (Sequence[int], optional): Ablation (Table 4): per stage, the
+            number of kernels shared by groups of channels of the ``'dw'`` operator (e.g.
+            Swin-T's heads ``[3, 6, 12, 24]``). Defaults to None (one kernel per channel).
         deploy (bool): Build the inference structure of :meth:`switch_to_deploy` (block
             BatchNorms folded into the convolution/linear layers), e.g. to load a
             checkpoint saved after switching. Defaults to False.
@@ -368,6 +440,9 @@ class DWNet(BaseModule):
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
+                 se_ratio: Optional[int] = None,
+                 extra_dw: bool = False,
+                 shared_kernel_groups: Optional[Sequence[int]] = None,
                  deploy: bool = False,
                  init_cfg: Optional[Union[Dict, Sequence[Dict]]] = default_init_cfg):
         super().__init__(init_cfg=deepcopy(init_cfg))
@@ -375,8 +450,8 @@ class DWNet(BaseModule):
             raise ValueError(f'DWNet: `conv_type` must be one of {CONV_TYPES}, '
                              f'got {conv_type!r}')
         arch = self._parse_arch(arch, conv_type)
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError('DWNet: `kernel_size` must be an odd positive int, '
+        if not isinstance(kernel_size, int) or kernel_size < 1:
+            raise ValueError('DWNet: `kernel_size` must be a positive int, '
                              f'got {kernel_size!r}')
         self.embed_dims = arch['embed_dims']
         self.depths = list(arch['depths'])
@@ -390,6 +465,18 @@ class DWNet(BaseModule):
                              f'{self.num_stages}], got {frozen_stages!r}')
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
+        if se_ratio is not None and (not isinstance(se_ratio, int) or se_ratio < 1):
+            raise ValueError(f'DWNet: `se_ratio` must be a positive int or None, '
+                             f'got {se_ratio!r}')
+        if shared_kernel_groups is not None:
+            groups = list(shared_kernel_groups)
+            if conv_type != 'dw' or len(groups) != self.num_stages or any(
+                    not isinstance(g, int) or g < 1 or c % g
+                    for g, c in zip(groups, self.channels)):
+                raise ValueError(
+                    f"DWNet: `shared_kernel_groups` needs conv_type='dw' and one int per "
+                    f'stage dividing its channels {self.channels}, got {shared_kernel_groups!r} '
+                    f'with conv_type={conv_type!r}')
 
         self.patch_embed = PatchEmbed(
             in_channels=in_channels,
@@ -409,7 +496,11 @@ class DWNet(BaseModule):
                 group_channels=arch['group_channels'][i],
                 mlp_ratio=mlp_ratio,
                 norm_cfg=norm_cfg,
-                with_cp=with_cp)
+                with_cp=with_cp,
+                se_ratio=se_ratio,
+                extra_dw=extra_dw,
+                shared_kernel_groups=None if shared_kernel_groups is None else
+                shared_kernel_groups[i])
             first = sum(self.depths[:i])
             self.stages.append(
                 DWStage(self.channels[i - 1] if i else channels, channels,

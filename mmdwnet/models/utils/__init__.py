@@ -1,3 +1,7 @@
 from .fuse_bn import bn_affine, fold_bn_after, fold_bn_before_linear, is_foldable
+from .norm import CenteringCalibratedBN
 
-__all__ = ['bn_affine', 'fold_bn_after', 'fold_bn_before_linear', 'is_foldable']
+__all__ = [
+    'bn_affine', 'fold_bn_after', 'fold_bn_before_linear', 'is_foldable',
+    'CenteringCalibratedBN'
+]

@@ -12,9 +12,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def is_foldable(norm: nn.Module) -> bool:
-    """BatchNorm (any flavour, SyncBN included) that tracks running statistics."""
-    return isinstance(norm, _BatchNorm) and norm.track_running_stats and \
-        norm.running_mean is not None
+    """BatchNorm (any flavour, SyncBN included) that tracks running statistics and is a
+    per-channel affine map in eval mode (not e.g. :class:`CenteringCalibratedBN`, which
+    sets ``foldable = False``)."""
+    return isinstance(norm, _BatchNorm) and getattr(norm, 'foldable', True) and \
+        norm.track_running_stats and norm.running_mean is not None
 
 
 def bn_affine(norm: _BatchNorm) -> Tuple[Tensor, Tensor]:

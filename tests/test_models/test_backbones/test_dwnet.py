@@ -359,7 +359,7 @@ def test_arch_dict():
      "got '3'"),
     (dict(frozen_stages=5), ValueError, r'`frozen_stages` must be an int in \[-1, 4\], got 5'),
     (dict(frozen_stages=-2), ValueError, r'`frozen_stages` must be an int in \[-1, 4\], got -2'),
-    (dict(kernel_size=6), ValueError, r'`kernel_size` must be an odd positive int, got 6'),
+    (dict(kernel_size=0), ValueError, r'`kernel_size` must be a positive int, got 0'),
 ])
 def test_bad_arguments(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
