@@ -44,4 +44,7 @@ def smoke_run_options(task: str, data_root: str) -> List[str]:
         'train_dataloader.dataset.pipeline.1.scale=64',
         'test_dataloader.dataset.pipeline.1.scale=72',
         'test_dataloader.dataset.pipeline.2.crop_size=64',
+        # the validation run at the end of training, too
+        'val_dataloader.dataset.pipeline.1.scale=72',
+        'val_dataloader.dataset.pipeline.2.crop_size=64',
     ]

@@ -11,9 +11,10 @@ for per-sample kernels on small maps; every compiled multiply-add is a vector op
 along the contiguous channel axis. Per-sample kernels need no folding of the batch into
 one grouped convolution in the NCHW layout. At DWNet's stage shapes (batch 16, 2 threads)
 forward + backward takes about half the time of PyTorch's channels-last convolution with
-static kernels and a third to a quarter with per-sample kernels. Elsewhere - GPU, other dtypes, even K, or when the extension
-cannot be built - it is ``F.conv2d`` with ``groups=C`` (per-sample kernels: one grouped
-convolution over the batch folded into channels).
+static kernels and a third to a quarter with per-sample kernels. Elsewhere - GPU, other
+dtypes, even K, or when the extension cannot be built - it is ``F.conv2d`` with
+``groups=C`` (per-sample kernels: one grouped convolution over the batch folded into
+channels).
 """
 from typing import Optional
 

@@ -24,7 +24,9 @@ IMAGENET_PARAMS = {
 }
 METAFILE_PARAMS = {m['Config']: m['Metadata']['Parameters']
                    for m in load_models(os.path.dirname(CONFIG_DIR))}
-CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, 'mm*', '*.py')))
+# DWNet configs (the Local MLP ablation's dense configs are tested with the ablations)
+CONFIGS = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, 'mm*', '*.py'))
+                 if 'localmlp' not in os.path.basename(p))
 
 
 def _model_key(path):

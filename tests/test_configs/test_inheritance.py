@@ -41,7 +41,7 @@ def test_regular_install(tmp_path):
     # the model zoo metadata travels with the configs (what `mim search` reads)
     from modelindex.load_model_index import load
     index = load(str(site / 'mmdwnet' / '.mim' / 'model-index.yml'))
-    assert len(index.models) == 18 + 7  # the ablations' configs travel too
+    assert len(index.models) == 18 + 12  # the ablations' configs travel too
     assert (site / 'mmdwnet' / '.mim' / 'configs' / 'mmpretrain' / 'ablations' /
             'dwconv_t_se_8xb128_in1k.py').is_file()
     assert (site / 'mmdwnet' / 'ops' / 'csrc' / 'depthwise_conv_cpu.cpp').is_file()

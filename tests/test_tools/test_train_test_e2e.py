@@ -43,7 +43,7 @@ def test_train_then_test(task, conv, data_root, tmp_path):
 
 
 @pytest.mark.parametrize('name', ['dwconv_t_se', 'dwconv_t_ln', 'dwconv_t_ccbn', 'iddwconv_t_dw',
-                                  'dwconv_t_sc'])
+                                  'dwconv_t_sc', 'localmlp_t'])
 def test_train_ablation(name, data_root, tmp_path):
     """Every ablation config trains through tools/train.py on the generated ImageNet and
     saves a checkpoint whose backbone carries the variant's parameters."""
@@ -51,18 +51,23 @@ def test_train_ablation(name, data_root, tmp_path):
     config = osp.join(ROOT, 'configs', 'mmpretrain', 'ablations', f'{name}_8xb128_in1k.py')
     work_dir = str(tmp_path / 'work')
     options = overrides('mmpretrain', data_root)
+    if name == 'localmlp_t':  # per-window weights for the smoke run's 64x64 windows
+        options += ['model.backbone.img_size=64', 'model.backbone.pad_small_map=True']
     run_tool('train.py', config, '--work-dir', work_dir, '--cfg-options', *options)
     state = torch.load(osp.join(work_dir, 'epoch_2.pth'), weights_only=True)['state_dict']
     marker = {'dwconv_t_se': 'blocks.0.se.conv1.conv.weight',
               'dwconv_t_ln': 'blocks.0.norm1.weight',
               'dwconv_t_ccbn': 'blocks.0.norm1.centering_weight',
               'iddwconv_t_dw': 'blocks.0.local_conv.weight',
-              'dwconv_t_sc': 'blocks.0.dw_conv.weight'}[name]
+              'dwconv_t_sc': 'blocks.0.dw_conv.weight',
+              'localmlp_t': 'blocks.0.attn.w_msa.mixing'}[name]
     assert f'backbone.stages.0.{marker}' in state
     if name == 'dwconv_t_ln':
         assert 'backbone.stages.0.blocks.0.norm1.running_mean' not in state
     if name == 'dwconv_t_sc':
         assert state[f'backbone.stages.0.{marker}'].shape == (3, 1, 7, 7)
+    if name == 'localmlp_t':  # 64 / 4 = 16 -> 3 x 3 windows of 7 (padded), 3 heads
+        assert state[f'backbone.stages.0.{marker}'].shape == (9, 3, 49, 49)
 
 
 def test_384_fine_tuning_chain(data_root, tmp_path):

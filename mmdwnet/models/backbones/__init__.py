@@ -1,3 +1,4 @@
 from .dwnet import DWNet
+from .local_mlp import LocalMLP
 
-__all__ = ['DWNet']
+__all__ = ['DWNet', 'LocalMLP']

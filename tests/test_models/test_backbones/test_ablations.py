@@ -23,6 +23,9 @@ ABLATIONS = {
     'dwconv_t_sc_8xb128_in1k': (23_963_122, 23.9e6),
     'dwconv_t_384px_ft': (24_172_744, 24e6),
     'dwconv_t_k12_384px_ft': (24_592_264, 25e6),
+    'localmlp_t_8xb128_in1k': (26_132_824, 26e6),
+    'localmlp_t_sw_8xb128_in1k': (24_274_450, 24.3e6),
+    'localmlp_b_8xb128_in1k': (78_485_032, 79e6),
 }
 
 
@@ -42,7 +45,9 @@ def test_ablation_builds_counts_and_trains(name):
     assert params == exact
     if paper is not None:
         assert abs(params - paper) <= 1e6
-    x = torch.randn(2, 3, 64, 64)
+    # per-window Local MLP weights exist for the 224x224 windows only
+    size = 224 if name.startswith('localmlp') else 64
+    x = torch.randn(2, 3, size, size)
     logits = model(x, mode='tensor')
     assert logits.shape == (2, 1000)
     F.cross_entropy(logits, torch.tensor([1, 2])).backward()
@@ -109,3 +114,39 @@ def test_centering_calibrated_bn_formula_and_deploy():
 def test_bad_ablation_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         DWNet('tiny', **{'conv_type': 'dw', **kwargs})
+
+
+def test_local_mlp_window_weights():
+    from mmdwnet.models.backbones.local_mlp import LocalMLP, WindowLocalMLP
+    model = LocalMLP('tiny')
+    msa = model.stages[0].blocks[1].attn.w_msa  # a shifted-window block
+    assert isinstance(msa, WindowLocalMLP) and msa.mixing.shape == (64, 3, 49, 49)
+    assert model.stages[3].blocks[0].attn.w_msa.mixing.shape == (1, 24, 49, 49)
+    assert not any('qkv' in n or 'relative_position' in n for n, _ in model.named_parameters())
+    # static weights: the output for one window is W @ v, independent of other windows
+    torch.nn.init.normal_(msa.mixing)
+    x = torch.randn(128, 49, 96)
+    out = msa(x)
+    v = msa.v(x).view(2, 64, 49, 3, 32)
+    expected = torch.einsum('hij,bjhd->bihd', msa.mixing[5], v[:, 5]).reshape(2, 49, 96)
+    torch.testing.assert_close(out.view(2, 64, 49, 96)[:, 5], msa.proj(expected))
+    # per-window weights need the training resolution; shared ones take any size
+    with pytest.raises(ValueError, match='share_windows=True'):
+        model(torch.randn(1, 3, 128, 128))
+    shared = LocalMLP('tiny', share_windows=True, pad_small_map=True, out_indices=(0, 1, 2, 3))
+    assert [o.shape[1:] for o in shared(torch.randn(1, 3, 96, 160))] == [
+        (96, 24, 40), (192, 12, 20), (384, 6, 10), (768, 3, 5)]
+
+
+@pytest.mark.parametrize('config,scope', [('mmdet/cascade_localmlp_t_3x.py', 'mmdet'),
+                                          ('mmseg/upernet_localmlp_t_512x512_160k_ade20k.py',
+                                           'mmseg')])
+def test_local_mlp_dense_configs_build(config, scope):
+    import importlib
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', config))
+    assert cfg.default_scope == scope
+    init_default_scope(scope)
+    model = importlib.import_module(f'{scope}.registry').MODELS.build(cfg.model)
+    assert type(model.backbone).__name__ == 'LocalMLP' and model.backbone.share_windows
+    params = sum(p.numel() for p in model.parameters())
+    assert params == {'mmdet': 81_615_900, 'mmseg': 55_927_958}[scope]
