@@ -18,7 +18,7 @@ import sys
 import torch
 
 import mmdwnet  # noqa: F401  (registers DWNet)
-from mmdwnet.utils.benchmark import (BASELINE, DTYPES, MODELS, add_ratios, format_table,
+from mmdwnet.utils.benchmark import (DTYPES, MODELS, add_ratios, format_table,
                                      machine_description, measure_memory, measure_speed, plot)
 from mmdwnet.utils.model_zoo import update_readme
 

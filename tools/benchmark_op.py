@@ -1,9 +1,9 @@
 """Forward + backward time and peak memory of the I-D-DW operator against the usual unfold
 implementation, at DWNet's stage-1 shape (default B=8, C=96, G=32, 56x56, K=7).
 
-Times are medians of interleaved repeats in this process; peak memory is the growth of the
-resident set (CPU) or the allocator's peak (CUDA) over one forward + backward, each
-implementation in a fresh process on CPU.
+Times are medians of interleaved repeats in this process; peak memory is measured as by
+tools/benchmark.py (mmdwnet.utils.benchmark.peak_memory_mb) over one forward + backward,
+each implementation in a fresh process on CPU.
 
 Example:
     python tools/benchmark_op.py --json work_dirs/op.json
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mmdwnet.ops import inhomogeneous_dwconv2d
-from mmdwnet.utils.benchmark import machine_description
+from mmdwnet.utils.benchmark import machine_description, measurement_env, peak_memory_mb
 from mmdwnet.utils.model_zoo import update_readme
 
 
@@ -61,30 +61,15 @@ def peak_here(impl, args) -> float:
     fn = IMPLS[impl]
     step(fn, x[:1, :, :8, :8].detach().requires_grad_(),
          w[:1, :, :, :, :8, :8].detach().requires_grad_(), args.device)  # warm-up
-    if args.device.startswith('cuda'):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step(fn, x, w, args.device)
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with open('/proc/self/status') as f:
-        base = int(next(line for line in f if line.startswith('VmRSS:')).split()[1])
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')
-    step(fn, x, w, args.device)
-    with open('/proc/self/status') as f:
-        peak = int(next(line for line in f if line.startswith('VmHWM:')).split()[1])
-    return (peak - base) / 1024
+    return peak_memory_mb(lambda: step(fn, x, w, args.device), args.device)
 
 
 def peak_memory(impl, args) -> float:
+    """:func:`peak_here` in a fresh process on CPU, in this one on CUDA."""
     if args.device.startswith('cuda'):
         return peak_here(impl, args)
-    # a fixed mmap threshold: freed blocks go back to the system at once, so the resident
-    # set follows the live tensors
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
     out = subprocess.run([sys.executable, __file__, '--peak-of', impl, *sys.argv[1:]],
-                         capture_output=True, text=True, env=env)
+                         capture_output=True, text=True, env=measurement_env())
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     return float(out.stdout.strip().splitlines()[-1])

@@ -12,7 +12,6 @@ resizes its relative-position bias tables; values are not rescaled. What is resi
 import re
 from typing import Dict, List, Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -46,6 +46,8 @@ def load(verbose: bool = False):
     """Build (once) and load the extension; returns ``torch.ops.mmdwnet_cpu`` or None."""
     if not enabled():
         return None
+    if _state['tried']:  # every operator call asks: no lock once settled
+        return _state['ops']
     with _lock:
         if not _state['tried']:
             _state['tried'] = True

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from mmengine.config import Config
+from mmengine.hub import get_config
 from torch import nn
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -46,13 +47,8 @@ def build_classifier(name: str) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f'unknown model {name!r}; choose from {sorted(MODELS)}')
     path = MODELS[name]
-    if '::' in path:  # a config shipped inside an installed OpenMMLab package
-        package, rel = path.split('::')
-        module = __import__(package)
-        path = osp.join(osp.dirname(module.__file__), '.mim', 'configs', rel)
-    else:
-        path = osp.join(REPO_ROOT, path)
-    cfg = Config.fromfile(path)
+    # 'mmpretrain::...': a config shipped inside an installed OpenMMLab package
+    cfg = get_config(path) if '::' in path else Config.fromfile(osp.join(REPO_ROOT, path))
     model_cfg = cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else dict(cfg.model)
     model_cfg.pop('train_cfg', None)
     model_cfg.pop('data_preprocessor', None)
@@ -201,16 +197,29 @@ def _peak_cuda(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
+    """Peak memory (MiB) that ``fn()`` adds: the resident set's high-water mark on CPU
+    (meaningful in a process started with :func:`measurement_env`), the allocator's peak
+    on CUDA."""
+    return (_peak_cuda if device.startswith('cuda') else _peak_cpu)(fn)
+
+
+def measurement_env() -> Dict[str, str]:
+    """Environment for a CPU memory-measuring subprocess: glibc returns every freed block
+    of 1 MiB or more to the system at once, so the resident set follows the live tensors
+    rather than heap reuse."""
+    return dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20), MALLOC_TRIM_THRESHOLD_='0')
+
+
 def measure_memory_here(name: str, device: str, batch_size: int, img_size: int, dtype: str,
                         fuse: bool) -> Dict:
     """Peak memory (MiB above what is allocated before the step) of one inference and
     one training step, in this process."""
     runner = Runner(name, device, batch_size, img_size, dtype, fuse)
-    peak = _peak_cuda if device.startswith('cuda') else _peak_cpu
     runner.inference()
     runner.train_step()  # optimizer state exists before the measured step
-    return dict(infer_peak_mem_mb=peak(runner.inference),
-                peak_mem_mb=peak(runner.train_step))
+    return dict(infer_peak_mem_mb=peak_memory_mb(runner.inference, device),
+                peak_mem_mb=peak_memory_mb(runner.train_step, device))
 
 
 def measure_memory(name: str, device: str, batch_size: int, img_size: int, dtype: str,
@@ -219,7 +228,7 @@ def measure_memory(name: str, device: str, batch_size: int, img_size: int, dtype
     freed memory does not hide this one's peak), in this one on CUDA."""
     if device.startswith('cuda'):
         return measure_memory_here(name, device, batch_size, img_size, dtype, fuse)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20), MALLOC_TRIM_THRESHOLD_='0')
+    env = measurement_env()
     code = ('import json, sys, mmdwnet; from mmdwnet.utils.benchmark import '
             'measure_memory_here as m; print("RESULT " + json.dumps(m(*json.loads('
             'sys.argv[1]))))')

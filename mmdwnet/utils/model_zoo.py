@@ -8,7 +8,7 @@ model-zoo tables are rendered from them by ``tools/model_zoo.py``; nothing is co
 """
 import os.path as osp
 import re
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -120,61 +120,68 @@ def _metrics(model: Dict) -> Dict:
     return merged
 
 
-def _classification_table(models: List[Dict]) -> List[str]:
-    lines = [
-        '| model | params | FLOPs | paper params / FLOPs | img/s (V100, paper) | top-1 (paper) '
-        '| authors\' checkpoint (top-1) | |',
-        '|---|---:|---:|---:|---:|---:|---|---|',
-    ]
+def _table(models: List[Dict], columns: Sequence[Tuple[str, str, Callable]]) -> List[str]:
+    """A Markdown table: one row per model; ``columns`` are (header, alignment row cell,
+    cell function of (model, metadata, merged metrics))."""
+    lines = ['| ' + ' | '.join(c[0] for c in columns) + ' |',
+             '|' + '|'.join(c[1] for c in columns) + '|']
     for m in models:
         meta, metrics = m['Metadata'], _metrics(m)
-        lines.append(
-            f"| {meta['Backbone']} | {meta['Parameters']:,} | {_giga(meta['FLOPs'])} "
-            f"| {meta['Paper Parameters']} / {meta['Paper FLOPs']} "
-            f"| {meta['Paper Throughput (img/s)']} | {metrics['Top 1 Accuracy']} "
-            f"| {_official(m, ['Top 1 Accuracy'])} | {_config_link(m)} |")
+        lines.append('| ' + ' | '.join(str(c[2](m, meta, metrics)) for c in columns) + ' |')
     return lines
 
 
-def _detection_table(models: List[Dict]) -> List[str]:
-    lines = [
-        '| backbone | params | FLOPs | paper params / FLOPs | box AP | AP50 | AP75 | mask AP '
-        '| authors\' checkpoint (box / mask AP) | |',
-        '|---|---:|---:|---:|---:|---:|---:|---:|---|---|',
-    ]
-    for m in models:
-        meta, metrics = m['Metadata'], _metrics(m)
-        lines.append(
-            f"| {meta['Backbone']} | {_millions(meta['Parameters'])} | {_giga(meta['FLOPs'])} "
-            f"| {meta['Paper Parameters']} / {meta['Paper FLOPs']} | {metrics['box AP']} "
-            f"| {metrics['AP50']} | {metrics['AP75']} | {metrics['mask AP']} "
-            f"| {_official(m, ['box AP', 'mask AP'])} | {_config_link(m)} |")
-    return lines
+def _metric(name: str, header: Optional[str] = None) -> Tuple[str, str, Callable]:
+    return (header or name, '---:', lambda m, meta, metrics: metrics.get(name, '-'))
 
 
-def _segmentation_table(models: List[Dict]) -> List[str]:
-    lines = [
-        '| backbone | params | FLOPs | paper params / FLOPs | mIoU (paper) '
-        '| authors\' checkpoint (mIoU) | |',
-        '|---|---:|---:|---:|---:|---|---|',
-    ]
-    for m in models:
-        meta, metrics = m['Metadata'], _metrics(m)
-        lines.append(
-            f"| {meta['Backbone']} | {_millions(meta['Parameters'])} | {_giga(meta['FLOPs'])} "
-            f"| {meta['Paper Parameters']} / {meta['Paper FLOPs']} | {metrics['mIoU']} "
-            f"| {_official(m, ['mIoU'])} | {_config_link(m)} |")
-    return lines
+def _backbone(header: str = 'backbone') -> Tuple[str, str, Callable]:
+    return (header, '---', lambda m, meta, metrics: meta['Backbone'])
+
+
+def _official_column(header: str, metric_names: Sequence[str]) -> Tuple[str, str, Callable]:
+    return (f"authors' checkpoint ({header})", '---',
+            lambda m, meta, metrics: _official(m, metric_names))
+
+
+PARAMS = ('params', '---:', lambda m, meta, metrics: _millions(meta['Parameters']))
+FLOPS = ('FLOPs', '---:', lambda m, meta, metrics: _giga(meta['FLOPs']))
+PAPER_SIZE = ('paper params / FLOPs', '---:', lambda m, meta, metrics:
+              f"{meta.get('Paper Parameters', '-')} / {meta.get('Paper FLOPs', '-')}")
+CONFIG = ('', '---', lambda m, meta, metrics: _config_link(m))
+
+CLASSIFICATION_COLUMNS = [
+    _backbone('model'),
+    ('params', '---:', lambda m, meta, metrics: f"{meta['Parameters']:,}"),
+    FLOPS, PAPER_SIZE,
+    ('img/s (V100, paper)', '---:', lambda m, meta, metrics: meta['Paper Throughput (img/s)']),
+    _metric('Top 1 Accuracy', 'top-1 (paper)'),
+    _official_column('top-1', ['Top 1 Accuracy']), CONFIG,
+]
+DETECTION_COLUMNS = [
+    _backbone(), PARAMS, FLOPS, PAPER_SIZE, *map(_metric, ['box AP', 'AP50', 'AP75', 'mask AP']),
+    _official_column('box / mask AP', ['box AP', 'mask AP']), CONFIG,
+]
+SEGMENTATION_COLUMNS = [
+    _backbone(), PARAMS, FLOPS, PAPER_SIZE, _metric('mIoU', 'mIoU (paper)'),
+    _official_column('mIoU', ['mIoU']), CONFIG,
+]
+ABLATION_COLUMNS = [
+    ('paper', '---', lambda m, meta, metrics: meta['Paper Table']),
+    _backbone('variant'),
+    ('what changes', '---', lambda m, meta, metrics: meta['Ablation']),
+    PARAMS, FLOPS, PAPER_SIZE, _metric('Top 1 Accuracy', 'top-1 (paper)'), CONFIG,
+]
 
 
 TABLES = {
     'Image Classification': (
-        'ImageNet-1K classification, 224x224 (paper Table 2)', _classification_table),
+        'ImageNet-1K classification, 224x224 (paper Table 2)', CLASSIFICATION_COLUMNS),
     'Object Detection': (
-        'COCO, Cascade Mask R-CNN 3x, FLOPs at 1280x800 (paper Table 3)', _detection_table),
+        'COCO, Cascade Mask R-CNN 3x, FLOPs at 1280x800 (paper Table 3)', DETECTION_COLUMNS),
     'Semantic Segmentation': (
         'ADE20K, UPerNet 160k, single-scale mIoU, FLOPs at 2048x512 (paper Table 3)',
-        _segmentation_table),
+        SEGMENTATION_COLUMNS),
 }
 
 
@@ -187,10 +194,10 @@ def render_model_zoo(models: List[Dict]) -> str:
         'checkpoints are in their code\'s layout: convert them with '
         '`tools/model_converters/official_to_mmdwnet.py` (no I-D-DW weights were released).',
     ]
-    for task, (title, table) in TABLES.items():
+    for task, (title, columns) in TABLES.items():
         rows = [m for m in models if not is_ablation(m) and m['Results'][0]['Task'] == task]
         if rows:
-            out += ['', f'**{title}**', ''] + table(rows)
+            out += ['', f'**{title}**', ''] + _table(rows, columns)
     return '\n'.join(out)
 
 
@@ -200,18 +207,9 @@ def render_ablations(models: List[Dict]) -> str:
         'Generated from `configs/mmpretrain/ablations/metafile.yml` by '
         '`python tools/model_zoo.py readme`; params and FLOPs counted here (at the input '
         'size of each config: 224, 384, 1280x800 or 2048x512), top-1 from the paper '
-        '(ImageNet-1K).', '',
-        '| paper | variant | what changes | params | FLOPs | paper params / FLOPs '
-        '| top-1 (paper) | |', '|---|---|---|---:|---:|---:|---:|---|'
+        '(ImageNet-1K).', ''
     ]
-    for m in filter(is_ablation, models):
-        meta = m['Metadata']
-        paper = f"{meta.get('Paper Parameters', '-')} / {meta.get('Paper FLOPs', '-')}"
-        lines.append(
-            f"| {meta['Paper Table']} | {meta['Backbone']} | {meta['Ablation']} "
-            f"| {_millions(meta['Parameters'])} | {_giga(meta['FLOPs'])} | {paper} "
-            f"| {_metrics(m).get('Top 1 Accuracy', '-')} | {_config_link(m)} |")
-    return '\n'.join(lines)
+    return '\n'.join(lines + _table(list(filter(is_ablation, models)), ABLATION_COLUMNS))
 
 
 def update_readme(readme_path: str, body: str, check: bool = False,

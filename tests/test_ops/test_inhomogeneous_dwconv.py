@@ -215,11 +215,12 @@ def test_forward_backward_peak_memory_is_a_fifth_of_unfold():
     shape with B=2: forward + backward within 1/5 of the unfold implementation's."""
     tool = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))), 'tools', 'benchmark_op.py')
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
+    from mmdwnet.utils.benchmark import measurement_env
     peaks = {}
     for impl in ('mmdwnet', 'unfold'):
         out = subprocess.run([sys.executable, tool, '--peak-of', impl, '--batch-size', '2',
-                              '--threads', '1'], capture_output=True, text=True, env=env)
+                              '--threads', '1'], capture_output=True, text=True,
+                             env=measurement_env())
         assert out.returncode == 0, out.stderr[-2000:]
         peaks[impl] = float(out.stdout.strip().splitlines()[-1])
     # the operator needs little more than the gradients themselves: grad of the kernels

@@ -5,8 +5,6 @@ Swin Transformer's layout with every window-attention layer replaced by a depth-
 convolution block: static (``'dw'``), homogeneous dynamic (``'ddw'``) or inhomogeneous
 dynamic (``'iddw'``).
 """
-import logging
-import os.path as osp
 import re
 from copy import deepcopy
 from typing import Dict, Optional, Sequence, Union
@@ -14,7 +12,7 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from mmcv.cnn import build_activation_layer, build_norm_layer
+from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks.drop import build_dropout
 from mmcv.cnn.bricks.transformer import FFN, PatchEmbed, PatchMerging
 from mmengine.logging import print_log
@@ -22,7 +20,8 @@ from mmengine.model import BaseModule, ModuleList
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmdwnet.models.utils import bn_affine, fold_bn_after, fold_bn_before_linear, is_foldable
+from mmdwnet.models.utils import (bn_affine, fold_bn_after, fold_bn_before_linear, is_foldable,
+                                  missing_pretrained_checkpoint)
 from mmdwnet.ops import DepthwiseConv2d, InhomogeneousDWConv2d, depthwise_conv2d
 from mmdwnet.registry import ROOT_MODELS
 
@@ -617,24 +616,15 @@ class DWNet(BaseModule):
         cfg = self.init_cfg
         if not (isinstance(cfg, dict) and cfg.get('type') == 'Pretrained'):
             return super().init_weights()
-        path = cfg.get('checkpoint')
-        if isinstance(path, str) and '://' not in path and not osp.isfile(
-                osp.expanduser(path)):
-            # a config's default ImageNet checkpoint that is not there (yet): train from
-            # scratch rather than fail, and say so
-            print_log(
-                f'DWNet: the pretrained checkpoint {path!r} of init_cfg does not exist '
-                f'(looked for {osp.abspath(osp.expanduser(path))}); the backbone starts '
-                'from random initialisation. Train one with configs/mmpretrain, convert '
-                'the released weights, or set model.backbone.init_cfg.checkpoint.',
-                logger='current', level=logging.WARNING)
+        if missing_pretrained_checkpoint(cfg, 'DWNet'):
             self.init_cfg = deepcopy(self.default_init_cfg)
             return super().init_weights()
         # default initialisation first: what the checkpoint does not provide starts fresh
         self.init_cfg = deepcopy(self.default_init_cfg)
         super().init_weights()
         self.init_cfg = cfg
-        self._load_pretrained(path, cfg.get('prefix'), cfg.get('map_location', 'cpu'))
+        self._load_pretrained(cfg['checkpoint'], cfg.get('prefix'),
+                              cfg.get('map_location', 'cpu'))
 
     def _load_pretrained(self, path: str, prefix: Optional[str], map_location) -> None:
         """Copy every tensor the checkpoint and this backbone share, and log exactly which

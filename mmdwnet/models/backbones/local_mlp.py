@@ -5,18 +5,16 @@ removed: each head mixes the values of a window with connection weights that are
 parameters, learned and shared by all images (and, as Swin's heads, by the channels of a
 head). Swin's shifted windows, blocks, patch merging and FFNs are reused from MMPretrain.
 """
-import logging
 import math
-import os.path as osp
 from typing import Optional, Sequence
 
 import torch
-from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from mmpretrain.models.backbones import SwinTransformer
 from torch import Tensor, nn
 
+from mmdwnet.models.utils import missing_pretrained_checkpoint
 from mmdwnet.registry import ROOT_MODELS
 
 
@@ -123,15 +121,6 @@ class LocalMLP(SwinTransformer):
                          stage_cfgs=stage_cfgs, **kwargs)
 
     def init_weights(self):
-        cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            path = cfg.get('checkpoint')
-            if isinstance(path, str) and '://' not in path and not osp.isfile(
-                    osp.expanduser(path)):
-                # as DWNet: a config's default ImageNet checkpoint that is not there yet
-                print_log(f'LocalMLP: the pretrained checkpoint {path!r} of init_cfg does '
-                          f'not exist (looked for {osp.abspath(osp.expanduser(path))}); '
-                          'the backbone starts from random initialisation.',
-                          logger='current', level=logging.WARNING)
-                self.init_cfg = None
+        if missing_pretrained_checkpoint(self.init_cfg, 'LocalMLP'):
+            self.init_cfg = None  # Swin's own initialisation
         super().init_weights()

@@ -1,7 +1,8 @@
 from .fuse_bn import bn_affine, fold_bn_after, fold_bn_before_linear, is_foldable
 from .norm import CenteringCalibratedBN
+from .pretrained import missing_pretrained_checkpoint
 
 __all__ = [
     'bn_affine', 'fold_bn_after', 'fold_bn_before_linear', 'is_foldable',
-    'CenteringCalibratedBN'
+    'CenteringCalibratedBN', 'missing_pretrained_checkpoint'
 ]

@@ -3,6 +3,12 @@
 A BatchNorm in eval mode is the per-channel affine map ``y = s * x + t`` with
 ``s = gamma / sqrt(running_var + eps)`` and ``t = beta - running_mean * s``; next to a
 linear operator it can be merged into that operator's weight and bias.
+
+mmcv's ``fuse_conv_bn`` pairs a BatchNorm with whichever convolution was registered before
+it; in a DWNet block that would fold norms that do not follow that convolution (the FFN's
+input norm after the optional extra depth-wise convolution, centering-calibrated BN), and
+it cannot fold into dynamic kernels or a following linear layer. So each block names its
+pairs (``DWBlock.switch_to_deploy``) and uses these helpers.
 """
 from typing import Tuple
 

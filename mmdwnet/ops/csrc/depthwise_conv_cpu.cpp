@@ -1,9 +1,9 @@
-// Channels-last depth-wise K x K convolution on CPU, with one kernel set shared by the batch
-// (static DW-Conv) or one per sample (homogeneous dynamic D-DW-Conv); odd K, zero padding
-// K / 2, stride 1 (see mmdwnet/ops/depthwise_conv.py).
+// Channels-last depth-wise K x K convolution on CPU with one kernel set per sample
+// (homogeneous dynamic D-DW-Conv), and the kernel gradient for per-sample or shared
+// kernels; odd K, zero padding K / 2, stride 1 (see mmdwnet/ops/depthwise_conv.py).
 //
 // Layouts: input/output (B, H, W, C) memory (a channels-last (B, C, H, W) tensor), kernels
-// (Bw, K*K, C) with Bw = 1 or B. The channel axis is contiguous everywhere, so every
+// (B, K*K, C). The channel axis is contiguous everywhere, so every
 // multiply-add is a vector operation over channels; one task is one output row, whose
 // K input rows and the kernels stay in cache. The input gradient is this forward pass
 // with the kernels flipped; the kernel gradient reduces over positions per sample.
@@ -18,12 +18,12 @@ namespace {
 template <typename scalar_t>
 void dw_forward(const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* out,
                 int64_t batch, int64_t height, int64_t width, int64_t channels,
-                int64_t kernel, bool shared) {
+                int64_t kernel) {
   const int64_t pad = kernel / 2, taps = kernel * kernel;
   at::parallel_for(0, batch * height, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / height, h = bh % height;
-      const scalar_t* wb = w + (shared ? 0 : b * taps * channels);
+      const scalar_t* wb = w + b * taps * channels;
       for (int64_t x0 = 0; x0 < width; ++x0) {
         scalar_t* __restrict__ o = out + (bh * width + x0) * channels;
         if (bias != nullptr) {
@@ -90,14 +90,14 @@ void check_input(const at::Tensor& t, const char* name) {
               "` must be channels-last");
 }
 
-// input (B, C, H, W) channels-last; weight (Bw, K*K, C) contiguous; bias (C) or undefined
+// input (B, C, H, W) channels-last; weight (B, K*K, C) contiguous; bias (C) or undefined
 at::Tensor depthwise_forward(const at::Tensor& input, const at::Tensor& weight,
                              const c10::optional<at::Tensor>& bias, int64_t kernel) {
   check_input(input, "input");
   const int64_t b = input.size(0), c = input.size(1), h = input.size(2), w = input.size(3);
-  TORCH_CHECK(weight.dim() == 3 && weight.is_contiguous() && weight.size(1) == kernel * kernel &&
-                  weight.size(2) == c && (weight.size(0) == 1 || weight.size(0) == b),
-              "mmdwnet_cpu: weight must be contiguous (1 or B, K*K, C)");
+  TORCH_CHECK(weight.dim() == 3 && weight.is_contiguous() && weight.size(0) == b &&
+                  weight.size(1) == kernel * kernel && weight.size(2) == c,
+              "mmdwnet_cpu: weight must be contiguous (B, K*K, C)");
   TORCH_CHECK(kernel % 2 == 1, "mmdwnet_cpu: kernel size must be odd");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
@@ -108,7 +108,7 @@ at::Tensor depthwise_forward(const at::Tensor& input, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "mmdwnet_cpu_depthwise_forward", [&] {
     dw_forward<scalar_t>(input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
                          has_bias ? bias->data_ptr<scalar_t>() : nullptr,
-                         out.data_ptr<scalar_t>(), b, h, w, c, kernel, weight.size(0) == 1);
+                         out.data_ptr<scalar_t>(), b, h, w, c, kernel);
   });
   return out;
 }

@@ -288,9 +288,9 @@ def test_imagenet_checkpoint_initialises_a_dense_backbone(tmp_path, monkeypatch)
 def test_missing_pretrained_checkpoint_warns_and_inits_randomly(tmp_path, monkeypatch):
     import logging
 
-    from mmdwnet.models.backbones import dwnet
+    from mmdwnet.models.utils import pretrained
     messages = []
-    monkeypatch.setattr(dwnet, 'print_log',
+    monkeypatch.setattr(pretrained, 'print_log',
                         lambda msg, logger=None, level=None: messages.append((msg, level)))
     missing = str(tmp_path / 'no.pth')
     model = DWNet('tiny', init_cfg=dict(type='Pretrained', checkpoint=missing,
