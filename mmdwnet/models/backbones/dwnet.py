@@ -14,13 +14,14 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks.drop import build_dropout
-from mmcv.cnn.bricks.transformer import FFN, PatchEmbed, PatchMerging
+from mmcv.cnn.bricks.transformer import FFN, PatchEmbed
 from mmengine.logging import print_log
 from mmengine.model import BaseModule, ModuleList
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmdwnet.models.utils import (bn_affine, fold_bn_after, fold_bn_before_linear, is_foldable,
+from mmdwnet.models.utils import (ChannelsLastPatchMerging, bn_affine, fold_bn_after,
+                                  fold_bn_before_linear, is_foldable,
                                   missing_pretrained_checkpoint)
 from mmdwnet.ops import DepthwiseConv2d, InhomogeneousDWConv2d, depthwise_conv2d
 from mmdwnet.registry import ROOT_MODELS
@@ -126,7 +127,16 @@ class InhomogeneousDynamicDWConv(BaseModule):
     chunk_bytes = 8 * 2**20
 
     def forward(self, x: Tensor) -> Tensor:
-        hidden = self.act(self.norm(self.conv1(x)))
+        out = self._convolve(x, self.act(self.norm(self.conv1(x))))
+        # The operator computes in (B, C, H, W) order. Give channels-last maps back in
+        # their own layout: the norms and 1x1 convs after it then stay channels-last, and
+        # their backward passes avoid PyTorch's mixed-layout BatchNorm path (several
+        # times slower than one copy of the map).
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    def _convolve(self, x: Tensor, hidden: Tensor) -> Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.conv2.weight.requires_grad):
             return self.op(x, self._kernels(hidden))
         b = x.shape[0]
@@ -341,17 +351,20 @@ class DWStage(BaseModule):
         super().__init__(init_cfg=init_cfg)
         # mmcv's PatchMerging (LN + bias-free Linear) gathers each 2x2 neighbourhood in
         # nn.Unfold's channel order, c * 4 + 2 * row + col; the reference code stacks the
-        # four positions instead. Weight converters permute accordingly.
-        self.downsample = PatchMerging(
+        # four positions instead. Weight converters permute accordingly. The channels-last
+        # subclass computes the same without nn.Unfold (see its docstring for why).
+        self.downsample = ChannelsLastPatchMerging(
             in_channels, embed_dims, norm_cfg=dict(type='LN')) if downsample else None
         self.blocks = ModuleList(
             DWBlock(embed_dims, drop_path_rate=rate, **block_cfg) for rate in drop_path_rates)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.downsample is not None:
-            b = x.shape[0]
-            x, (h, w) = self.downsample(x.flatten(2).transpose(1, 2), x.shape[2:])
-            x = x.transpose(1, 2).reshape(b, -1, h, w)
+            # (B, C, H, W) maps are channels-last in memory: the (B, H*W, C) sequence and
+            # back are views, and gradients stay channels-last
+            b, c = x.shape[:2]
+            x, (h, w) = self.downsample(x.permute(0, 2, 3, 1).reshape(b, -1, c), x.shape[2:])
+            x = x.view(b, h, w, -1).permute(0, 3, 1, 2)
         for block in self.blocks:
             x = block(x)
         return x

@@ -131,6 +131,55 @@ def test_stem_and_patch_merging_layout():
     torch.testing.assert_close(y, merge.reduction(merge.norm(cols)))
 
 
+@pytest.mark.parametrize('size', [(6, 8), (5, 7)])
+def test_channels_last_patch_merging_equals_mmcv(size):
+    from mmcv.cnn.bricks.transformer import PatchMerging
+
+    from mmdwnet.models.utils import ChannelsLastPatchMerging
+    torch.manual_seed(0)
+    ours = ChannelsLastPatchMerging(8, 16)
+    theirs = PatchMerging(8, 16, norm_cfg=dict(type='LN'))
+    theirs.load_state_dict(ours.state_dict())  # same keys and shapes
+    x = torch.randn(2, size[0] * size[1], 8)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (ya, hwa), (yb, hwb) = ours(xa, size), theirs(xb, size)
+    assert hwa == hwb == (math.ceil(size[0] / 2), math.ceil(size[1] / 2))
+    torch.testing.assert_close(ya, yb)
+    grad = torch.randn_like(ya)
+    ya.backward(grad)
+    yb.backward(grad)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    with pytest.raises(ValueError, match=r'input of length 48 does not match input_size '
+                       r'\(5, 7\)'):
+        ours(torch.randn(1, 48, 8), (5, 7))
+
+
+@pytest.mark.parametrize('conv_type', ['dw', 'ddw', 'iddw'])
+def test_training_gradients_stay_channels_last(conv_type):
+    """Every BatchNorm backward gets a channels-last gradient for its channels-last input:
+    PyTorch's mixed-layout BatchNorm backward is several times slower (issue 5)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    model = DWNet(dict(embed_dims=16, depths=[1, 2, 1], group_channels=[4, 4, 4]),
+                  conv_type, out_indices=(2, )).train()
+    layouts = []
+
+    class Spy(TorchDispatchMode):
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.native_batch_norm_backward.default:
+                grad, x = args[:2]
+                layouts.append((grad.is_contiguous(memory_format=torch.channels_last),
+                                x.is_contiguous(memory_format=torch.channels_last)))
+            return func(*args, **(kwargs or {}))
+
+    out = model(torch.randn(2, 3, 64, 64))[0]
+    with Spy():
+        out.mean().backward()
+    # 4 norms per block (pw1, depth-wise, pw2, FFN) plus the dynamic predictors' norms
+    assert len(layouts) >= 4 * 4
+    assert layouts == [(True, True)] * len(layouts)
+
+
 def test_homogeneous_dynamic_is_dynamic():
     torch.manual_seed(0)
     conv = DynamicDWConv(16, kernel_size=3).eval()
