@@ -23,7 +23,9 @@ def test_benchmark_side_by_side(tmp_path):
         assert r['img_per_s'] > 0 and r['train_step_s'] > 0
         assert r['peak_mem_mb'] > 0 and r['infer_peak_mem_mb'] >= 0
         assert (r['device'], r['batch_size'], r['img_size'], r['dtype']) == ('cpu', 2, 64, 'fp32')
+        assert r['malloc'] == 'retain'
         assert f"| {r['model']} |" in out.stdout
+    assert 'glibc malloc keeping freed memory (--malloc retain)' in out.stdout
     assert 'repeat 2/2: swin_t inference' in out.stderr  # progress
     picture = np.asarray(Image.open(tmp_path / 'plot.png'))
     assert picture.ndim == 3 and picture.shape[0] > 100
@@ -35,12 +37,40 @@ def test_benchmark_writes_the_readme_section(tmp_path):
              'do not edit) -->')
     readme.write_text(f'# x\n{start}\nSTALE TABLE\n<!-- benchmark:end -->\nrest\n')
     run_tool('benchmark.py', 'dwconv_t', '--batch-size', '1', '--img-size', '32',
-             '--repeats', '1', '--warmup', '0', '--no-train', '--no-memory', '--readme',
-             str(readme))
+             '--repeats', '1', '--warmup', '0', '--no-train', '--no-memory', '--malloc',
+             'default', '--readme', str(readme))
     text = readme.read_text()
+    assert '--malloc default' in text and 'glibc malloc keeping' not in text
     assert 'STALE TABLE' not in text and text.endswith('<!-- benchmark:end -->\nrest\n')
     assert 'Measured with `python tools/benchmark.py dwconv_t' in text
     assert '| dwconv_t | 24.2M |' in text and '| - | - |' in text  # no baseline, no train
+
+
+RETAIN_PROBE = """
+import resource, sys, torch
+from mmdwnet.utils.benchmark import retain_freed_memory
+if sys.argv[1] == 'retain':
+    assert retain_freed_memory()
+for _ in range(4):  # the first rounds settle the heap
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(2**25)  # 128 MiB, above glibc's largest mmap threshold
+    del x
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_retain_freed_memory_stops_page_faults_on_reuse():
+    """glibc's default maps and unmaps a large block on every allocation (a page fault per
+    page touched); retaining freed memory reuses it (no fault)."""
+    import subprocess
+    import sys
+    faults = {}
+    for mode in ('default', 'retain'):
+        out = subprocess.run([sys.executable, '-c', RETAIN_PROBE, mode], cwd=ROOT,
+                             capture_output=True, text=True, check=True)
+        faults[mode] = int(out.stdout.split()[-1])
+    assert faults['default'] >= 2**27 // (2 * 2**20)  # at least one per 2 MiB (huge) page
+    assert faults['retain'] <= 16, faults
 
 
 def test_benchmark_rejects_bad_arguments(monkeypatch, capsys):
@@ -62,6 +92,10 @@ def test_benchmark_rejects_bad_arguments(monkeypatch, capsys):
         with pytest.raises(SystemExit) as exit_info:
             tool.check_args(tool.parse_args())
         assert message in str(exit_info.value), exit_info.value
+    monkeypatch.setattr(sys, 'argv', ['benchmark.py', 'dwconv_t', '--malloc', 'jemalloc'])
+    with pytest.raises(SystemExit):
+        tool.parse_args()
+    assert "--malloc: invalid choice: 'jemalloc' (choose from" in capsys.readouterr().err
 
 
 def test_benchmark_op_reports_time_and_memory(tmp_path):
