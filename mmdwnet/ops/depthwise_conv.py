@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import cpu_extension
+from .layout import like_input_layout
 
 __all__ = ['depthwise_conv2d', 'DepthwiseConv2d']
 
@@ -120,7 +121,7 @@ def depthwise_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         bias (Tensor, optional): Per-channel bias (C). Defaults to None.
 
     Returns:
-        Tensor: (B, C, H, W), channels-last on the compiled CPU path.
+        Tensor: (B, C, H, W), in the memory format of ``input``.
     """
     b, c = input.shape[:2]
     shared = weight.dim() == 4 and weight.shape[1] == 1 and weight.shape[0] == c
@@ -129,7 +130,7 @@ def depthwise_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
                          f'input {tuple(input.shape)}, got {tuple(weight.shape)}')
     if _use_compiled(input, weight):
         return _DepthwiseConv2dCPU.apply(input, weight, bias, shared)
-    return _reference(input, weight, bias)
+    return like_input_layout(_reference(input, weight, bias), input)
 
 
 class DepthwiseConv2d(nn.Conv2d):

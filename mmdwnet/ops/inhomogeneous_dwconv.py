@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import cpu_extension, triton_idwconv
+from .layout import like_input_layout
 
 __all__ = ['inhomogeneous_dwconv2d', 'InhomogeneousDWConv2d']
 
@@ -217,7 +218,7 @@ def inhomogeneous_dwconv2d(input: Tensor, weight: Tensor) -> Tensor:
             ``h + i - K // 2`` (so an even K reaches one row further up than down).
 
     Returns:
-        Tensor: Output of shape (B, C, H, W).
+        Tensor: Output of shape (B, C, H, W), in the memory format of ``input``.
 
     Under autocast both operands are cast to the autocast dtype; float16/bfloat16 operands
     accumulate in float32 and the result is rounded once.
@@ -242,7 +243,7 @@ def inhomogeneous_dwconv2d(input: Tensor, weight: Tensor) -> Tensor:
     elif input.dtype != weight.dtype:
         raise TypeError('inhomogeneous_dwconv2d: `input` and `weight` must have the same '
                         f'dtype, got {input.dtype} and {weight.dtype}')
-    return _forward(input, weight)
+    return like_input_layout(_forward(input, weight), input)
 
 
 def _describe(x) -> str:

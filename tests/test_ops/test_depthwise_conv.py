@@ -43,6 +43,18 @@ def test_gradcheck_float64(shared, shape):
 
 
 @pytest.mark.parametrize('shared', [True, False])
+@pytest.mark.parametrize('k', [3, 4])  # 4: PyTorch's convolution on every device
+def test_output_keeps_the_input_memory_format(shared, k):
+    x, weight, bias = _inputs(2, 6, 5, 7, k, shared)
+    out = depthwise_conv2d(x, weight, bias)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    x_cf = x.detach().contiguous()
+    out_cf = depthwise_conv2d(x_cf, weight, bias)
+    assert out_cf.is_contiguous()
+    torch.testing.assert_close(out_cf, out)
+
+
+@pytest.mark.parametrize('shared', [True, False])
 @pytest.mark.parametrize('c,size', [(96, 56), (384, 14), (768, 7)])
 def test_float32_stage_shapes_match_pytorch(shared, c, size):
     """Forward and all gradients at DWNet's stage shapes (K=7)."""

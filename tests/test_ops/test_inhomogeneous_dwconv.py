@@ -88,7 +88,11 @@ def test_non_contiguous_inputs():
     x, weight = _pair(2, 8, 4, 3, 6, 5)
     x_cl = x.to(memory_format=torch.channels_last)
     w_t = weight.transpose(4, 5).contiguous().transpose(4, 5)
-    torch.testing.assert_close(inhomogeneous_dwconv2d(x_cl, w_t), reference_idwconv(x, weight))
+    out = inhomogeneous_dwconv2d(x_cl, w_t)
+    torch.testing.assert_close(out, reference_idwconv(x, weight))
+    # the output keeps the input's memory format, as torch's convolutions do
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert inhomogeneous_dwconv2d(x, w_t).is_contiguous()
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])

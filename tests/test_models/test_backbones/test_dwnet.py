@@ -154,13 +154,14 @@ def test_channels_last_patch_merging_equals_mmcv(size):
         ours(torch.randn(1, 48, 8), (5, 7))
 
 
+@pytest.mark.parametrize('kernel_size', [7, 6])  # 6: the operators' PyTorch paths on CPU
 @pytest.mark.parametrize('conv_type', ['dw', 'ddw', 'iddw'])
-def test_training_gradients_stay_channels_last(conv_type):
+def test_training_gradients_stay_channels_last(conv_type, kernel_size):
     """Every BatchNorm backward gets a channels-last gradient for its channels-last input:
     PyTorch's mixed-layout BatchNorm backward is several times slower (issue 5)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     model = DWNet(dict(embed_dims=16, depths=[1, 2, 1], group_channels=[4, 4, 4]),
-                  conv_type, out_indices=(2, )).train()
+                  conv_type, kernel_size=kernel_size, out_indices=(2, )).train()
     layouts = []
 
     class Spy(TorchDispatchMode):
@@ -213,6 +214,21 @@ def test_inhomogeneous_dynamic_uses_per_position_kernels():
     expected = (cols * weight.unsqueeze(2)).sum((3, 4)).view(2, 8, 5, 6)
     torch.testing.assert_close(conv(x), expected)
     assert conv.conv1.bias is not None and conv.conv2.out_channels == 4 * 9
+
+
+def test_inhomogeneous_dynamic_chunked_inference_equals_whole_batch(monkeypatch):
+    """Without autograd the kernels are predicted and applied a few samples at a time."""
+    torch.manual_seed(0)
+    conv = InhomogeneousDynamicDWConv(8, kernel_size=3, group_channels=2).eval()
+    _randomise_bn_stats(conv)
+    x = torch.randn(5, 8, 6, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        whole = conv(x)
+        per_sample = 4 * 9 * 6 * 7 * 4  # bytes of one sample's kernels
+        monkeypatch.setattr(conv, 'chunk_bytes', 2 * per_sample)  # chunks of 2, 2, 1
+        chunked = conv(x)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    assert chunked.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize('scope', ['mmpretrain', 'mmdet', 'mmseg'])
