@@ -4,7 +4,7 @@ convolution.
 
 Compiled on first use with ``torch.utils.cpp_extension.load`` (ninja and a C++ compiler)
 into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``), which takes about a minute once per machine and
+``~/.cache/torch_extensions``), which takes about 15 s on 2 cores once per machine and
 source version; later processes load the cached library in milliseconds. The build is
 specialised to the CPU's vector width (AVX2 / AVX-512, or portable), and is named after it so
 machines sharing a cache do not share a wrong build. If it cannot be built (no compiler),
@@ -42,7 +42,7 @@ def enabled() -> bool:
     return os.environ.get('MMDWNET_CPU_EXTENSION', '1') != '0'
 
 
-def load(verbose: bool = False):
+def load():
     """Build (once) and load the extension; returns ``torch.ops.mmdwnet_cpu`` or None."""
     if not enabled():
         return None
@@ -51,9 +51,12 @@ def load(verbose: bool = False):
     with _lock:
         if not _state['tried']:
             _state['tried'] = True
+            # torch's builder warns on import that no CUDA runtime exists on CPU-only
+            # machines: quiet for this build only
+            logger = logging.getLogger('torch.utils.cpp_extension')
+            level = logger.level
+            logger.setLevel(logging.ERROR)
             try:
-                # it warns on import that no CUDA runtime exists on CPU-only machines
-                logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
                 from torch.utils.cpp_extension import load as load_extension
                 suffix, flags = _arch_flags()
                 load_extension(
@@ -61,14 +64,15 @@ def load(verbose: bool = False):
                     sources=SOURCES,
                     # OpenMP pragmas for at::parallel_for (torch's own libgomp is reused)
                     extra_cflags=['-O3', '-fopenmp', *flags],
-                    is_python_module=False,
-                    verbose=verbose)
+                    is_python_module=False)
                 _state['ops'] = torch.ops.mmdwnet_cpu
             except Exception as e:  # no compiler / ninja / headers: fall back, but say so
                 _state['error'] = f'{type(e).__name__}: {str(e).strip()[-500:]}'
                 warnings.warn('mmdwnet: could not build the CPU kernels of the depth-wise '
                               'operators, using the slower PyTorch implementation. Reason: '
                               f"{_state['error']}")
+            finally:
+                logger.setLevel(level)
     return _state['ops']
 
 

@@ -28,7 +28,8 @@ from .layout import like_input_layout
 __all__ = ['depthwise_conv2d', 'DepthwiseConv2d']
 
 
-def _reference(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _reference(input: Tensor, weight: Tensor, bias: Optional[Tensor],
+               shared: bool) -> Tensor:
     b, c, h, w = input.shape
     k = weight.shape[-1]
     padding = k // 2
@@ -37,7 +38,7 @@ def _reference(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         # below (likewise for columns); the output keeps the input's size
         input = F.pad(input, (k // 2, k // 2 - 1, k // 2, k // 2 - 1))
         padding = 0
-    if weight.shape[1] == 1 and weight.shape[0] == c:
+    if shared:
         return F.conv2d(input, weight, bias, padding=padding, groups=c)
     out = F.conv2d(input.reshape(1, b * c, *input.shape[2:]), weight.reshape(b * c, 1, k, k),
                    padding=padding, groups=b * c).reshape(b, c, h, w)
@@ -72,13 +73,12 @@ class _DepthwiseConv2dCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input: Tensor, weight: Tensor, bias: Optional[Tensor],
                 shared: bool) -> Tensor:
-        k, c = weight.shape[-1], input.shape[1]
-        x = input.contiguous(memory_format=torch.channels_last)
-        ctx.save_for_backward(x, weight)
-        ctx.shared, ctx.has_bias = shared, bias is not None
+        k, c = weight.shape[-1], input.shape[1]  # input: channels-last (_use_compiled)
+        ctx.save_for_backward(input, weight)
+        ctx.shared = shared
         if shared:
-            return F.conv2d(x, weight, bias, padding=k // 2, groups=c)
-        return _per_sample(x, weight, bias)
+            return F.conv2d(input, weight, bias, padding=k // 2, groups=c)
+        return _per_sample(input, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -97,7 +97,7 @@ class _DepthwiseConv2dCPU(torch.autograd.Function):
             if ctx.shared:
                 per_sample = per_sample.sum(0, keepdim=True)
             grad_weight = per_sample.transpose(1, 2).reshape(weight.shape)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False without a bias
             grad_bias = g.sum((0, 2, 3))
         return grad_input, grad_weight, grad_bias, None
 
@@ -130,7 +130,7 @@ def depthwise_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
                          f'input {tuple(input.shape)}, got {tuple(weight.shape)}')
     if _use_compiled(input, weight):
         return _DepthwiseConv2dCPU.apply(input, weight, bias, shared)
-    return like_input_layout(_reference(input, weight, bias), input)
+    return like_input_layout(_reference(input, weight, bias, shared), input)
 
 
 class DepthwiseConv2d(nn.Conv2d):

@@ -100,11 +100,10 @@ def _shift_accumulate(src: Tensor, weight: Tensor, transposed: bool,
     return out
 
 
-def _compiled(*tensors: Tensor):
-    """The compiled CPU kernels when they apply (CPU float32/float64 and the extension
-    builds), else None."""
-    first = tensors[0]
-    if first.device.type != 'cpu' or first.dtype not in (torch.float32, torch.float64):
+def _compiled(t: Tensor):
+    """The compiled CPU kernels when they apply to ``t`` (CPU float32/float64 and the
+    extension builds), else None."""
+    if t.device.type != 'cpu' or t.dtype not in (torch.float32, torch.float64):
         return None
     return cpu_extension.load()
 
@@ -119,6 +118,8 @@ def _triton(fn, *args):
         return None
     try:
         return fn(*args)
+    except torch.OutOfMemoryError:  # the PyTorch path needs more memory, not less
+        raise
     except Exception as e:  # e.g. no compiler for the GPU: keep working, say so once
         _triton_failed.append(e)
         warnings.warn(f'mmdwnet: the Triton I-D-DW kernels failed ({type(e).__name__}: '
@@ -126,15 +127,21 @@ def _triton(fn, *args):
         return None
 
 
+def _kernel(triton_fn, cpu_name: str, *args):
+    """``triton_fn(*args)`` (CUDA) or the compiled CPU kernel ``cpu_name``, or None where
+    neither applies and the PyTorch implementation runs."""
+    out = _triton(triton_fn, *args)
+    ops = _compiled(args[0]) if out is None else None
+    if ops is not None:
+        out = getattr(ops, cpu_name)(*(a.contiguous() if isinstance(a, Tensor) else a
+                                       for a in args))
+    return out
+
+
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d', mutates_args=())
 def _forward(input: Tensor, weight: Tensor) -> Tensor:
-    out = _triton(triton_idwconv.forward, input, weight)
-    if out is not None:
-        return out
-    ops = _compiled(input)
-    if ops is not None:
-        return ops.inhomogeneous_dwconv2d(input.contiguous(), weight.contiguous())
-    return _shift_accumulate(input, weight, transposed=False)
+    out = _kernel(triton_idwconv.forward, 'inhomogeneous_dwconv2d', input, weight)
+    return _shift_accumulate(input, weight, transposed=False) if out is None else out
 
 
 def _like_first(first: Tensor, weight: Tensor) -> Tensor:
@@ -146,14 +153,9 @@ _forward.register_fake(_like_first)
 
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_input', mutates_args=())
 def _grad_input(grad_output: Tensor, weight: Tensor) -> Tensor:
-    out = _triton(triton_idwconv.forward, grad_output, weight, True)
-    if out is not None:
-        return out
-    ops = _compiled(grad_output)
-    if ops is not None:
-        return ops.inhomogeneous_dwconv2d_grad_input(grad_output.contiguous(),
-                                                     weight.contiguous())
-    return _shift_accumulate(grad_output, weight, transposed=True)
+    out = _kernel(triton_idwconv.grad_input, 'inhomogeneous_dwconv2d_grad_input',
+                  grad_output, weight)
+    return _shift_accumulate(grad_output, weight, transposed=True) if out is None else out
 
 
 _grad_input.register_fake(_like_first)
@@ -162,13 +164,10 @@ _grad_input.register_fake(_like_first)
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_weight', mutates_args=())
 def _grad_weight(grad_output: Tensor, input: Tensor, groups: int,
                  kernel_size: int) -> Tensor:
-    out = _triton(triton_idwconv.weight_grad, grad_output, input, groups, kernel_size)
+    out = _kernel(triton_idwconv.weight_grad, 'inhomogeneous_dwconv2d_grad_weight',
+                  grad_output, input, groups, kernel_size)
     if out is not None:
         return out
-    ops = _compiled(input)
-    if ops is not None:
-        return ops.inhomogeneous_dwconv2d_grad_weight(grad_output.contiguous(),
-                                                      input.contiguous(), groups, kernel_size)
     b, c, height, width = input.shape
     grad_weight = grad_output.new_zeros(b, groups, kernel_size, kernel_size, height, width)
     x5 = input.reshape(b, groups, c // groups, height, width)

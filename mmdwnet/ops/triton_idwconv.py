@@ -27,9 +27,7 @@ BLOCK = 128
 
 def available(t: Tensor) -> bool:
     """Whether the Triton kernels run for tensor ``t``."""
-    if triton is None or os.environ.get('MMDWNET_TRITON', '1') == '0':
-        return False
-    return t.is_cuda or os.environ.get('TRITON_INTERPRET') == '1'
+    return triton is not None and t.is_cuda and os.environ.get('MMDWNET_TRITON', '1') != '0'
 
 
 if triton is not None:
@@ -108,6 +106,10 @@ def forward(input: Tensor, weight: Tensor, transposed: bool = False) -> Tensor:
     _forward_kernel[_grid(b, groups, h, w)](input, weight, out, h, w, CPG=c // groups, K=k,
                                             TRANSPOSED=transposed, BLOCK=BLOCK)
     return out
+
+
+def grad_input(grad_output: Tensor, weight: Tensor) -> Tensor:
+    return forward(grad_output, weight, transposed=True)
 
 
 def weight_grad(grad_output: Tensor, input: Tensor, groups: int, kernel_size: int) -> Tensor:

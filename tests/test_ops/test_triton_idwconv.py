@@ -49,7 +49,13 @@ def test_kernels_match_the_reference_in_the_interpreter():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 def test_cuda_dispatch_uses_triton_and_matches_pytorch(monkeypatch):
-    from mmdwnet.ops import inhomogeneous_dwconv2d
+    from mmdwnet.ops import inhomogeneous_dwconv as op
+    from mmdwnet.ops import inhomogeneous_dwconv2d, triton_idwconv
+    calls = []
+    for name in ('forward', 'grad_input', 'weight_grad'):
+        kernel = getattr(triton_idwconv, name)
+        monkeypatch.setattr(triton_idwconv, name,
+                            lambda *a, _k=kernel, _n=name: calls.append(_n) or _k(*a))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 96, 56, 56, generator=gen).cuda().requires_grad_()
     w = torch.randn(2, 32, 7, 7, 56, 56, generator=gen).cuda().requires_grad_()
@@ -59,5 +65,8 @@ def test_cuda_dispatch_uses_triton_and_matches_pytorch(monkeypatch):
         monkeypatch.setenv('MMDWNET_TRITON', flag)
         y = inhomogeneous_dwconv2d(x, w)
         results.append((y, *torch.autograd.grad(y, (x, w), gy)))
+        if flag == '1':  # the Triton kernels ran, and none failed into the fallback
+            assert {'forward', 'grad_input', 'weight_grad'} <= set(calls)
+            assert not op._triton_failed
     for triton_out, torch_out in zip(*results):
         torch.testing.assert_close(triton_out, torch_out, atol=1e-3, rtol=1e-3)

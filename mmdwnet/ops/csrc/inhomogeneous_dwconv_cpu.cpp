@@ -57,23 +57,18 @@ void shift_accumulate(const scalar_t* src, const scalar_t* weight, scalar_t* out
       for (const Offset& f : offs) {
         const scalar_t* wk = wt + f.k * plane;
         const int64_t shift = f.dy * width + f.dx;
+        // forward: out[p] += w[p] * src[p + d]; transposed: out[p + d] += w[p] * src[p]
+        const int64_t src_shift = transposed ? 0 : shift, out_shift = transposed ? shift : 0;
         for (int64_t c = 0; c < cpg; ++c) {
           const scalar_t* sc = s + c * plane;
           scalar_t* oc = o + c * plane;
           for (int64_t h = f.h0; h < f.h1; ++h) {
             const int64_t row = h * width;
             const scalar_t* __restrict__ wr = wk + row;
-            if (!transposed) {
-              scalar_t* __restrict__ orow = oc + row;
-              const scalar_t* __restrict__ srow = sc + row + shift;
+            scalar_t* __restrict__ orow = oc + row + out_shift;
+            const scalar_t* __restrict__ srow = sc + row + src_shift;
 #pragma omp simd
-              for (int64_t w = f.w0; w < f.w1; ++w) orow[w] += wr[w] * srow[w];
-            } else {
-              scalar_t* __restrict__ orow = oc + row + shift;
-              const scalar_t* __restrict__ srow = sc + row;
-#pragma omp simd
-              for (int64_t w = f.w0; w < f.w1; ++w) orow[w] += wr[w] * srow[w];
-            }
+            for (int64_t w = f.w0; w < f.w1; ++w) orow[w] += wr[w] * srow[w];
           }
         }
       }
