@@ -76,9 +76,7 @@ class DynamicDWConv(BaseModule):
         """Fold the predictor's BatchNorm into ``conv1`` and, when given, a BatchNorm
         applied to this operator's output into the predicted kernels and the bias.
         Returns whether ``out_norm`` was folded."""
-        if is_foldable(self.norm):
-            self.conv1 = fold_bn_after(self.conv1, self.norm)
-            self.norm = nn.Identity()
+        fold_bn_after(self, 'conv1', 'norm')
         if out_norm is None or not is_foldable(out_norm):
             return False
         scale, shift = bn_affine(out_norm)
@@ -156,9 +154,7 @@ class InhomogeneousDynamicDWConv(BaseModule):
     def switch_to_deploy(self) -> None:
         """Fold the predictor's BatchNorm into ``conv1`` (the output cannot take a
         per-channel norm: the kernels are shared by the channels of a group)."""
-        if is_foldable(self.norm):
-            self.conv1 = fold_bn_after(self.conv1, self.norm)
-            self.norm = nn.Identity()
+        fold_bn_after(self, 'conv1', 'norm')
 
 
 class ChannelSharedDWConv(BaseModule):
@@ -301,25 +297,17 @@ class DWBlock(BaseModule):
         """Fold every BatchNorm (with its running statistics) into the adjacent
         convolution or linear layer and replace it by an identity; norms of other kinds
         stay. The block then computes the same function in eval mode, faster."""
-        if is_foldable(self.norm1):
-            self.pw_conv1 = fold_bn_after(self.pw_conv1, self.norm1)
-            self.norm1 = nn.Identity()
+        fold_bn_after(self, 'pw_conv1', 'norm1')
         if isinstance(self.dw_conv, nn.Conv2d):
-            if is_foldable(self.norm2):
-                self.dw_conv = fold_bn_after(self.dw_conv, self.norm2)
-                self.norm2 = nn.Identity()
+            fold_bn_after(self, 'dw_conv', 'norm2')
         elif isinstance(self.dw_conv, DynamicDWConv):
             if self.dw_conv.switch_to_deploy(self.norm2):
                 self.norm2 = nn.Identity()
         elif isinstance(self.dw_conv, InhomogeneousDynamicDWConv):
             self.dw_conv.switch_to_deploy()
         # channel-shared kernels cannot take a per-channel scale: norm2 stays
-        if is_foldable(self.norm3):
-            self.pw_conv2 = fold_bn_after(self.pw_conv2, self.norm3)
-            self.norm3 = nn.Identity()
-        if is_foldable(self.ffn_norm):
-            fold_bn_before_linear(self.ffn_norm, self.ffn.layers[0][0])
-            self.ffn_norm = nn.Identity()
+        fold_bn_after(self, 'pw_conv2', 'norm3')
+        fold_bn_before_linear(self, 'ffn_norm', self.ffn.layers[0][0])
 
 
 class DWStage(BaseModule):

@@ -44,22 +44,32 @@ def _with_bias(layer: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def fold_bn_after(layer: nn.Module, norm: _BatchNorm) -> nn.Module:
-    """Fold ``norm`` that follows ``layer`` (Conv2d or Linear, output channels first) into
-    it: ``norm(layer(x)) == layer'(x)``. Modifies and returns ``layer``."""
-    scale, shift = bn_affine(norm)
-    layer = _with_bias(layer)
-    layer.weight.mul_(scale.view(-1, *([1] * (layer.weight.dim() - 1))))
-    layer.bias.mul_(scale).add_(shift)
-    return layer
+def fold_bn_after(module: nn.Module, layer: str, norm: str) -> bool:
+    """If the norm ``module.<norm>`` is foldable (:func:`is_foldable`), fold it into the
+    convolution ``module.<layer>`` it follows (``norm(layer(x)) == layer'(x)``) and
+    replace it by an identity. Returns whether it did."""
+    bn = getattr(module, norm)
+    if not is_foldable(bn):
+        return False
+    scale, shift = bn_affine(bn)
+    conv = _with_bias(getattr(module, layer))
+    conv.weight.mul_(scale.view(-1, *([1] * (conv.weight.dim() - 1))))
+    conv.bias.mul_(scale).add_(shift)
+    setattr(module, norm, nn.Identity())
+    return True
 
 
 @torch.no_grad()
-def fold_bn_before_linear(norm: _BatchNorm, linear: nn.Linear) -> nn.Linear:
-    """Fold ``norm`` that precedes ``linear`` over the same channels:
-    ``linear(norm(x)) == linear'(x)``. Modifies and returns ``linear``."""
-    scale, shift = bn_affine(norm)
+def fold_bn_before_linear(module: nn.Module, norm: str, linear: nn.Linear) -> bool:
+    """If the norm ``module.<norm>`` is foldable, fold it into ``linear``, which it
+    precedes over the same channels (``linear(norm(x)) == linear'(x)``), and replace it by
+    an identity. Returns whether it did."""
+    bn = getattr(module, norm)
+    if not is_foldable(bn):
+        return False
+    scale, shift = bn_affine(bn)
     linear = _with_bias(linear)
     linear.bias.add_(linear.weight @ shift)
     linear.weight.mul_(scale.view(1, -1))
-    return linear
+    setattr(module, norm, nn.Identity())
+    return True
