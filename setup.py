@@ -49,8 +49,8 @@ setup(
     py_modules=['_mmdwnet_mim'],
     # mmdwnet/.mim/configs links to configs/: `mim` and `mmdwnet::` inheritance read it
     package_data={'mmdwnet': [
-        '.mim/configs/*/*.py', '.mim/configs/*/*.yml', '.mim/configs/*/*/*.py',
-        '.mim/configs/*/*/*.yml', '.mim/model-index.yml', 'ops/csrc/*.cpp'
+        '.mim/configs/**/*.py', '.mim/configs/**/*.yml', '.mim/model-index.yml',
+        'ops/csrc/*.cpp'
     ]},
     cmdclass={'build_py': build_py_with_pth},
     install_requires=parse_requirements('runtime.txt'),

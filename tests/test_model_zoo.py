@@ -3,8 +3,8 @@ converter and with the paper; readable by mim; the README rendered from them. (E
 config's parameter count is checked against its metafile entry in
 tests/test_configs/test_config_models.py, where the models are built anyway.)"""
 import glob
-import os
 import os.path as osp
+import shutil
 import subprocess
 import sys
 
@@ -13,9 +13,10 @@ from mmengine.config import Config
 
 from mmdwnet.converters.official import target_config
 from mmdwnet.utils.complexity import model_complexity
-from mmdwnet.utils.model_zoo import (ABLATIONS_END, ABLATIONS_START, METAFILES, README_END,
+from mmdwnet.utils.model_zoo import (ABLATIONS_END, ABLATIONS_START, README_END,
                                      README_START, input_size, load_models,
-                                     render_ablations, render_model_zoo, update_readme)
+                                     render_ablations, render_model_zoo, update_complexity,
+                                     update_readme)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 MODELS = load_models(ROOT)
@@ -71,8 +72,8 @@ def test_mim_search_lists_every_config():
 
 
 @pytest.mark.parametrize('name', [
-    *REFERENCE_GMACS, 'cascade_dwconv_t_3x', 'iddwconv_t_dw_8xb128_in1k',
-    'dwconv_t_k12_384px_ft'])
+    *REFERENCE_GMACS, 'cascade_dwconv_t_3x', 'upernet_dwconv_t_512x512_160k_ade20k',
+    'iddwconv_t_dw_8xb128_in1k', 'dwconv_t_k12_384px_ft'])
 def test_flops_are_counted(name):
     """FLOPs recounted equal the metafile's; classifiers within 3% of the reference code's
     counter (the I-D-DW operator is counted by mmdwnet's rule, invisible to mmengine's)."""
@@ -139,4 +140,22 @@ def test_readme_is_rendered_from_the_metafiles(tmp_path):
     assert stale.read_text() == (f'# x\n{README_START}\n{body}\n{README_END}\n'
                                  f'{ABLATIONS_START}\n{render_ablations(MODELS)}\n'
                                  f'{ABLATIONS_END}\n')
-    assert os.path.getsize(stale) > 1000 and len(METAFILES) == 4
+
+
+def test_measure_rewrites_only_changed_numbers(tmp_path):
+    """``tools/model_zoo.py measure``: recounts, writes back only what changed, and refuses
+    unknown names before counting anything."""
+    shutil.copytree(osp.join(ROOT, 'configs', 'mmpretrain'), tmp_path / 'configs' / 'mmpretrain')
+    rel = 'configs/mmpretrain/metafile.yml'
+    path = tmp_path / rel
+    original = path.read_text()
+    name = 'dwconv_t_8xb128_in1k'
+    assert update_complexity(str(tmp_path), [rel], [name]) == []  # numbers are current
+    assert path.read_text() == original
+    path.write_text(original.replace('Parameters: 24172744', 'Parameters: 1'))
+    assert update_complexity(str(tmp_path), [rel], [name]) == [name]
+    assert path.read_text() == original
+    counted = []
+    with pytest.raises(ValueError, match=r"no metafile entry named \['dwconv_t'\]"):
+        update_complexity(str(tmp_path), [rel], ['dwconv_t', name], progress=counted.append)
+    assert counted == []

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mmdwnet.ops import inhomogeneous_dwconv2d
-from mmdwnet.utils.benchmark import machine_description, measurement_env, peak_memory_mb
+from mmdwnet.utils.benchmark import in_fresh_process, machine_description, peak_memory_mb
 from mmdwnet.utils.model_zoo import update_readme
 
 
@@ -64,15 +63,13 @@ def peak_here(impl, args) -> float:
     return peak_memory_mb(lambda: step(fn, x, w, args.device), args.device)
 
 
-def peak_memory(impl, args) -> float:
-    """:func:`peak_here` in a fresh process on CPU, in this one on CUDA."""
+def peak_memory(impl, args, argv) -> float:
+    """:func:`peak_here` in a fresh process on CPU (this tool again, with the same
+    arguments ``argv``), in this one on CUDA."""
     if args.device.startswith('cuda'):
         return peak_here(impl, args)
-    out = subprocess.run([sys.executable, __file__, '--peak-of', impl, *sys.argv[1:]],
-                         capture_output=True, text=True, env=measurement_env())
-    if out.returncode:
-        raise RuntimeError(out.stderr[-2000:])
-    return float(out.stdout.strip().splitlines()[-1])
+    return float(in_fresh_process([__file__, '--peak-of', impl, *argv],
+                                  f'memory measurement of {impl}'))
 
 
 def parse_args(argv=None):
@@ -97,7 +94,8 @@ def parse_args(argv=None):
 
 
 def main():
-    args = parse_args()
+    argv = sys.argv[1:]
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.peak_of:
         print(peak_here(args.peak_of, args))
@@ -114,7 +112,7 @@ def main():
         print(f'repeat {i + 1}/{args.repeats}: ' + ', '.join(
             f'{n} {t[-1] * 1e3:.1f} ms' for n, t in times.items()), file=sys.stderr, flush=True)
     rows = {name: dict(fwd_bwd_ms=statistics.median(t) * 1e3,
-                       peak_mem_mb=peak_memory(name, args)) for name, t in times.items()}
+                       peak_mem_mb=peak_memory(name, args, argv)) for name, t in times.items()}
     ours, ref = rows['mmdwnet'], rows['unfold']
     summary = dict(speedup=ref['fwd_bwd_ms'] / ours['fwd_bwd_ms'],
                    memory_fraction=ours['peak_mem_mb'] / ref['peak_mem_mb'])
@@ -130,7 +128,7 @@ def main():
               f"{summary['memory_fraction']:.3f} of its peak memory."]
     print('\n'.join(lines))
     if args.readme:
-        command = 'python tools/benchmark_op.py ' + ' '.join(sys.argv[1:])
+        command = 'python tools/benchmark_op.py ' + ' '.join(argv)
         update_readme(args.readme, f'Measured with `{command}`. ' + '\n'.join(lines),
                       start=README_START, end=README_END)
     if args.json:

@@ -32,10 +32,13 @@ def parse_args():
 def main():
     args = parse_args()
     if args.command == 'measure':
-        updated = update_complexity(
-            names=args.names, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-        print(f'updated {len(updated)} metafile entries; now run: '
-              'python tools/model_zoo.py readme')
+        try:
+            updated = update_complexity(
+                names=args.names, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        except ValueError as e:
+            sys.exit(f'error: {e}')
+        print(f'{len(updated)} metafile entries changed'
+              + ('; now run: python tools/model_zoo.py readme' if updated else ''))
         return
     models = load_models()
     try:

@@ -18,13 +18,15 @@ import textwrap
 import time
 from contextlib import nullcontext
 from copy import deepcopy
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from mmengine.config import Config
 from mmengine.hub import get_config
 from torch import nn
+
+from .complexity import build_task_model
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 MODELS = {
@@ -41,35 +43,34 @@ DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 BASELINE = 'swin_t'
 
 
+def is_ours(name: str) -> bool:
+    """Whether :data:`MODELS` ``name`` is an mmdwnet model (not a comparison model)."""
+    return '::' not in MODELS[name]
+
+
 def build_classifier(name: str) -> nn.Module:
-    """The ImageNet classifier of ``name`` (a key of :data:`MODELS`) from its config, with
-    the training-time batch augmentations (Mixup/CutMix) removed."""
+    """The ImageNet classifier of ``name`` (a key of :data:`MODELS`) from its config (in
+    eval mode; the timed forward passes take images, not data samples, so the config's
+    data preprocessor and batch augmentations play no part)."""
     if name not in MODELS:
         raise ValueError(f'unknown model {name!r}; choose from {sorted(MODELS)}')
     path = MODELS[name]
     # 'mmpretrain::...': a config shipped inside an installed OpenMMLab package
-    cfg = get_config(path) if '::' in path else Config.fromfile(osp.join(REPO_ROOT, path))
-    model_cfg = cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else dict(cfg.model)
-    model_cfg.pop('train_cfg', None)
-    model_cfg.pop('data_preprocessor', None)
-    if model_cfg['backbone'].get('type') == 'DWNet':
-        model_cfg['backbone']['init_cfg'] = None  # no Pretrained lookups
-    if model_cfg['backbone'].get('type') == 'SwinTransformer':
+    cfg = Config.fromfile(osp.join(REPO_ROOT, path)) if is_ours(name) else get_config(path)
+    if cfg.model.backbone.get('type') == 'SwinTransformer':
         # other input sizes than 224 (no effect at 224, where every map fits the windows)
-        model_cfg['backbone']['pad_small_map'] = True
-    from mmengine.registry import DefaultScope
-    from mmpretrain.registry import MODELS as REGISTRY
-    with DefaultScope.overwrite_default_scope('mmpretrain'):
-        return REGISTRY.build(model_cfg)
+        cfg.model.backbone.pad_small_map = True
+    return build_task_model(cfg)
 
 
-def inference_model(model: nn.Module, fuse: bool) -> nn.Module:
-    """An eval-mode copy; with ``fuse``, BatchNorms folded where the backbone can
-    (``switch_to_deploy``). Models without it run unchanged."""
+def inference_model(model: nn.Module, fuse: bool) -> Tuple[nn.Module, bool]:
+    """An eval-mode copy, and whether its BatchNorms were folded: with ``fuse``, where
+    the backbone can (``switch_to_deploy``). Models without it run unchanged."""
     model = deepcopy(model).eval()
-    if fuse and hasattr(model.backbone, 'switch_to_deploy'):
+    fused = fuse and hasattr(model.backbone, 'switch_to_deploy')
+    if fused:
         model.backbone.switch_to_deploy()
-    return model
+    return model, fused
 
 
 def _sync(device: str) -> None:
@@ -86,8 +87,7 @@ class Runner:
         self.name, self.device, self.dtype = name, device, dtype
         self.model = build_classifier(name).to(device).train()
         self.params = sum(p.numel() for p in self.model.parameters())
-        self.infer = inference_model(self.model, fuse)
-        self.fused = fuse and hasattr(self.model.backbone, 'switch_to_deploy')
+        self.infer, self.fused = inference_model(self.model, fuse)
         generator = torch.Generator().manual_seed(seed)
         self.inputs = torch.randn(batch_size, 3, img_size, img_size,
                                   generator=generator).to(device)
@@ -235,6 +235,18 @@ def measurement_env() -> Dict[str, str]:
     return dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20), MALLOC_TRIM_THRESHOLD_='0')
 
 
+def in_fresh_process(argv: Sequence[str], what: str) -> str:
+    """Run ``python *argv`` in a fresh process with :func:`measurement_env` (so that no
+    earlier allocation hides a peak) and return the last line it prints; raise with its
+    error output if it fails (``what`` names the measurement)."""
+    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                            env=measurement_env())
+    lines = result.stdout.strip().splitlines()
+    if result.returncode or not lines:
+        raise RuntimeError(f'{what} failed:\n{result.stderr[-3000:]}')
+    return lines[-1]
+
+
 def measure_memory_here(name: str, device: str, batch_size: int, img_size: int, dtype: str,
                         fuse: bool) -> Dict:
     """Peak memory (MiB above what is allocated before the step) of one inference and
@@ -252,17 +264,10 @@ def measure_memory(name: str, device: str, batch_size: int, img_size: int, dtype
     freed memory does not hide this one's peak), in this one on CUDA."""
     if device.startswith('cuda'):
         return measure_memory_here(name, device, batch_size, img_size, dtype, fuse)
-    env = measurement_env()
     code = ('import json, sys, mmdwnet; from mmdwnet.utils.benchmark import '
-            'measure_memory_here as m; print("RESULT " + json.dumps(m(*json.loads('
-            'sys.argv[1]))))')
+            'measure_memory_here as m; print(json.dumps(m(*json.loads(sys.argv[1]))))')
     args = json.dumps([name, device, batch_size, img_size, dtype, fuse])
-    result = subprocess.run([sys.executable, '-c', code, args], capture_output=True,
-                            text=True, env=env)
-    for line in result.stdout.splitlines():
-        if line.startswith('RESULT '):
-            return json.loads(line[len('RESULT '):])
-    raise RuntimeError(f'memory measurement of {name} failed:\n{result.stderr[-3000:]}')
+    return json.loads(in_fresh_process(['-c', code, args], f'memory measurement of {name}'))
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,7 +323,7 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for r in rows:
-        ours = r['model'] not in ('swin_t', 'convnext_t')
+        ours = is_ours(r['model'])
         ax.scatter(r['params'] / 1e6, r['img_per_s'], marker='o' if ours else 's',
                    color='tab:blue' if ours else 'tab:gray')
         ax.annotate(r['model'], (r['params'] / 1e6, r['img_per_s']),

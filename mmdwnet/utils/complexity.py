@@ -6,11 +6,12 @@ depth-wise operator (one opaque custom op to the tracer) and the paper's input s
 the dummy data samples the detection and segmentation models need for a ``mode='tensor'``
 forward. Like mmengine (and the reference code), "FLOPs" are multiply-accumulates.
 """
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
 from mmengine.analysis import FlopAnalyzer
-from mmengine.analysis.jit_handles import get_shape
+from mmengine.analysis.jit_handles import bmm_flop_jit, get_shape
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 from torch import nn
@@ -28,18 +29,13 @@ def inhomogeneous_dwconv_flop_jit(inputs, outputs) -> int:
     """Counting rule for ``mmdwnet::inhomogeneous_dwconv2d``: every output element is a
     K x K weighted sum, so ``numel(output) * K * K`` multiply-accumulates."""
     weight_shape = get_shape(inputs[1])  # (B, G, K, K, H, W)
-    out_numel = 1
-    for size in get_shape(outputs[0]):
-        out_numel *= size
-    return out_numel * weight_shape[2] * weight_shape[3]
+    return math.prod(get_shape(outputs[0])) * weight_shape[2] * weight_shape[3]
 
 
 def baddbmm_flop_jit(inputs, outputs) -> int:
-    """``baddbmm(bias, a, b)``: the batched product's multiply-accumulates (mmengine has
-    rules for ``bmm`` and ``addmm`` only; the I-D-DW kernel predictor uses this one)."""
-    batch, n, k = get_shape(inputs[1])
-    m = get_shape(inputs[2])[-1]
-    return batch * n * k * m
+    """``baddbmm(bias, a, b)``: mmengine's ``bmm`` rule for ``a @ b`` (mmengine has rules
+    for ``bmm`` and ``addmm`` only; the I-D-DW kernel predictor uses this one)."""
+    return bmm_flop_jit(inputs[1:3], outputs)
 
 
 OP_HANDLES = {

@@ -66,14 +66,19 @@ def update_complexity(root: str = REPO_ROOT,
                       names: Optional[Sequence[str]] = None,
                       progress: Optional[Callable[[str], None]] = None) -> List[str]:
     """Recount ``Parameters`` and ``FLOPs`` of the metafiles' configs (all, or ``names``)
-    at the paper's input sizes and write them back. Returns the names updated."""
+    at the paper's input sizes and write back the metafiles whose numbers changed. Returns
+    the names whose numbers changed; unknown names raise before anything is counted."""
     from mmengine.config import Config
 
     from .complexity import model_complexity
+    missing = set(names or ()) - {m['Name'] for m in load_models(root, metafiles)}
+    if missing:
+        raise ValueError(f'no metafile entry named {sorted(missing)}')
     updated = []
     for rel in metafiles:
         path = osp.join(root, rel)
         data = load_metafile(path)
+        changed = False
         for model in data['Models']:
             if names and model['Name'] not in names:
                 continue
@@ -81,13 +86,13 @@ def update_complexity(root: str = REPO_ROOT,
                 progress(f'counting {model["Config"]}')
             row = model_complexity(Config.fromfile(osp.join(root, model['Config'])),
                                    input_size(model))
-            model['Metadata']['Parameters'] = row['params']
-            model['Metadata']['FLOPs'] = row['flops']
-            updated.append(model['Name'])
-        dump_metafile(data, path)
-    missing = set(names or ()) - set(updated)
-    if missing:
-        raise ValueError(f'no metafile entry named {sorted(missing)}')
+            counted = dict(Parameters=row['params'], FLOPs=row['flops'])
+            if any(model['Metadata'].get(k) != v for k, v in counted.items()):
+                model['Metadata'].update(counted)
+                updated.append(model['Name'])
+                changed = True
+        if changed:
+            dump_metafile(data, path)
     return updated
 
 

@@ -12,6 +12,7 @@ from mmpretrain.registry import MODELS
 from mmdwnet.models import DWNet
 from mmdwnet.models.backbones.dwnet import ChannelSharedDWConv
 from mmdwnet.models.utils import CenteringCalibratedBN, is_foldable
+from mmdwnet.utils.model_zoo import load_models
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 # config -> (exact parameters of the classifier built here, paper's rounded figure or None)
@@ -43,6 +44,9 @@ def test_ablation_builds_counts_and_trains(name):
     params = sum(p.numel() for p in model.parameters())
     exact, paper = ABLATIONS[name]
     assert params == exact
+    # the model zoo's entry (what `mim search` and the README show) holds the same count
+    entry, = (m for m in load_models() if m['Name'] == name)
+    assert entry['Metadata']['Parameters'] == exact
     if paper is not None:
         assert abs(params - paper) <= 1e6
     # per-window Local MLP weights exist for the 224x224 windows only
