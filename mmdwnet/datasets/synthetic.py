@@ -158,6 +158,29 @@ def make_imagenet(root: str, num_train: int = 8, num_val: int = 2, size=(64, 64)
     return {split: len(split_lines) for split, split_lines in lines.items()}
 
 
+def natural_images(num: int, size: int = 224, seed: int = 0):
+    """``num`` natural-looking RGB images (smooth light gradients, texture noise, a few
+    filled shapes) as a float (num, 3, size, size) tensor normalised with ImageNet's mean
+    and standard deviation, as the classifiers' data preprocessor would hand them over."""
+    import torch
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    images = []
+    for _ in range(num):
+        a, b = rng.uniform(-60, 60, size=(2, 3))
+        base = rng.integers(70, 190, size=3) + a * xx[..., None] + b * yy[..., None]
+        noise = rng.normal(0, 10, size=(size, size, 3))
+        image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for box in _random_boxes(rng, size, size, int(rng.integers(1, 4))):
+            shape = ('rectangle', 'ellipse', 'triangle')[int(rng.integers(3))]
+            draw.polygon(_polygon(shape, box), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        images.append(np.asarray(image, dtype=np.float32))
+    mean, std = np.array([123.675, 116.28, 103.53]), np.array([58.395, 57.12, 57.375])
+    batch = (np.stack(images) - mean) / std
+    return torch.from_numpy(batch.astype(np.float32)).permute(0, 3, 1, 2).contiguous()
+
+
 def make_datasets(data_root: str = 'data',
                   tasks=('coco', 'ade20k', 'imagenet'),
                   num_train: Optional[int] = None,

@@ -3,7 +3,7 @@ shared by the batch (static DW-Conv) or one set per sample (homogeneous dynamic 
 Tap ``i`` reads row ``h + i - K // 2`` (and likewise for columns): padding K // 2 on both
 sides for odd K; for even K, K // 2 before and K // 2 - 1 after.
 
-On CPU, for float32/float64 channels-last features (the layout DWNet's blocks run in), it
+On CPU, for channels-last features of any floating dtype (the layout DWNet's blocks run in), it
 combines oneDNN's depth-wise convolution, fast in the forward direction (also used for the
 input gradient, a convolution with the rotated kernels), with the compiled kernels of
 ``csrc/depthwise_conv_cpu.cpp`` for the kernel gradient, which PyTorch computes slowly, and
@@ -12,7 +12,7 @@ along the contiguous channel axis. Per-sample kernels need no folding of the bat
 one grouped convolution in the NCHW layout. At DWNet's stage shapes (batch 16, 2 threads)
 forward + backward takes about half the time of PyTorch's channels-last convolution with
 static kernels and a third to a quarter with per-sample kernels. Elsewhere - GPU, other
-dtypes, even K, or when the extension cannot be built - it is ``F.conv2d`` with
+layouts, even K, or when the extension cannot be built - it is ``F.conv2d`` with
 ``groups=C`` (per-sample kernels: one grouped convolution over the batch folded into
 channels).
 """
@@ -103,7 +103,7 @@ class _DepthwiseConv2dCPU(torch.autograd.Function):
 
 
 def _use_compiled(input: Tensor, weight: Tensor) -> bool:
-    return (input.device.type == 'cpu' and input.dtype in (torch.float32, torch.float64)
+    return (input.device.type == 'cpu' and input.is_floating_point()
             and weight.dtype == input.dtype and weight.shape[-1] % 2 == 1
             and weight.shape[-1] == weight.shape[-2]
             and input.is_contiguous(memory_format=torch.channels_last)
@@ -121,13 +121,19 @@ def depthwise_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         bias (Tensor, optional): Per-channel bias (C). Defaults to None.
 
     Returns:
-        Tensor: (B, C, H, W), in the memory format of ``input``.
+        Tensor: (B, C, H, W), in the memory format of ``input``. Under autocast every
+        operand is cast to the autocast dtype first; float16/bfloat16 sums run in float32.
     """
     b, c = input.shape[:2]
     shared = weight.dim() == 4 and weight.shape[1] == 1 and weight.shape[0] == c
     if not shared and (weight.dim() != 4 or tuple(weight.shape[:2]) != (b, c)):
         raise ValueError('depthwise_conv2d: `weight` must be (C, 1, K, K) or (B, C, K, K) for '
                          f'input {tuple(input.shape)}, got {tuple(weight.shape)}')
+    if torch.is_autocast_enabled(input.device.type):
+        # as autocast casts F.conv2d's operands: every path then runs in its dtype
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     if _use_compiled(input, weight):
         return _DepthwiseConv2dCPU.apply(input, weight, bias, shared)
     return like_input_layout(_reference(input, weight, bias, shared), input)

@@ -4,12 +4,13 @@
 with zeros outside the feature map, for weights ``w`` of shape (B, G, K, K, H, W).
 
 The reference implementation of the paper ships this as a CUDA-only CuPy kernel; the usual
-portable rewrite unfolds the input into a K*K-times larger tensor. On CPU (float32/float64)
+portable rewrite unfolds the input into a K*K-times larger tensor. On CPU
 compiled kernels do the work (``csrc/inhomogeneous_dwconv_cpu.cpp``, see
 :mod:`mmdwnet.ops.cpu_extension`): one task per (sample, group) plane streams that plane's
-K*K kernel maps once while the group's channels stay in cache. On CUDA Triton kernels do
-(:mod:`mmdwnet.ops.triton_idwconv`). Elsewhere (CPU float16/bfloat16, no compiler, no
-Triton) the PyTorch implementation below runs: the sum runs over the
+K*K kernel maps once while the group's channels stay in cache; float16/bfloat16 operands
+are read as they are and summed in float32. On CUDA Triton kernels do
+(:mod:`mmdwnet.ops.triton_idwconv`). Elsewhere (no compiler, no Triton) the PyTorch
+implementation below runs: the sum runs over the
 K*K kernel offsets instead, each one an in-place multiply-add of the overlapping parts of the
 output and the shifted input (no padding, no unfold), so the forward pass allocates its output
 and, for float16/bfloat16, float32 buffers for a sixteenth of it at a time. The backward pass
@@ -101,9 +102,9 @@ def _shift_accumulate(src: Tensor, weight: Tensor, transposed: bool,
 
 
 def _compiled(t: Tensor):
-    """The compiled CPU kernels when they apply to ``t`` (CPU float32/float64 and the
-    extension builds), else None."""
-    if t.device.type != 'cpu' or t.dtype not in (torch.float32, torch.float64):
+    """The compiled CPU kernels when they apply to ``t`` (a CPU tensor of a floating
+    dtype, and the extension builds), else None."""
+    if t.device.type != 'cpu' or not t.is_floating_point():
         return None
     return cpu_extension.load()
 
@@ -138,10 +139,22 @@ def _kernel(triton_fn, cpu_name: str, *args):
     return out
 
 
-@torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d', mutates_args=())
-def _forward(input: Tensor, weight: Tensor) -> Tensor:
+def forward_impl(input: Tensor, weight: Tensor) -> Tensor:
+    """The forward pass on the fastest path that applies (no autograd)."""
     out = _kernel(triton_idwconv.forward, 'inhomogeneous_dwconv2d', input, weight)
     return _shift_accumulate(input, weight, transposed=False) if out is None else out
+
+
+def grad_input_impl(grad_output: Tensor, weight: Tensor) -> Tensor:
+    """The gradient w.r.t. the input (no autograd)."""
+    out = _kernel(triton_idwconv.grad_input, 'inhomogeneous_dwconv2d_grad_input',
+                  grad_output, weight)
+    return _shift_accumulate(grad_output, weight, transposed=True) if out is None else out
+
+
+@torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d', mutates_args=())
+def _forward(input: Tensor, weight: Tensor) -> Tensor:
+    return forward_impl(input, weight)
 
 
 def _like_first(first: Tensor, weight: Tensor) -> Tensor:
@@ -153,9 +166,7 @@ _forward.register_fake(_like_first)
 
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_input', mutates_args=())
 def _grad_input(grad_output: Tensor, weight: Tensor) -> Tensor:
-    out = _kernel(triton_idwconv.grad_input, 'inhomogeneous_dwconv2d_grad_input',
-                  grad_output, weight)
-    return _shift_accumulate(grad_output, weight, transposed=True) if out is None else out
+    return grad_input_impl(grad_output, weight)
 
 
 _grad_input.register_fake(_like_first)
@@ -164,6 +175,12 @@ _grad_input.register_fake(_like_first)
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_weight', mutates_args=())
 def _grad_weight(grad_output: Tensor, input: Tensor, groups: int,
                  kernel_size: int) -> Tensor:
+    return grad_weight_impl(grad_output, input, groups, kernel_size)
+
+
+def grad_weight_impl(grad_output: Tensor, input: Tensor, groups: int,
+                     kernel_size: int) -> Tensor:
+    """The gradient w.r.t. the (B, G, K, K, H, W) kernels (no autograd)."""
     out = _kernel(triton_idwconv.weight_grad, 'inhomogeneous_dwconv2d_grad_weight',
                   grad_output, input, groups, kernel_size)
     if out is not None:

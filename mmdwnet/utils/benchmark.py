@@ -73,9 +73,120 @@ def inference_model(model: nn.Module, fuse: bool) -> Tuple[nn.Module, bool]:
     return model, fused
 
 
+@torch.no_grad()
+def calibrate_batchnorms(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """Set every BatchNorm's running statistics to those of ``images`` (one train-mode
+    forward, cumulative averages), so that a randomly initialised model normalises its
+    activations as a trained one does; other layers are left as they are."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    mode = model.training
+    model.train()
+    model(images, mode='tensor')
+    model.train(mode)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model
+
+
+@torch.no_grad()
+def precision_agreement(model: nn.Module, images: torch.Tensor, dtype: str) -> Dict:
+    """How the eval-mode ``model``'s logits under ``torch.autocast`` in ``dtype`` compare
+    with float32: ``max_logit_diff`` (largest absolute difference), ``logit_range``
+    (largest absolute float32 logit, for scale) and ``top1_agreement`` (fraction of
+    images with the same top-1 class)."""
+    device = images.device.type
+    reference = model(images, mode='tensor').float()
+    with torch.autocast(device_type=device, dtype=DTYPES[dtype]):
+        low = model(images, mode='tensor').float()
+    return dict(max_logit_diff=(low - reference).abs().max().item(),
+                logit_range=reference.abs().max().item(),
+                top1_agreement=(low.argmax(1) == reference.argmax(1)).float().mean().item())
+
+
 def _sync(device: str) -> None:
     if device.startswith('cuda'):
         torch.cuda.synchronize()
+
+
+# /proc/cpuinfo flags that decide which matrix-product and conversion paths a CPU has
+ISA_FLAGS = {
+    'avx2': 'AVX2',
+    'avx512f': 'AVX-512',
+    'avx512_bf16': 'AVX-512 BF16',
+    'avx512_fp16': 'AVX-512 FP16',
+    'amx_tile': 'AMX',
+    'amx_bf16': 'AMX-BF16',
+    'amx_fp16': 'AMX-FP16',
+}
+# a dtype is native on a CPU with any of these flags (otherwise oneDNN emulates it)
+NATIVE_FLAGS = {'bf16': ('avx512_bf16', 'amx_bf16'), 'fp16': ('avx512_fp16', 'amx_fp16')}
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return set(next(line for line in f if line.startswith('flags')).split(':')[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+def cpu_model() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f
+                        if line.startswith('model name'))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def isa_summary(flags: Optional[set] = None) -> str:
+    """e.g. ``'AVX2 yes, AVX-512 yes, AVX-512 BF16 yes, AVX-512 FP16 no, AMX no, ...'``"""
+    flags = cpu_flags() if flags is None else flags
+    return ', '.join(f"{name} {'yes' if flag in flags else 'no'}"
+                     for flag, name in ISA_FLAGS.items())
+
+
+def is_native(dtype: str, flags: Optional[set] = None) -> bool:
+    """Whether the CPU computes ``dtype`` in hardware (fp32 always)."""
+    flags = cpu_flags() if flags is None else flags
+    return dtype == 'fp32' or any(f in flags for f in NATIVE_FLAGS[dtype])
+
+
+def matmul_peak_gflops(dtype: str = 'fp32', device: str = 'cpu', repeats: int = 3,
+                       sizes: Sequence[int] = (1024, 2048, 3072)) -> float:
+    """The machine's matrix-product peak in ``dtype`` (GFLOP/s, 2 FLOPs per
+    multiply-add), measured now: the best median over square products of ``sizes``, with
+    the threads the models use. Computed in ``dtype`` directly, as autocast runs ``mm``."""
+    best = 0.
+    gen = torch.Generator().manual_seed(0)
+    for n in sizes:
+        a, b = (torch.randn(n, n, generator=gen).to(device, DTYPES[dtype]) for _ in range(2))
+        torch.mm(a, b)  # warm-up (oneDNN/MKL kernel selection, page faults)
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            torch.mm(a, b)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        best = max(best, 2 * n**3 / statistics.median(times) / 1e9)
+    return best
+
+
+def count_model_flops(model: nn.Module, img_size: int, device: str = 'cpu') -> int:
+    """Multiply-accumulates of one ``img_size`` image through the classifier, counted as
+    ``tools/get_flops.py`` counts them (mmengine's FlopAnalyzer with mmdwnet's rules)."""
+    from .complexity import _TensorForward, count_flops
+    model = deepcopy(model).eval().to(device)
+    inputs = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return count_flops(_TensorForward(model, None), (inputs.to(device), ))
 
 
 class Runner:
@@ -91,6 +202,7 @@ class Runner:
         generator = torch.Generator().manual_seed(seed)
         self.inputs = torch.randn(batch_size, 3, img_size, img_size,
                                   generator=generator).to(device)
+        self.single = self.inputs[:1].clone()  # batch-1 latency, as deployment runs
         self.labels = torch.randint(0, 1000, (batch_size, ), generator=generator).to(device)
         # torch's fused AdamW (one kernel for all parameters; CPU and CUDA) for every
         # model alike; the default per-tensor loop would time the optimizer's Python
@@ -101,13 +213,14 @@ class Runner:
     def _autocast(self):
         if self.dtype == 'fp32':
             return nullcontext()
-        return torch.autocast(device_type='cuda', dtype=DTYPES[self.dtype])
+        return torch.autocast(device_type=self.device.split(':')[0], dtype=DTYPES[self.dtype])
 
-    def inference(self) -> float:
+    def inference(self, single: bool = False) -> float:
+        """Seconds for one inference of the batch (or of one image, ``single``)."""
         _sync(self.device)
         start = time.perf_counter()
         with torch.inference_mode(), self._autocast():
-            self.infer(self.inputs, mode='tensor')
+            self.infer(self.single if single else self.inputs, mode='tensor')
         _sync(self.device)
         return time.perf_counter() - start
 
@@ -128,7 +241,9 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
                   img_size: int = 224, dtype: str = 'fp32', repeats: int = 5,
                   warmup: int = 2, fuse: bool = True, train: bool = True,
                   progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
-    """Median inference throughput and training-step time of each model, interleaved."""
+    """Median inference throughput (batch ``batch_size``), batch-1 latency and
+    training-step time of each model, interleaved; and its multiply-accumulates per image
+    (``flops``)."""
     runners = []
     for name in names:
         if progress:
@@ -139,17 +254,23 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
             if progress:
                 progress(f'warm-up {i + 1}/{warmup}: {r.name}')
             r.inference()
+            r.inference(single=True)
             if train:
                 r.train_step()
     infer = {r.name: [] for r in runners}
+    latency = {r.name: [] for r in runners}
     step = {r.name: [] for r in runners}
     for i in range(repeats):
         for r in runners:
             infer[r.name].append(r.inference())
+            # one image is quick: its median over 3 calls per repeat
+            latency[r.name].append(statistics.median(r.inference(single=True)
+                                                     for _ in range(3)))
             if train:
                 step[r.name].append(r.train_step())
             if progress:
-                msg = f'repeat {i + 1}/{repeats}: {r.name} inference {infer[r.name][-1]:.3f} s'
+                msg = (f'repeat {i + 1}/{repeats}: {r.name} inference {infer[r.name][-1]:.3f} s'
+                       f', batch-1 latency {latency[r.name][-1] * 1e3:.1f} ms')
                 if train:
                     msg += f', training step {step[r.name][-1]:.3f} s'
                 progress(msg)
@@ -159,7 +280,20 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
         rows.append(dict(
             model=r.name, params=r.params, fused=r.fused,
             img_per_s=batch_size / seconds,
-            train_step_s=statistics.median(step[r.name]) if train else None))
+            latency_ms=statistics.median(latency[r.name]) * 1e3,
+            train_step_s=statistics.median(step[r.name]) if train else None,
+            flops=count_model_flops(r.model, img_size, device)))
+    return rows
+
+
+def add_efficiency(rows: List[Dict], peak_gflops: float) -> List[Dict]:
+    """``gflops_per_s`` (2 FLOPs per counted multiply-accumulate, at the measured
+    throughput) and ``peak_fraction`` (of the matrix-product peak ``peak_gflops`` in the
+    same dtype) for every row."""
+    for r in rows:
+        r['gflops_per_s'] = 2 * r['flops'] * r['img_per_s'] / 1e9
+        r['peak_gflops'] = peak_gflops
+        r['peak_fraction'] = r['gflops_per_s'] / peak_gflops
     return rows
 
 
@@ -287,14 +421,7 @@ def add_ratios(rows: List[Dict], baseline: str = BASELINE) -> List[Dict]:
 def machine_description(device: str) -> str:
     if device.startswith('cuda'):
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next(line.split(':', 1)[1].strip() for line in f
-                       if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    return f'{cpu}, {torch.get_num_threads()} threads'
+    return f'{cpu_model()}, {torch.get_num_threads()} threads'
 
 
 def format_table(rows: List[Dict], baseline: str = BASELINE) -> str:
@@ -304,13 +431,21 @@ def format_table(rows: List[Dict], baseline: str = BASELINE) -> str:
     def ratio(value):
         return '-' if value is None else f'{value:.2f}x'
 
-    lines = [f'| model | params | img/s | vs {baseline} | train step (s) | train vs {baseline} '
+    def percent(value):
+        return '-' if value is None else f'{value:.0%}'
+
+    lines = [f'| model | params | GMACs | img/s | vs {baseline} | GFLOP/s | of peak '
+             f'| batch-1 latency (ms) | train step (s) | train vs {baseline} '
              '| peak mem train (MiB) | peak mem infer (MiB) | BN folded |',
-             '|---|---:|---:|---:|---:|---:|---:|---:|---|']
+             '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|']
     for r in rows:
+        flops = r.get('flops')
         lines.append(
-            f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['img_per_s']:.2f} "
-            f"| {ratio(r.get('speedup'))} | {num(r.get('train_step_s'), '.3f')} "
+            f"| {r['model']} | {r['params'] / 1e6:.1f}M "
+            f"| {'-' if flops is None else format(flops / 1e9, '.2f')} | {r['img_per_s']:.2f} "
+            f"| {ratio(r.get('speedup'))} | {num(r.get('gflops_per_s'), '.0f')} "
+            f"| {percent(r.get('peak_fraction'))} | {num(r.get('latency_ms'), '.1f')} "
+            f"| {num(r.get('train_step_s'), '.3f')} "
             f"| {ratio(r.get('train_speedup'))} | {num(r.get('peak_mem_mb'), '.0f')} "
             f"| {num(r.get('infer_peak_mem_mb'), '.0f')} | {'yes' if r['fused'] else 'no'} |")
     return '\n'.join(lines)

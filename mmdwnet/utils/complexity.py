@@ -32,6 +32,16 @@ def inhomogeneous_dwconv_flop_jit(inputs, outputs) -> int:
     return math.prod(get_shape(outputs[0])) * weight_shape[2] * weight_shape[3]
 
 
+def predicted_idwconv_flop_jit(inputs, outputs) -> int:
+    """Counting rule for ``mmdwnet::predicted_idwconv2d(x, hidden, weight, bias, K)``: the
+    1x1 convolution that predicts the kernels (``R`` multiply-accumulates per kernel value,
+    as mmengine counts the ``bmm`` it is) plus the application, ``numel(output) * K * K``."""
+    b, r, h, w = get_shape(inputs[1])
+    rows = get_shape(inputs[2])[0]  # G * K * K
+    kernel_size = inputs[4].toIValue()
+    return b * rows * r * h * w + math.prod(get_shape(outputs[0])) * kernel_size**2
+
+
 def baddbmm_flop_jit(inputs, outputs) -> int:
     """``baddbmm(bias, a, b)``: mmengine's ``bmm`` rule for ``a @ b`` (mmengine has rules
     for ``bmm`` and ``addmm`` only; the I-D-DW kernel predictor uses this one)."""
@@ -40,6 +50,7 @@ def baddbmm_flop_jit(inputs, outputs) -> int:
 
 OP_HANDLES = {
     'mmdwnet::inhomogeneous_dwconv2d': inhomogeneous_dwconv_flop_jit,
+    'mmdwnet::predicted_idwconv2d': predicted_idwconv_flop_jit,
     'aten::baddbmm': baddbmm_flop_jit,
 }
 

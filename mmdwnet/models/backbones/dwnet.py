@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmdwnet.models.utils import (ChannelsLastPatchMerging, bn_affine, fold_bn_after,
                                   fold_bn_before_linear, is_foldable,
                                   missing_pretrained_checkpoint)
-from mmdwnet.ops import DepthwiseConv2d, InhomogeneousDWConv2d, depthwise_conv2d
+from mmdwnet.ops import DepthwiseConv2d, depthwise_conv2d, predicted_idwconv2d
 from mmdwnet.registry import ROOT_MODELS
 
 CONV_TYPES = ('dw', 'ddw', 'iddw')
@@ -93,6 +93,8 @@ class InhomogeneousDynamicDWConv(BaseModule):
     A K x K kernel per position and group of ``group_channels`` channels, predicted from
     the feature at that position (1x1 conv C -> C/r with bias, norm, ReLU, 1x1 conv
     C/r -> G*K*K), then applied by :func:`mmdwnet.ops.inhomogeneous_dwconv2d`. No bias.
+    Prediction and application are one operator, :func:`mmdwnet.ops.predicted_idwconv2d`,
+    which never stores the large kernel tensor.
 
     Args:
         channels (int): Input and output channels C.
@@ -117,39 +119,14 @@ class InhomogeneousDynamicDWConv(BaseModule):
         self.norm = build_norm_layer(norm_cfg, channels // reduction)[1]
         self.act = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(channels // reduction, self.groups * kernel_size**2, 1)
-        self.op = InhomogeneousDWConv2d(kernel_size)
-
-    # Without autograd the kernels are predicted and applied a few samples at a time, so
-    # that at most this many bytes of them exist at once (they are G*K*K/C = 16x larger
-    # than the features at the paper's settings): on CPU a few MiB, which stay in cache;
-    # on other devices, where each launch costs more, enough only to bound the memory.
-    chunk_bytes = 8 * 2**20
-    chunk_bytes_gpu = 2**30
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.act(self.norm(self.conv1(x)))
-        if torch.is_grad_enabled() and (x.requires_grad or self.conv2.weight.requires_grad):
-            return self.op(x, self._kernels(hidden))
-        b = x.shape[0]
-        budget = self.chunk_bytes if x.device.type == 'cpu' else self.chunk_bytes_gpu
-        per_sample = self.conv2.out_channels * x.shape[-2:].numel() * x.element_size()
-        step = max(1, min(b, budget // per_sample))
-        if step == b:
-            return self.op(x, self._kernels(hidden))
-        return torch.cat([
-            self.op(x[i:i + step], self._kernels(hidden[i:i + step]))
-            for i in range(0, b, step)
-        ])
-
-    def _kernels(self, hidden: Tensor) -> Tensor:
-        """Predict the (B, G, K, K, H, W) kernels with ``conv2`` as a batched matrix
-        product, written directly in the layout the operator reads: whatever the memory
-        format of the features, no transposed copy of this large tensor is made."""
-        b, r, h, w = hidden.shape
-        weight = self.conv2.weight.view(-1, r)
-        kernels = torch.baddbmm(
-            self.conv2.bias.view(1, -1, 1), weight.expand(b, -1, -1), hidden.reshape(b, r, h * w))
-        return kernels.view(b, self.groups, self.kernel_size, self.kernel_size, h, w)
+        # one operator predicts the (B, G, K, K, H, W) kernels - 16x the size of x at the
+        # paper's settings - a few samples at a time and applies them, and predicts them
+        # again in the backward pass instead of storing them
+        return predicted_idwconv2d(x, hidden, self.conv2.weight.flatten(1), self.conv2.bias,
+                                   self.kernel_size)
 
     def switch_to_deploy(self) -> None:
         """Fold the predictor's BatchNorm into ``conv1`` (the output cannot take a

@@ -13,6 +13,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -40,35 +43,145 @@ void check(const at::Tensor& t, int64_t dim, const char* name) {
   TORCH_CHECK(t.is_contiguous(), "mmdwnet_cpu: `", name, "` must be contiguous");
 }
 
+// float32 accumulation for float16/bfloat16 operands (double stays double)
+template <typename scalar_t>
+using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value, double,
+                                           float>::type;
+
+template <typename acc_t>
+struct Vec {
+  typedef acc_t type __attribute__((vector_size(32)));
+  static constexpr int64_t size = 32 / sizeof(acc_t);
+};
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+// One value as acc_t. bfloat16 is the upper half of a float32: widened with integer
+// operations that vectorise (c10::BFloat16's conversion does not, here).
+template <typename acc_t, typename scalar_t>
+inline acc_t to_acc(scalar_t v) {
+  return static_cast<acc_t>(v);
+}
+
+template <>
+inline float to_acc<float, c10::BFloat16>(c10::BFloat16 v) {
+  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+template <typename acc_t, typename T>
+inline typename Vec<acc_t>::type load(const T* p);
+
+// `n` values of `src` as acc_t in `dst`
+template <typename scalar_t, typename acc_t>
+void widen(const scalar_t* src, acc_t* dst, int64_t n) {
+  constexpr int64_t V = Vec<acc_t>::size;
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    const auto v = load<acc_t>(src + i);
+    std::memcpy(dst + i, &v, sizeof(v));
+  }
+  for (; i < n; ++i) dst[i] = to_acc<acc_t>(src[i]);
+}
+
 // transposed == false: out[p] = sum_k w_k[p] * src[p + d_k]            (forward)
 // transposed == true:  out[p + d_k] += w_k[p] * src[p]  (gradient w.r.t. the input)
+// For float16/bfloat16 the group's source planes are widened once and the sums run in a
+// float32 buffer that is rounded once at the end; the kernels are widened as they stream.
 template <typename scalar_t>
 void shift_accumulate(const scalar_t* src, const scalar_t* weight, scalar_t* out,
                       int64_t batch, int64_t channels, int64_t groups, int64_t kernel,
                       int64_t height, int64_t width, bool transposed) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool wide = std::is_same<scalar_t, acc_t>::value;
   const int64_t cpg = channels / groups, plane = height * width;
   const auto offs = offsets(kernel, height, width);
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> src_buf(wide ? 0 : cpg * plane), out_buf(wide ? 0 : cpg * plane);
     for (int64_t bg = begin; bg < end; ++bg) {
       const scalar_t* wt = weight + bg * kernel * kernel * plane;
-      const scalar_t* s = src + bg * cpg * plane;  // (b, g) -> first channel of the group
-      scalar_t* o = out + bg * cpg * plane;
-      std::fill(o, o + cpg * plane, scalar_t(0));
+      const acc_t* s;  // (b, g) -> first channel of the group
+      acc_t* o;
+      if constexpr (wide) {
+        s = src + bg * cpg * plane;
+        o = out + bg * cpg * plane;
+      } else {
+        widen(src + bg * cpg * plane, src_buf.data(), cpg * plane);
+        s = src_buf.data();
+        o = out_buf.data();
+      }
+      std::fill(o, o + cpg * plane, acc_t(0));
       for (const Offset& f : offs) {
         const scalar_t* wk = wt + f.k * plane;
         const int64_t shift = f.dy * width + f.dx;
         // forward: out[p] += w[p] * src[p + d]; transposed: out[p + d] += w[p] * src[p]
         const int64_t src_shift = transposed ? 0 : shift, out_shift = transposed ? shift : 0;
         for (int64_t c = 0; c < cpg; ++c) {
-          const scalar_t* sc = s + c * plane;
-          scalar_t* oc = o + c * plane;
+          const acc_t* sc = s + c * plane;
+          acc_t* oc = o + c * plane;
           for (int64_t h = f.h0; h < f.h1; ++h) {
             const int64_t row = h * width;
             const scalar_t* __restrict__ wr = wk + row;
-            scalar_t* __restrict__ orow = oc + row + out_shift;
-            const scalar_t* __restrict__ srow = sc + row + src_shift;
+            acc_t* __restrict__ orow = oc + row + out_shift;
+            const acc_t* __restrict__ srow = sc + row + src_shift;
 #pragma omp simd
-            for (int64_t w = f.w0; w < f.w1; ++w) orow[w] += wr[w] * srow[w];
+            for (int64_t w = f.w0; w < f.w1; ++w) {
+              orow[w] += to_acc<acc_t>(wr[w]) * srow[w];
+            }
+          }
+        }
+      }
+      if constexpr (!wide) {
+        scalar_t* dst = out + bg * cpg * plane;
+        for (int64_t i = 0; i < cpg * plane; ++i) dst[i] = static_cast<scalar_t>(o[i]);
+      }
+    }
+  });
+}
+
+// grad_w[b, g, k, p] = sum_{c in g} grad_out[b, c, p] * x[b, c, p + d_k]; each kernel row
+// is summed over the group's channels in acc_t registers/buffer and stored once.
+template <typename scalar_t>
+void weight_gradient(const scalar_t* grad_out, const scalar_t* input, scalar_t* grad_weight,
+                     int64_t batch, int64_t channels, int64_t groups, int64_t kernel,
+                     int64_t height, int64_t width) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool wide = std::is_same<scalar_t, acc_t>::value;
+  const int64_t cpg = channels / groups, plane = height * width;
+  const auto offs = offsets(kernel, height, width);
+  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> go_buf(wide ? 0 : cpg * plane), x_buf(wide ? 0 : cpg * plane);
+    std::vector<acc_t> row_buf(width);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      scalar_t* gw = grad_weight + bg * kernel * kernel * plane;
+      const acc_t *go, *x;
+      if constexpr (wide) {
+        go = grad_out + bg * cpg * plane;
+        x = input + bg * cpg * plane;
+      } else {
+        widen(grad_out + bg * cpg * plane, go_buf.data(), cpg * plane);
+        widen(input + bg * cpg * plane, x_buf.data(), cpg * plane);
+        go = go_buf.data();
+        x = x_buf.data();
+      }
+      std::fill(gw, gw + kernel * kernel * plane, scalar_t(0));  // out-of-map taps stay 0
+      for (const Offset& f : offs) {
+        scalar_t* gk = gw + f.k * plane;
+        const int64_t shift = f.dy * width + f.dx;
+        for (int64_t h = f.h0; h < f.h1; ++h) {
+          const int64_t row = h * width;
+          acc_t* __restrict__ acc = wide ? reinterpret_cast<acc_t*>(gk + row) : row_buf.data();
+          if constexpr (!wide) std::fill(acc + f.w0, acc + f.w1, acc_t(0));
+          for (int64_t c = 0; c < cpg; ++c) {
+            const acc_t* __restrict__ gorow = go + c * plane + row;
+            const acc_t* __restrict__ xrow = x + c * plane + row + shift;
+#pragma omp simd
+            for (int64_t w = f.w0; w < f.w1; ++w) acc[w] += gorow[w] * xrow[w];
+          }
+          if constexpr (!wide) {
+            for (int64_t w = f.w0; w < f.w1; ++w) gk[row + w] = static_cast<scalar_t>(acc[w]);
           }
         }
       }
@@ -76,34 +189,230 @@ void shift_accumulate(const scalar_t* src, const scalar_t* weight, scalar_t* out
   });
 }
 
-template <typename scalar_t>
-void weight_gradient(const scalar_t* grad_out, const scalar_t* input, scalar_t* grad_weight,
-                     int64_t batch, int64_t channels, int64_t groups, int64_t kernel,
-                     int64_t height, int64_t width) {
-  const int64_t cpg = channels / groups, plane = height * width;
-  const auto offs = offsets(kernel, height, width);
+// Register-blocked kernels for the common kernel sizes, used for the forward pass and the
+// kernel gradient. The group's channel planes are first copied (widened to acc_t) into
+// zero-padded planes, so that no tap needs a bounds check along a row; then each vector of
+// outputs is summed over all K*K taps (and, for the kernel gradient, over the group's
+// channels) in registers and stored once. The plain loops above load and store the
+// output at every tap; these load little more than the operands. GCC's vector extensions
+// spell the vectors out (32 bytes: AVX2/AVX-512VL registers, or pairs of SSE registers).
+
+template <typename acc_t, typename T>
+inline typename Vec<acc_t>::type load(const T* p) {  // same type: an unaligned load
+  typename Vec<acc_t>::type v;
+  if constexpr (std::is_same<T, acc_t>::value) {
+    std::memcpy(&v, p, sizeof(v));
+  } else if constexpr (std::is_same<T, c10::BFloat16>::value) {  // upper halves of floats
+    u16x8 half;
+    std::memcpy(&half, p, sizeof(half));
+    const u32x8 bits = __builtin_convertvector(half, u32x8) << 16;
+    std::memcpy(&v, &bits, sizeof(v));
+  } else {
+    for (int64_t i = 0; i < Vec<acc_t>::size; ++i) v[i] = static_cast<acc_t>(p[i]);
+  }
+  return v;
+}
+
+template <typename T, typename acc_t>
+inline void store(T* p, typename Vec<acc_t>::type v, int64_t n) {  // the first n lanes
+  if (n == Vec<acc_t>::size) {
+    if constexpr (std::is_same<T, acc_t>::value) {
+      std::memcpy(p, &v, sizeof(v));
+      return;
+    } else if constexpr (std::is_same<T, c10::BFloat16>::value &&
+                         std::is_same<acc_t, float>::value) {
+      // round to nearest even, as c10::BFloat16 does; a NaN stays a (quiet) NaN
+      u32x8 bits;
+      std::memcpy(&bits, &v, sizeof(bits));
+      const u32x8 nan = reinterpret_cast<u32x8>(v != v);  // all ones where NaN
+      const u32x8 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+      const u16x8 half = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), u16x8);
+      std::memcpy(p, &half, sizeof(half));
+      return;
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(v[i]);
+}
+
+template <typename scalar_t, typename acc_t>
+void pad_planes(const scalar_t* src, acc_t* dst, int64_t planes, int64_t height,
+                int64_t width, int64_t top, int64_t padded_h, int64_t padded_w) {
+  for (int64_t c = 0; c < planes; ++c) {
+    for (int64_t h = 0; h < height; ++h) {
+      widen(src + (c * height + h) * width, dst + (c * padded_h + h + top) * padded_w + top,
+            width);
+    }
+  }
+}
+
+// Loads of a row that may end inside the vector: the missing lanes read as zero.
+template <typename acc_t, typename T>
+inline typename Vec<acc_t>::type load_n(const T* p, int64_t n) {
+  if (n == Vec<acc_t>::size) return load<acc_t>(p);
+  typename Vec<acc_t>::type v = {};
+  for (int64_t i = 0; i < n; ++i) v[i] = to_acc<acc_t>(p[i]);
+  return v;
+}
+
+// forward: out[c, h, w] = sum_{i,j} w_ij[h, w] * x[c, h + i - K/2, w + j - K/2]
+template <typename scalar_t, int64_t K, int64_t CB>
+void forward_blocked(const scalar_t* src, const scalar_t* weight, scalar_t* out,
+                     int64_t batch, int64_t channels, int64_t groups, int64_t height,
+                     int64_t width) {
+  using acc_t = acc_type<scalar_t>;
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t V = Vec<acc_t>::size;
+  const int64_t cpg = channels / groups, plane = height * width, top = K / 2;
+  // padded rows: one vector past the last column, so that every load stays inside
+  const int64_t ph = height + K - 1, pw = width + K - 1 + V;
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> padded(cpg * ph * pw, acc_t(0));
     for (int64_t bg = begin; bg < end; ++bg) {
-      scalar_t* gw = grad_weight + bg * kernel * kernel * plane;
-      const scalar_t* go = grad_out + bg * cpg * plane;
-      const scalar_t* x = input + bg * cpg * plane;
-      std::fill(gw, gw + kernel * kernel * plane, scalar_t(0));  // out-of-map taps stay 0
-      for (const Offset& f : offs) {
-        scalar_t* gk = gw + f.k * plane;
-        const int64_t shift = f.dy * width + f.dx;
-        for (int64_t c = 0; c < cpg; ++c) {
-          for (int64_t h = f.h0; h < f.h1; ++h) {
-            const int64_t row = h * width;
-            scalar_t* __restrict__ grow = gk + row;
-            const scalar_t* __restrict__ gorow = go + c * plane + row;
-            const scalar_t* __restrict__ xrow = x + c * plane + row + shift;
-#pragma omp simd
-            for (int64_t w = f.w0; w < f.w1; ++w) grow[w] += gorow[w] * xrow[w];
+      pad_planes(src + bg * cpg * plane, padded.data(), cpg, height, width, top, ph, pw);
+      const scalar_t* wt = weight + bg * K * K * plane;
+      scalar_t* o = out + bg * cpg * plane;
+      for (int64_t c0 = 0; c0 < cpg; c0 += CB) {
+        const acc_t* xs = padded.data() + c0 * ph * pw;
+        for (int64_t h = 0; h < height; ++h) {
+          const int64_t i0 = std::max<int64_t>(0, top - h);
+          const int64_t i1 = std::min<int64_t>(K, height + top - h);
+          for (int64_t w0 = 0; w0 < width; w0 += V) {
+            const int64_t n = std::min(V, width - w0);
+            vec acc[CB] = {};
+            const scalar_t* wp = wt + h * width + w0;
+            const acc_t* xp = xs + h * pw + w0;
+            for (int64_t i = i0; i < i1; ++i) {
+              for (int64_t j = 0; j < K; ++j) {
+                const vec wv = load_n<acc_t>(wp + (i * K + j) * plane, n);
+                for (int64_t cb = 0; cb < CB; ++cb) {
+                  acc[cb] += wv * load<acc_t>(xp + cb * ph * pw + i * pw + j);
+                }
+              }
+            }
+            for (int64_t cb = 0; cb < CB; ++cb) {
+              store<scalar_t, acc_t>(o + (c0 + cb) * plane + h * width + w0, acc[cb], n);
+            }
           }
         }
       }
     }
   });
+}
+
+// gradient w.r.t. the input, as a gather: out[c, t, q] = sum_{i,j} (w_ij * g_c)[t - dy_i, q - dx_j]
+// with dy_i = i - K/2, dx_j = j - K/2. The group's gradient planes are zero-padded; for each
+// output row, the K*K kernel rows it reads are copied (widened) into zero-padded rows once,
+// then every vector of outputs sums all taps in registers and is stored once.
+template <typename scalar_t, int64_t K, int64_t CB>
+void grad_input_blocked(const scalar_t* grad_out, const scalar_t* weight, scalar_t* out,
+                        int64_t batch, int64_t channels, int64_t groups, int64_t height,
+                        int64_t width) {
+  using acc_t = acc_type<scalar_t>;
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t V = Vec<acc_t>::size;
+  const int64_t cpg = channels / groups, plane = height * width, top = K / 2;
+  const int64_t before = K - 1 - top;  // rows/columns of zeros before the map
+  const int64_t ph = height + K - 1, pw = width + K - 1 + V;
+  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> padded(cpg * ph * pw, acc_t(0)), rows(K * K * pw, acc_t(0));
+    for (int64_t bg = begin; bg < end; ++bg) {
+      pad_planes(grad_out + bg * cpg * plane, padded.data(), cpg, height, width, before, ph,
+                 pw);
+      const scalar_t* wt = weight + bg * K * K * plane;
+      scalar_t* o = out + bg * cpg * plane;
+      for (int64_t t = 0; t < height; ++t) {
+        // source row r = t - dy_i lies in the map for i in [i0, i1)
+        const int64_t i0 = std::max<int64_t>(0, t + top - height + 1);
+        const int64_t i1 = std::min<int64_t>(K, t + top + 1);
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t j = 0; j < K; ++j) {
+            widen(wt + (i * K + j) * plane + (t + top - i) * width,
+                  rows.data() + (i * K + j) * pw + before, width);
+          }
+        }
+        for (int64_t c0 = 0; c0 < cpg; c0 += CB) {
+          for (int64_t w0 = 0; w0 < width; w0 += V) {
+            vec acc[CB] = {};
+            for (int64_t i = i0; i < i1; ++i) {
+              const acc_t* gr = padded.data() + (c0 * ph + t + K - 1 - i) * pw + w0;
+              for (int64_t j = 0; j < K; ++j) {
+                const vec wv = load<acc_t>(rows.data() + (i * K + j) * pw + w0 + K - 1 - j);
+                for (int64_t cb = 0; cb < CB; ++cb) {
+                  acc[cb] += wv * load<acc_t>(gr + cb * ph * pw + K - 1 - j);
+                }
+              }
+            }
+            const int64_t n = std::min(V, width - w0);
+            for (int64_t cb = 0; cb < CB; ++cb) {
+              store<scalar_t, acc_t>(o + (c0 + cb) * plane + t * width + w0, acc[cb], n);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// grad_w[ij, h, w] = sum_c grad_out[c, h, w] * x[c, h + i - K/2, w + j - K/2]
+template <typename scalar_t, int64_t K>
+void weight_gradient_blocked(const scalar_t* grad_out, const scalar_t* input,
+                             scalar_t* grad_weight, int64_t batch, int64_t channels,
+                             int64_t groups, int64_t height, int64_t width) {
+  using acc_t = acc_type<scalar_t>;
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t V = Vec<acc_t>::size;
+  const int64_t cpg = channels / groups, plane = height * width, top = K / 2;
+  const int64_t ph = height + K - 1, pw = width + K - 1 + V;
+  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+    // grad_out widened, one vector of zeros past the end so that its loads stay inside
+    std::vector<acc_t> padded(cpg * ph * pw, acc_t(0)), go(cpg * plane + V, acc_t(0));
+    for (int64_t bg = begin; bg < end; ++bg) {
+      pad_planes(input + bg * cpg * plane, padded.data(), cpg, height, width, top, ph, pw);
+      widen(grad_out + bg * cpg * plane, go.data(), cpg * plane);
+      scalar_t* gw = grad_weight + bg * K * K * plane;
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t h0 = std::max<int64_t>(0, top - i);
+        const int64_t h1 = std::min<int64_t>(height, height + top - i);
+        for (int64_t h = 0; h < height; ++h) {
+          if (h < h0 || h >= h1) {  // the tap row lies outside the map: no gradient
+            for (int64_t j = 0; j < K; ++j) {
+              std::fill(gw + (i * K + j) * plane + h * width,
+                        gw + (i * K + j) * plane + (h + 1) * width, scalar_t(0));
+            }
+            continue;
+          }
+          for (int64_t w0 = 0; w0 < width; w0 += V) {
+            const int64_t n = std::min(V, width - w0);
+            vec acc[K] = {};
+            const acc_t* gp = go.data() + h * width + w0;
+            const acc_t* xp = padded.data() + (h + i) * pw + w0;
+            for (int64_t c = 0; c < cpg; ++c) {
+              // lanes past the row's end read the next row: their sums are not stored
+              const vec g = load<acc_t>(gp + c * plane);
+              const acc_t* row = xp + c * ph * pw;
+              for (int64_t j = 0; j < K; ++j) acc[j] += g * load<acc_t>(row + j);
+            }
+            for (int64_t j = 0; j < K; ++j) {
+              store<scalar_t, acc_t>(gw + (i * K + j) * plane + h * width + w0, acc[j], n);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Runs `fn.template operator()<K>()` for the kernel sizes with a blocked kernel; false
+// for the others, which take the plain loops.
+template <typename F>
+bool with_blocked_size(int64_t kernel, F&& fn) {
+  switch (kernel) {
+    case 3: fn(std::integral_constant<int64_t, 3>()); return true;
+    case 5: fn(std::integral_constant<int64_t, 5>()); return true;
+    case 7: fn(std::integral_constant<int64_t, 7>()); return true;
+    case 12: fn(std::integral_constant<int64_t, 12>()); return true;
+    default: return false;
+  }
 }
 
 at::Tensor forward_or_grad_input(const at::Tensor& src, const at::Tensor& weight,
@@ -117,9 +426,33 @@ at::Tensor forward_or_grad_input(const at::Tensor& src, const at::Tensor& weight
                   weight.size(5) == w && g > 0 && c % g == 0,
               "mmdwnet_cpu: weight shape does not match the input");
   auto out = at::empty_like(src);
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "mmdwnet_cpu_shift_accumulate", [&] {
-    shift_accumulate<scalar_t>(src.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-                               out.data_ptr<scalar_t>(), b, c, g, k, h, w, transposed);
+  const int64_t cpg = c / g;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "mmdwnet_cpu_shift_accumulate", [&] {
+    const scalar_t* x = src.data_ptr<scalar_t>();
+    const scalar_t* wt = weight.data_ptr<scalar_t>();
+    scalar_t* y = out.data_ptr<scalar_t>();
+    // channel blocks of 4 or 3 (DWNet's groups hold 3 * 2^s or 4 * 2^s channels)
+    const bool done = with_blocked_size(k, [&](auto size) {
+      constexpr int64_t K = decltype(size)::value;
+      auto run = [&](auto channel_block) {
+        constexpr int64_t CB = decltype(channel_block)::value;
+        if (transposed) {
+          grad_input_blocked<scalar_t, K, CB>(x, wt, y, b, c, g, h, w);
+        } else {
+          forward_blocked<scalar_t, K, CB>(x, wt, y, b, c, g, h, w);
+        }
+      };
+      if (cpg % 4 == 0) {
+        run(std::integral_constant<int64_t, 4>());
+      } else if (cpg % 3 == 0) {
+        run(std::integral_constant<int64_t, 3>());
+      } else if (cpg % 2 == 0) {
+        run(std::integral_constant<int64_t, 2>());
+      } else {
+        run(std::integral_constant<int64_t, 1>());
+      }
+    });
+    if (!done) shift_accumulate<scalar_t>(x, wt, y, b, c, g, k, h, w, transposed);
   });
   return out;
 }
@@ -139,9 +472,14 @@ at::Tensor grad_weight(const at::Tensor& grad_output, const at::Tensor& input, i
   const int64_t b = input.size(0), c = input.size(1), h = input.size(2), w = input.size(3);
   TORCH_CHECK(groups > 0 && c % groups == 0, "mmdwnet_cpu: groups must divide channels");
   auto out = at::empty({b, groups, kernel, kernel, h, w}, input.options());
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "mmdwnet_cpu_weight_gradient", [&] {
-    weight_gradient<scalar_t>(grad_output.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(),
-                              out.data_ptr<scalar_t>(), b, c, groups, kernel, h, w);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "mmdwnet_cpu_weight_gradient", [&] {
+    const scalar_t* go = grad_output.data_ptr<scalar_t>();
+    const scalar_t* x = input.data_ptr<scalar_t>();
+    scalar_t* gw = out.data_ptr<scalar_t>();
+    const bool done = with_blocked_size(kernel, [&](auto size) {
+      weight_gradient_blocked<scalar_t, decltype(size)::value>(go, x, gw, b, c, groups, h, w);
+    });
+    if (!done) weight_gradient<scalar_t>(go, x, gw, b, c, groups, kernel, h, w);
   });
   return out;
 }

@@ -1,0 +1,155 @@
+"""I-D-DW-Conv with its kernels predicted by a 1x1 convolution, as one operator.
+
+``y = inhomogeneous_dwconv2d(x, (weight @ hidden + bias).view(B, G, K, K, H, W))``
+
+The predicted kernels are G*K*K / C times larger than the features (16x in DWNet-T), so
+they are never kept: the forward pass predicts and applies them a few samples at a time
+(a chunk whose kernels fit in the CPU's cache, or a bounded slice of GPU memory), and the
+backward pass predicts them again from the small ``hidden`` map (C / 4 channels in DWNet)
+instead of saving them. Autograd then stores only ``x`` and ``hidden``, which the layers
+around the operator keep anyway; the extra work is one more 1x1 convolution per chunk,
+a matrix product with an inner size of C / 4.
+"""
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .inhomogeneous_dwconv import (_describe, forward_impl, grad_input_impl,
+                                   grad_weight_impl)
+from .layout import like_input_layout
+
+__all__ = ['predicted_idwconv2d']
+
+# Bytes of predicted kernels (and, backward, of their gradient) that exist at once: on CPU
+# a few MiB, which stay in the last-level cache between prediction and use; on GPUs, where
+# each launch costs more, enough to bound the memory only.
+CHUNK_BYTES = {'cpu': 8 * 2**20}
+CHUNK_BYTES_OTHER = 2**30
+
+
+def _chunks(input: Tensor, rows: int):
+    """Sample ranges whose predicted kernels (``rows`` values per position) fit the
+    device's chunk budget (at least one sample each)."""
+    b, _, h, w = input.shape
+    budget = CHUNK_BYTES.get(input.device.type, CHUNK_BYTES_OTHER)
+    step = max(1, min(b, budget // max(1, rows * h * w * input.element_size())))
+    return [(i, min(b, i + step)) for i in range(0, b, step)]
+
+
+def _predict(hidden: Tensor, weight: Tensor, bias: Tensor, groups: int,
+             kernel_size: int) -> Tensor:
+    """(B, G, K, K, H, W) kernels from the (B, R, H, W) map, written directly in the
+    layout the operator reads (whatever the memory format of ``hidden``)."""
+    b, r, h, w = hidden.shape
+    kernels = torch.baddbmm(bias.view(1, -1, 1), weight.expand(b, -1, -1),
+                            hidden.reshape(b, r, h * w))
+    return kernels.view(b, groups, kernel_size, kernel_size, h, w)
+
+
+@torch.library.custom_op('mmdwnet::predicted_idwconv2d', mutates_args=())
+def _forward(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
+             kernel_size: int) -> Tensor:
+    groups = weight.shape[0] // kernel_size**2
+    out = input.new_empty(input.shape)
+    for i, j in _chunks(input, weight.shape[0]):
+        kernels = _predict(hidden[i:j], weight, bias, groups, kernel_size)
+        out[i:j] = forward_impl(input[i:j].contiguous(), kernels)
+    return out
+
+
+@_forward.register_fake
+def _(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
+      kernel_size: int) -> Tensor:
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op('mmdwnet::predicted_idwconv2d_backward', mutates_args=())
+def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Tensor,
+                 bias: Tensor, kernel_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    groups = weight.shape[0] // kernel_size**2
+    grad_input = input.new_empty(input.shape)
+    grad_hidden = hidden.new_empty(hidden.shape)
+    # the kernels' gradients are summed over samples and positions in float32 at least
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    grad_weight = weight.new_zeros(weight.shape, dtype=acc)
+    grad_bias = bias.new_zeros(bias.shape, dtype=acc)
+    for i, j in _chunks(input, 2 * weight.shape[0]):  # kernels and their gradient
+        b, r = j - i, hidden.shape[1]
+        gy, x, hid = grad_output[i:j].contiguous(), input[i:j].contiguous(), hidden[i:j]
+        kernels = _predict(hid, weight, bias, groups, kernel_size)
+        grad_input[i:j] = grad_input_impl(gy, kernels)
+        del kernels
+        grad_kernels = grad_weight_impl(gy, x, groups, kernel_size).view(b, -1, x[0, 0].numel())
+        hid = hid.reshape(b, r, -1)
+        grad_hidden[i:j] = torch.bmm(weight.t().expand(b, -1, -1),
+                                     grad_kernels).view(b, r, *hidden.shape[2:])
+        grad_weight.add_(torch.bmm(grad_kernels, hid.transpose(1, 2)).sum(0, dtype=acc))
+        grad_bias.add_(grad_kernels.sum((0, 2), dtype=acc))
+    return grad_input, grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
+
+
+@_backward_op.register_fake
+def _(grad_output, input, hidden, weight, bias, kernel_size):
+    return (torch.empty_like(input, memory_format=torch.contiguous_format),
+            torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            torch.empty_like(weight), torch.empty_like(bias))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, hidden, weight, bias, kernel_size = inputs
+    ctx.save_for_backward(input, hidden, weight, bias)
+    ctx.kernel_size = kernel_size
+
+
+def _backward(ctx, grad_output: Tensor):
+    input, hidden, weight, bias = ctx.saved_tensors
+    grads = _backward_op(grad_output, input, hidden, weight, bias, ctx.kernel_size)
+    # gradients in the memory format of what they belong to (DWNet runs channels-last)
+    return (like_input_layout(grads[0], input), like_input_layout(grads[1], hidden),
+            grads[2], grads[3], None)
+
+
+_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def predicted_idwconv2d(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
+                        kernel_size: int) -> Tensor:
+    """Inhomogeneous dynamic depth-wise convolution whose kernels a 1x1 convolution
+    predicts from ``hidden``; the kernels are never stored (see the module docstring).
+
+    Args:
+        input (Tensor): Features (B, C, H, W).
+        hidden (Tensor): The predictor's input (B, R, H, W).
+        weight (Tensor): 1x1 convolution weight (G*K*K, R), rows ordered (g, i, j).
+        bias (Tensor): Its bias (G*K*K).
+        kernel_size (int): K.
+
+    Returns:
+        Tensor: (B, C, H, W) in the memory format of ``input``, equal to
+        :func:`mmdwnet.ops.inhomogeneous_dwconv2d` applied to the predicted kernels. Under
+        autocast every operand is cast to the autocast dtype, so the kernels are predicted
+        in that dtype too; float16/bfloat16 sums run in float32.
+    """
+    if not isinstance(input, Tensor) or input.dim() != 4:
+        raise ValueError('predicted_idwconv2d: `input` must be a 4-D (B, C, H, W) tensor, '
+                         f'got {_describe(input)}')
+    if not isinstance(hidden, Tensor) or hidden.dim() != 4 or (
+            hidden.shape[0], *hidden.shape[2:]) != (input.shape[0], *input.shape[2:]):
+        raise ValueError('predicted_idwconv2d: `hidden` must be a 4-D (B, R, H, W) tensor '
+                         f'matching `input` {tuple(input.shape)}, got {_describe(hidden)}')
+    rows = kernel_size**2
+    if (weight.dim() != 2 or weight.shape[1] != hidden.shape[1] or weight.shape[0] % rows
+            or input.shape[1] % (weight.shape[0] // rows) or bias.shape != weight.shape[:1]):
+        raise ValueError(
+            f'predicted_idwconv2d: `weight` must be (G*K*K, R) = (G*{rows}, '
+            f'{hidden.shape[1]}) with G dividing the {input.shape[1]} channels and `bias` '
+            f'(G*K*K), got {tuple(weight.shape)} and {tuple(bias.shape)}')
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        input, hidden, weight, bias = (t.to(dtype) for t in (input, hidden, weight, bias))
+    elif len({t.dtype for t in (input, hidden, weight, bias)}) > 1:
+        raise TypeError('predicted_idwconv2d: all operands must have the same dtype, got '
+                        f'{input.dtype}, {hidden.dtype}, {weight.dtype} and {bias.dtype}')
+    return like_input_layout(_forward(input, hidden, weight, bias, kernel_size), input)

@@ -1,0 +1,111 @@
+"""mmdwnet.ops.predicted_idwconv2d: I-D-DW with its kernels predicted by a 1x1 convolution
+inside the operator, never stored for the backward pass."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmdwnet.ops import predicted_idwconv2d
+from mmdwnet.ops import predicted_idwconv as module
+
+
+def unfold_reference(x, hidden, weight, bias, k):
+    """Independent of the operator: kernels by einsum, K x K neighbourhoods by unfold."""
+    b, c, h, w = x.shape
+    kernels = torch.einsum('or,brhw->bohw', weight, hidden) + bias.view(1, -1, 1, 1)
+    groups = weight.shape[0] // (k * k)
+    kernels = kernels.view(b, groups, 1, k, k, h, w)
+    cols = F.unfold(x, k, padding=k // 2).view(b, groups, c // groups, k, k, h, w)
+    return (cols * kernels).sum((3, 4)).view(b, c, h, w)
+
+
+def _operands(b=3, c=8, r=2, g=4, k=3, h=5, w=6, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, c, h, w, generator=gen, dtype=dtype),
+            torch.randn(b, r, h, w, generator=gen, dtype=dtype),
+            torch.randn(g * k * k, r, generator=gen, dtype=dtype),
+            torch.randn(g * k * k, generator=gen, dtype=dtype))
+
+
+@pytest.mark.parametrize('chunk_samples', [None, 1, 2])
+def test_matches_unfold_reference_and_gradcheck(chunk_samples, monkeypatch):
+    x, hidden, weight, bias = (t.requires_grad_() for t in _operands())
+    if chunk_samples:  # forward and backward both split the batch into chunks
+        monkeypatch.setitem(module.CHUNK_BYTES, 'cpu', 2 * chunk_samples * 36 * 30 * 8)
+    out = predicted_idwconv2d(x, hidden, weight, bias, 3)
+    torch.testing.assert_close(out, unfold_reference(x, hidden, weight, bias, 3),
+                               rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda *t: predicted_idwconv2d(*t, 3), (x, hidden, weight, bias))
+
+
+def test_chunks_follow_the_budget(monkeypatch):
+    x = torch.zeros(5, 8, 6, 7)
+    monkeypatch.setitem(module.CHUNK_BYTES, 'cpu', 2 * 36 * 42 * 4)  # two samples' kernels
+    assert module._chunks(x, 36) == [(0, 2), (2, 4), (4, 5)]
+    monkeypatch.setitem(module.CHUNK_BYTES, 'cpu', 1)  # at least one sample
+    assert module._chunks(x, 36) == [(i, i + 1) for i in range(5)]
+
+
+def test_the_kernels_are_not_saved_for_backward():
+    """Autograd keeps only tensors of the features' or the predictor's size, never the
+    (B, G, K, K, H, W) kernels (16x the features at DWNet's settings)."""
+    from mmdwnet.models.backbones.dwnet import InhomogeneousDynamicDWConv
+    conv = InhomogeneousDynamicDWConv(32, kernel_size=7, group_channels=1)  # G*K*K = 1568
+    x = torch.randn(2, 32, 14, 14, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
+                                                  lambda t: t):
+        y = conv(x)
+    kernels = 2 * 32 * 49 * 14 * 14
+    assert saved and max(saved) < kernels / 10, (max(saved), kernels)
+    y.sum().backward()
+    assert all(p.grad is not None for p in conv.parameters())
+
+
+def test_layouts_follow_the_operands():
+    x, hidden, weight, bias = _operands(dtype=torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    hidden = hidden.contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = predicted_idwconv2d(x, hidden, weight, bias, 3)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    gx, gh = torch.autograd.grad(out, (x, hidden),
+                                 torch.randn_like(out).contiguous(memory_format=torch.channels_last))
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    assert gh.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_autocast_bfloat16_predicts_and_applies_in_bfloat16():
+    x, hidden, weight, bias = (t.requires_grad_() for t in _operands(
+        b=2, c=16, r=4, g=4, k=7, h=9, w=9, dtype=torch.float32))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = predicted_idwconv2d(x, hidden, weight, bias, 7)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(t.grad.dtype == torch.float32 for t in (x, hidden, weight, bias))
+    # the same bfloat16-rounded operands in float64 (the kernels rounded to bfloat16 too)
+    low = [t.detach().bfloat16().double() for t in (x, hidden, weight, bias)]
+    kernels = (torch.einsum('or,brhw->bohw', low[2], low[1]) + low[3].view(1, -1, 1, 1))
+    kernels = kernels.bfloat16().double()
+    cols = F.unfold(low[0], 7, padding=3).view(2, 4, 4, 7, 7, 9, 9)
+    expected = (cols * kernels.view(2, 4, 1, 7, 7, 9, 9)).sum((3, 4)).view(2, 16, 9, 9)
+    # float32 sums of bfloat16 products, rounded once: a bfloat16 rounding of the result
+    torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=2**-8 * 4)
+
+
+def test_registered_custom_ops_pass_opcheck():
+    x, hidden, weight, bias = _operands()
+    torch.library.opcheck(torch.ops.mmdwnet.predicted_idwconv2d.default,
+                          (x.requires_grad_(), hidden.requires_grad_(), weight, bias, 3))
+    torch.library.opcheck(torch.ops.mmdwnet.predicted_idwconv2d_backward.default,
+                          (torch.randn_like(x), x.detach(), hidden.detach(), weight, bias, 3))
+
+
+def test_bad_operands_are_named():
+    x, hidden, weight, bias = _operands()
+    with pytest.raises(ValueError, match=r'`hidden` must be a 4-D \(B, R, H, W\) tensor '
+                       r'matching `input` \(3, 8, 5, 6\), got a tensor of shape \(3, 2, 5, 5\)'):
+        predicted_idwconv2d(x, hidden[..., :5], weight, bias, 3)
+    with pytest.raises(ValueError, match=r'`weight` must be \(G\*K\*K, R\) = \(G\*25, 2\)'):
+        predicted_idwconv2d(x, hidden, weight, bias, 5)
+    with pytest.raises(TypeError, match='same dtype, got torch.float32, torch.float64'):
+        predicted_idwconv2d(x.float(), hidden, weight, bias, 3)
