@@ -133,23 +133,44 @@ def _kernel(triton_fn, cpu_name: str, *args):
     neither applies and the PyTorch implementation runs."""
     out = _triton(triton_fn, *args)
     ops = _compiled(args[0]) if out is None else None
-    if ops is not None:
-        out = getattr(ops, cpu_name)(*(a.contiguous() if isinstance(a, Tensor) else a
-                                       for a in args))
+    if ops is not None:  # feature maps may be channels-last, the kernels are contiguous
+        out = getattr(ops, cpu_name)(*(
+            a.contiguous() if isinstance(a, Tensor) and a.dim() == 6 else a for a in args))
     return out
 
 
 def forward_impl(input: Tensor, weight: Tensor) -> Tensor:
-    """The forward pass on the fastest path that applies (no autograd)."""
+    """The forward pass on the fastest path that applies (no autograd), in the memory
+    format of ``input`` (the compiled kernels read and write channels-last maps as they
+    are; the other paths compute in NCHW)."""
     out = _kernel(triton_idwconv.forward, 'inhomogeneous_dwconv2d', input, weight)
-    return _shift_accumulate(input, weight, transposed=False) if out is None else out
+    if out is None:
+        out = _shift_accumulate(input, weight, transposed=False)
+    return like_input_layout(out, input)
 
 
 def grad_input_impl(grad_output: Tensor, weight: Tensor) -> Tensor:
-    """The gradient w.r.t. the input (no autograd)."""
+    """The gradient w.r.t. the input (no autograd), in the memory format of
+    ``grad_output``."""
     out = _kernel(triton_idwconv.grad_input, 'inhomogeneous_dwconv2d_grad_input',
                   grad_output, weight)
-    return _shift_accumulate(grad_output, weight, transposed=True) if out is None else out
+    if out is None:
+        out = _shift_accumulate(grad_output, weight, transposed=True)
+    return like_input_layout(out, grad_output)
+
+
+def into(kind: str, src: Tensor, weight: Tensor, out: Tensor) -> None:
+    """``out[...] = forward_impl(src, weight)`` (``kind='forward'``) or
+    ``grad_input_impl`` (``'grad_input'``), written in place by the compiled kernels where
+    they apply (``out`` NCHW or channels-last): no temporary, no copy."""
+    ops = None if triton_idwconv.available(src) and not _triton_failed else _compiled(src)
+    if ops is not None and (out.is_contiguous()
+                            or out.is_contiguous(memory_format=torch.channels_last)):
+        name = 'inhomogeneous_dwconv2d' + ('_into' if kind == 'forward' else
+                                           '_grad_input_into')
+        getattr(ops, name)(src, weight.contiguous(), out)
+    else:
+        out.copy_((forward_impl if kind == 'forward' else grad_input_impl)(src, weight))
 
 
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d', mutates_args=())
@@ -158,7 +179,8 @@ def _forward(input: Tensor, weight: Tensor) -> Tensor:
 
 
 def _like_first(first: Tensor, weight: Tensor) -> Tensor:
-    return torch.empty_like(first, memory_format=torch.contiguous_format)
+    return like_input_layout(torch.empty_like(first, memory_format=torch.contiguous_format),
+                             first)
 
 
 _forward.register_fake(_like_first)

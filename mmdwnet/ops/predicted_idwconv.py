@@ -15,8 +15,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .inhomogeneous_dwconv import (_describe, forward_impl, grad_input_impl,
-                                   grad_weight_impl)
+from .inhomogeneous_dwconv import _describe, grad_weight_impl, into
 from .layout import like_input_layout
 
 __all__ = ['predicted_idwconv2d']
@@ -51,39 +50,48 @@ def _predict(hidden: Tensor, weight: Tensor, bias: Tensor, groups: int,
 def _forward(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
              kernel_size: int) -> Tensor:
     groups = weight.shape[0] // kernel_size**2
-    out = input.new_empty(input.shape)
+    out = _empty_like(input)
     for i, j in _chunks(input, weight.shape[0]):
         kernels = _predict(hidden[i:j], weight, bias, groups, kernel_size)
-        out[i:j] = forward_impl(input[i:j].contiguous(), kernels)
+        into('forward', input[i:j], kernels, out[i:j])
     return out
+
+
+def _empty_like(t: Tensor) -> Tensor:
+    """An uninitialised tensor like ``t``: channels-last where ``t`` is, else NCHW."""
+    return like_input_layout(torch.empty_like(t, memory_format=torch.contiguous_format), t)
 
 
 @_forward.register_fake
 def _(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
       kernel_size: int) -> Tensor:
-    return torch.empty_like(input, memory_format=torch.contiguous_format)
+    return _empty_like(input)
 
 
 @torch.library.custom_op('mmdwnet::predicted_idwconv2d_backward', mutates_args=())
 def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Tensor,
                  bias: Tensor, kernel_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     groups = weight.shape[0] // kernel_size**2
-    grad_input = input.new_empty(input.shape)
-    grad_hidden = hidden.new_empty(hidden.shape)
+    grad_input = _empty_like(input)
+    grad_hidden = _empty_like(hidden)
     # the kernels' gradients are summed over samples and positions in float32 at least
     acc = torch.promote_types(weight.dtype, torch.float32)
     grad_weight = weight.new_zeros(weight.shape, dtype=acc)
     grad_bias = bias.new_zeros(bias.shape, dtype=acc)
     for i, j in _chunks(input, 2 * weight.shape[0]):  # kernels and their gradient
         b, r = j - i, hidden.shape[1]
-        gy, x, hid = grad_output[i:j].contiguous(), input[i:j].contiguous(), hidden[i:j]
+        gy, x, hid = grad_output[i:j], input[i:j], hidden[i:j]
         kernels = _predict(hid, weight, bias, groups, kernel_size)
-        grad_input[i:j] = grad_input_impl(gy, kernels)
+        into('grad_input', gy, kernels, grad_input[i:j])
         del kernels
         grad_kernels = grad_weight_impl(gy, x, groups, kernel_size).view(b, -1, x[0, 0].numel())
         hid = hid.reshape(b, r, -1)
-        grad_hidden[i:j] = torch.bmm(weight.t().expand(b, -1, -1),
-                                     grad_kernels).view(b, r, *hidden.shape[2:])
+        if hidden.is_contiguous(memory_format=torch.channels_last):  # (b, H*W, R) rows
+            torch.bmm(grad_kernels.transpose(1, 2), weight.expand(b, -1, -1),
+                      out=grad_hidden[i:j].permute(0, 2, 3, 1).view(b, -1, r))
+        else:
+            torch.bmm(weight.t().expand(b, -1, -1), grad_kernels,
+                      out=grad_hidden[i:j].view(b, r, -1))
         grad_weight.add_(torch.bmm(grad_kernels, hid.transpose(1, 2)).sum(0, dtype=acc))
         grad_bias.add_(grad_kernels.sum((0, 2), dtype=acc))
     return grad_input, grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
@@ -91,9 +99,8 @@ def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Ten
 
 @_backward_op.register_fake
 def _(grad_output, input, hidden, weight, bias, kernel_size):
-    return (torch.empty_like(input, memory_format=torch.contiguous_format),
-            torch.empty_like(hidden, memory_format=torch.contiguous_format),
-            torch.empty_like(weight), torch.empty_like(bias))
+    return (_empty_like(input), _empty_like(hidden), torch.empty_like(weight),
+            torch.empty_like(bias))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -104,10 +111,12 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_output: Tensor):
     input, hidden, weight, bias = ctx.saved_tensors
-    grads = _backward_op(grad_output, input, hidden, weight, bias, ctx.kernel_size)
     # gradients in the memory format of what they belong to (DWNet runs channels-last)
-    return (like_input_layout(grads[0], input), like_input_layout(grads[1], hidden),
-            grads[2], grads[3], None)
+    if not (grad_output.is_contiguous()
+            or grad_output.is_contiguous(memory_format=torch.channels_last)):
+        grad_output = like_input_layout(grad_output.contiguous(), input)
+    grads = _backward_op(grad_output, input, hidden, weight, bias, ctx.kernel_size)
+    return (*grads, None)
 
 
 _forward.register_autograd(_backward, setup_context=_setup_context)

@@ -3,7 +3,8 @@
 //
 //   y[b, c, h, w] = sum_{i,j} w[b, g(c), i, j, h, w] * x[b, c, h + i - K/2, w + j - K/2]
 //
-// Input/output (B, C, H, W) and kernels (B, G, K, K, H, W), all contiguous. One task per
+// Input/output (B, C, H, W), NCHW-contiguous or channels-last, and kernels
+// (B, G, K, K, H, W), contiguous. One task per
 // (sample, group) plane: its K*K kernel maps are streamed once, while the C/G channel
 // planes of the group stay in cache over the K*K offsets; the innermost loop runs along a
 // row and vectorises. Operators are registered under torch.ops.mmdwnet_cpu (no Python
@@ -234,14 +235,41 @@ inline void store(T* p, typename Vec<acc_t>::type v, int64_t n) {  // the first 
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(v[i]);
 }
 
+// Strides of a (B, C, H, W) feature map, in elements: NCHW-contiguous or channels-last.
+struct Layout {
+  int64_t b, c, h, w;
+  explicit Layout(const at::Tensor& t)
+      : b(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
+  // first element of group g of sample n
+  int64_t group(int64_t n, int64_t g, int64_t cpg) const { return n * b + g * cpg * c; }
+};
+
+// The group's `planes` channel planes of `src` (layout `in`), widened to acc_t, into
+// zero-bordered planes of padded_h x padded_w starting at row/column `top`.
 template <typename scalar_t, typename acc_t>
-void pad_planes(const scalar_t* src, acc_t* dst, int64_t planes, int64_t height,
-                int64_t width, int64_t top, int64_t padded_h, int64_t padded_w) {
+void pad_planes(const scalar_t* src, const Layout& in, acc_t* dst, int64_t planes,
+                int64_t height, int64_t width, int64_t top, int64_t padded_h,
+                int64_t padded_w) {
   for (int64_t c = 0; c < planes; ++c) {
     for (int64_t h = 0; h < height; ++h) {
-      widen(src + (c * height + h) * width, dst + (c * padded_h + h + top) * padded_w + top,
-            width);
+      const scalar_t* row = src + c * in.c + h * in.h;
+      acc_t* out = dst + (c * padded_h + h + top) * padded_w + top;
+      if (in.w == 1) {
+        widen(row, out, width);
+      } else {  // channels-last: a strided row
+        for (int64_t w = 0; w < width; ++w) out[w] = to_acc<acc_t>(row[w * in.w]);
+      }
     }
+  }
+}
+
+// The first n lanes of v to p[0], p[stride], ...
+template <typename T, typename acc_t>
+inline void store_strided(T* p, int64_t stride, typename Vec<acc_t>::type v, int64_t n) {
+  if (stride == 1) {
+    store<T, acc_t>(p, v, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) p[i * stride] = static_cast<T>(v[i]);
   }
 }
 
@@ -256,9 +284,9 @@ inline typename Vec<acc_t>::type load_n(const T* p, int64_t n) {
 
 // forward: out[c, h, w] = sum_{i,j} w_ij[h, w] * x[c, h + i - K/2, w + j - K/2]
 template <typename scalar_t, int64_t K, int64_t CB>
-void forward_blocked(const scalar_t* src, const scalar_t* weight, scalar_t* out,
-                     int64_t batch, int64_t channels, int64_t groups, int64_t height,
-                     int64_t width) {
+void forward_blocked(const scalar_t* src, const Layout& in, const scalar_t* weight,
+                     scalar_t* out, const Layout& lo, int64_t batch, int64_t channels,
+                     int64_t groups, int64_t height, int64_t width) {
   using acc_t = acc_type<scalar_t>;
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t V = Vec<acc_t>::size;
@@ -268,9 +296,11 @@ void forward_blocked(const scalar_t* src, const scalar_t* weight, scalar_t* out,
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> padded(cpg * ph * pw, acc_t(0));
     for (int64_t bg = begin; bg < end; ++bg) {
-      pad_planes(src + bg * cpg * plane, padded.data(), cpg, height, width, top, ph, pw);
+      const int64_t n_ = bg / groups, g_ = bg % groups;
+      pad_planes(src + in.group(n_, g_, cpg), in, padded.data(), cpg, height, width, top, ph,
+                 pw);
       const scalar_t* wt = weight + bg * K * K * plane;
-      scalar_t* o = out + bg * cpg * plane;
+      scalar_t* o = out + lo.group(n_, g_, cpg);
       for (int64_t c0 = 0; c0 < cpg; c0 += CB) {
         const acc_t* xs = padded.data() + c0 * ph * pw;
         for (int64_t h = 0; h < height; ++h) {
@@ -290,7 +320,8 @@ void forward_blocked(const scalar_t* src, const scalar_t* weight, scalar_t* out,
               }
             }
             for (int64_t cb = 0; cb < CB; ++cb) {
-              store<scalar_t, acc_t>(o + (c0 + cb) * plane + h * width + w0, acc[cb], n);
+              store_strided<scalar_t, acc_t>(o + (c0 + cb) * lo.c + h * lo.h + w0 * lo.w, lo.w,
+                                             acc[cb], n);
             }
           }
         }
@@ -304,9 +335,9 @@ void forward_blocked(const scalar_t* src, const scalar_t* weight, scalar_t* out,
 // output row, the K*K kernel rows it reads are copied (widened) into zero-padded rows once,
 // then every vector of outputs sums all taps in registers and is stored once.
 template <typename scalar_t, int64_t K, int64_t CB>
-void grad_input_blocked(const scalar_t* grad_out, const scalar_t* weight, scalar_t* out,
-                        int64_t batch, int64_t channels, int64_t groups, int64_t height,
-                        int64_t width) {
+void grad_input_blocked(const scalar_t* grad_out, const Layout& in, const scalar_t* weight,
+                        scalar_t* out, const Layout& lo, int64_t batch, int64_t channels,
+                        int64_t groups, int64_t height, int64_t width) {
   using acc_t = acc_type<scalar_t>;
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t V = Vec<acc_t>::size;
@@ -316,10 +347,11 @@ void grad_input_blocked(const scalar_t* grad_out, const scalar_t* weight, scalar
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> padded(cpg * ph * pw, acc_t(0)), rows(K * K * pw, acc_t(0));
     for (int64_t bg = begin; bg < end; ++bg) {
-      pad_planes(grad_out + bg * cpg * plane, padded.data(), cpg, height, width, before, ph,
-                 pw);
+      const int64_t n_ = bg / groups, g_ = bg % groups;
+      pad_planes(grad_out + in.group(n_, g_, cpg), in, padded.data(), cpg, height, width,
+                 before, ph, pw);
       const scalar_t* wt = weight + bg * K * K * plane;
-      scalar_t* o = out + bg * cpg * plane;
+      scalar_t* o = out + lo.group(n_, g_, cpg);
       for (int64_t t = 0; t < height; ++t) {
         // source row r = t - dy_i lies in the map for i in [i0, i1)
         const int64_t i0 = std::max<int64_t>(0, t + top - height + 1);
@@ -344,7 +376,8 @@ void grad_input_blocked(const scalar_t* grad_out, const scalar_t* weight, scalar
             }
             const int64_t n = std::min(V, width - w0);
             for (int64_t cb = 0; cb < CB; ++cb) {
-              store<scalar_t, acc_t>(o + (c0 + cb) * plane + t * width + w0, acc[cb], n);
+              store_strided<scalar_t, acc_t>(o + (c0 + cb) * lo.c + t * lo.h + w0 * lo.w, lo.w,
+                                             acc[cb], n);
             }
           }
         }
@@ -355,9 +388,10 @@ void grad_input_blocked(const scalar_t* grad_out, const scalar_t* weight, scalar
 
 // grad_w[ij, h, w] = sum_c grad_out[c, h, w] * x[c, h + i - K/2, w + j - K/2]
 template <typename scalar_t, int64_t K>
-void weight_gradient_blocked(const scalar_t* grad_out, const scalar_t* input,
-                             scalar_t* grad_weight, int64_t batch, int64_t channels,
-                             int64_t groups, int64_t height, int64_t width) {
+void weight_gradient_blocked(const scalar_t* grad_out, const Layout& lg, const scalar_t* input,
+                             const Layout& lx, scalar_t* grad_weight, int64_t batch,
+                             int64_t channels, int64_t groups, int64_t height,
+                             int64_t width) {
   using acc_t = acc_type<scalar_t>;
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t V = Vec<acc_t>::size;
@@ -367,8 +401,11 @@ void weight_gradient_blocked(const scalar_t* grad_out, const scalar_t* input,
     // grad_out widened, one vector of zeros past the end so that its loads stay inside
     std::vector<acc_t> padded(cpg * ph * pw, acc_t(0)), go(cpg * plane + V, acc_t(0));
     for (int64_t bg = begin; bg < end; ++bg) {
-      pad_planes(input + bg * cpg * plane, padded.data(), cpg, height, width, top, ph, pw);
-      widen(grad_out + bg * cpg * plane, go.data(), cpg * plane);
+      const int64_t n_ = bg / groups, g_ = bg % groups;
+      pad_planes(input + lx.group(n_, g_, cpg), lx, padded.data(), cpg, height, width, top, ph,
+                 pw);
+      pad_planes(grad_out + lg.group(n_, g_, cpg), lg, go.data(), cpg, height, width, 0,
+                 height, width);
       scalar_t* gw = grad_weight + bg * K * K * plane;
       for (int64_t i = 0; i < K; ++i) {
         const int64_t h0 = std::max<int64_t>(0, top - i);
@@ -415,31 +452,43 @@ bool with_blocked_size(int64_t kernel, F&& fn) {
   }
 }
 
-at::Tensor forward_or_grad_input(const at::Tensor& src, const at::Tensor& weight,
-                                 bool transposed) {
-  check(src, 4, transposed ? "grad_output" : "input");
+bool is_nchw_or_channels_last(const at::Tensor& t) {
+  return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Writes into `out` (same shape as `src`): NCHW-contiguous or channels-last, either one for
+// the blocked kernels (the plain loops work on NCHW copies).
+void forward_or_grad_input_into(const at::Tensor& src_, const at::Tensor& weight,
+                                const at::Tensor& out, bool transposed) {
+  const char* name = transposed ? "grad_output" : "input";
+  TORCH_CHECK(src_.device().is_cpu() && src_.dim() == 4, "mmdwnet_cpu: `", name,
+              "` must be a 4-D CPU tensor");
   check(weight, 6, "weight");
-  TORCH_CHECK(src.scalar_type() == weight.scalar_type(), "mmdwnet_cpu: dtype mismatch");
-  const int64_t b = src.size(0), c = src.size(1), h = src.size(2), w = src.size(3);
+  TORCH_CHECK(src_.scalar_type() == weight.scalar_type() &&
+                  out.scalar_type() == weight.scalar_type(), "mmdwnet_cpu: dtype mismatch");
+  const int64_t b = src_.size(0), c = src_.size(1), h = src_.size(2), w = src_.size(3);
   const int64_t g = weight.size(1), k = weight.size(2);
   TORCH_CHECK(weight.size(0) == b && weight.size(3) == k && weight.size(4) == h &&
                   weight.size(5) == w && g > 0 && c % g == 0,
               "mmdwnet_cpu: weight shape does not match the input");
-  auto out = at::empty_like(src);
+  TORCH_CHECK(out.sizes() == src_.sizes() && is_nchw_or_channels_last(out),
+              "mmdwnet_cpu: `out` must have the input's shape, NCHW or channels-last");
+  const at::Tensor src = is_nchw_or_channels_last(src_) ? src_ : src_.contiguous();
   const int64_t cpg = c / g;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "mmdwnet_cpu_shift_accumulate", [&] {
     const scalar_t* x = src.data_ptr<scalar_t>();
     const scalar_t* wt = weight.data_ptr<scalar_t>();
-    scalar_t* y = out.data_ptr<scalar_t>();
+    const Layout in(src), lo(out);
     // channel blocks of 4 or 3 (DWNet's groups hold 3 * 2^s or 4 * 2^s channels)
     const bool done = with_blocked_size(k, [&](auto size) {
       constexpr int64_t K = decltype(size)::value;
       auto run = [&](auto channel_block) {
         constexpr int64_t CB = decltype(channel_block)::value;
+        scalar_t* y = out.data_ptr<scalar_t>();
         if (transposed) {
-          grad_input_blocked<scalar_t, K, CB>(x, wt, y, b, c, g, h, w);
+          grad_input_blocked<scalar_t, K, CB>(x, in, wt, y, lo, b, c, g, h, w);
         } else {
-          forward_blocked<scalar_t, K, CB>(x, wt, y, b, c, g, h, w);
+          forward_blocked<scalar_t, K, CB>(x, in, wt, y, lo, b, c, g, h, w);
         }
       };
       if (cpg % 4 == 0) {
@@ -452,23 +501,50 @@ at::Tensor forward_or_grad_input(const at::Tensor& src, const at::Tensor& weight
         run(std::integral_constant<int64_t, 1>());
       }
     });
-    if (!done) shift_accumulate<scalar_t>(x, wt, y, b, c, g, k, h, w, transposed);
+    if (!done) {
+      const at::Tensor x_nchw = src.contiguous();
+      at::Tensor y = out.is_contiguous() ? out : at::empty_like(x_nchw);
+      shift_accumulate<scalar_t>(x_nchw.data_ptr<scalar_t>(), wt, y.data_ptr<scalar_t>(), b,
+                                 c, g, k, h, w, transposed);
+      if (!out.is_contiguous()) out.copy_(y);
+    }
   });
+}
+
+// the output in the memory format of the input
+at::Tensor forward(const at::Tensor& input, const at::Tensor& weight) {
+  auto out = at::empty_like(input, is_nchw_or_channels_last(input)
+                                       ? at::MemoryFormat::Preserve
+                                       : at::MemoryFormat::Contiguous);
+  forward_or_grad_input_into(input, weight, out, false);
   return out;
 }
 
-at::Tensor forward(const at::Tensor& input, const at::Tensor& weight) {
-  return forward_or_grad_input(input, weight, false);
-}
-
 at::Tensor grad_input(const at::Tensor& grad_output, const at::Tensor& weight) {
-  return forward_or_grad_input(grad_output, weight, true);
+  auto out = at::empty_like(grad_output, is_nchw_or_channels_last(grad_output)
+                                             ? at::MemoryFormat::Preserve
+                                             : at::MemoryFormat::Contiguous);
+  forward_or_grad_input_into(grad_output, weight, out, true);
+  return out;
 }
 
-at::Tensor grad_weight(const at::Tensor& grad_output, const at::Tensor& input, int64_t groups,
-                       int64_t kernel) {
-  check(grad_output, 4, "grad_output");
-  check(input, 4, "input");
+void forward_into(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& out) {
+  forward_or_grad_input_into(input, weight, out, false);
+}
+
+void grad_input_into(const at::Tensor& grad_output, const at::Tensor& weight,
+                     const at::Tensor& out) {
+  forward_or_grad_input_into(grad_output, weight, out, true);
+}
+
+at::Tensor grad_weight(const at::Tensor& grad_output_, const at::Tensor& input_,
+                       int64_t groups, int64_t kernel) {
+  TORCH_CHECK(grad_output_.device().is_cpu() && grad_output_.dim() == 4 &&
+                  input_.device().is_cpu() && input_.dim() == 4,
+              "mmdwnet_cpu: `grad_output` and `input` must be 4-D CPU tensors");
+  const at::Tensor grad_output =
+      is_nchw_or_channels_last(grad_output_) ? grad_output_ : grad_output_.contiguous();
+  const at::Tensor input = is_nchw_or_channels_last(input_) ? input_ : input_.contiguous();
   const int64_t b = input.size(0), c = input.size(1), h = input.size(2), w = input.size(3);
   TORCH_CHECK(groups > 0 && c % groups == 0, "mmdwnet_cpu: groups must divide channels");
   auto out = at::empty({b, groups, kernel, kernel, h, w}, input.options());
@@ -476,10 +552,16 @@ at::Tensor grad_weight(const at::Tensor& grad_output, const at::Tensor& input, i
     const scalar_t* go = grad_output.data_ptr<scalar_t>();
     const scalar_t* x = input.data_ptr<scalar_t>();
     scalar_t* gw = out.data_ptr<scalar_t>();
+    const Layout lg(grad_output), lx(input);
     const bool done = with_blocked_size(kernel, [&](auto size) {
-      weight_gradient_blocked<scalar_t, decltype(size)::value>(go, x, gw, b, c, groups, h, w);
+      weight_gradient_blocked<scalar_t, decltype(size)::value>(go, lg, x, lx, gw, b, c, groups,
+                                                               h, w);
     });
-    if (!done) weight_gradient<scalar_t>(go, x, gw, b, c, groups, kernel, h, w);
+    if (!done) {
+      const at::Tensor go_nchw = grad_output.contiguous(), x_nchw = input.contiguous();
+      weight_gradient<scalar_t>(go_nchw.data_ptr<scalar_t>(), x_nchw.data_ptr<scalar_t>(), gw,
+                                b, c, groups, kernel, h, w);
+    }
   });
   return out;
 }
@@ -488,6 +570,11 @@ at::Tensor grad_weight(const at::Tensor& grad_output, const at::Tensor& input, i
 
 TORCH_LIBRARY_FRAGMENT(mmdwnet_cpu, m) {
   m.def("inhomogeneous_dwconv2d(Tensor input, Tensor weight) -> Tensor", &forward);
+  m.def("inhomogeneous_dwconv2d_into(Tensor input, Tensor weight, Tensor(a!) out) -> ()",
+        &forward_into);
+  m.def("inhomogeneous_dwconv2d_grad_input_into(Tensor grad_output, Tensor weight, "
+        "Tensor(a!) out) -> ()",
+        &grad_input_into);
   m.def("inhomogeneous_dwconv2d_grad_input(Tensor grad_output, Tensor weight) -> Tensor",
         &grad_input);
   m.def("inhomogeneous_dwconv2d_grad_weight(Tensor grad_output, Tensor input, int groups, "
