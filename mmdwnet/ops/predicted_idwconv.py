@@ -36,14 +36,24 @@ def _chunks(input: Tensor, rows: int):
     return [(i, min(b, i + step)) for i in range(0, b, step)]
 
 
-def _predict(hidden: Tensor, weight: Tensor, bias: Tensor, groups: int,
-             kernel_size: int) -> Tensor:
-    """(B, G, K, K, H, W) kernels from the (B, R, H, W) map, written directly in the
-    layout the operator reads (whatever the memory format of ``hidden``)."""
+def _predict(hidden: Tensor, weight: Tensor, bias: Tensor, groups: int, kernel_size: int,
+             buffer: Tensor) -> Tensor:
+    """(B, G, K, K, H, W) kernels from the (B, R, H, W) map, in the layout the operator
+    reads (whatever the memory format of ``hidden``), written into ``buffer`` (at least B
+    samples of (G*K*K, H*W)): one ``addmm`` per sample, which adds the bias inside the
+    matrix product (``baddbmm`` first copies the broadcast bias into its whole, large,
+    output) and reuses the memory of the previous chunk."""
     b, r, h, w = hidden.shape
-    kernels = torch.baddbmm(bias.view(1, -1, 1), weight.expand(b, -1, -1),
-                            hidden.reshape(b, r, h * w))
-    return kernels.view(b, groups, kernel_size, kernel_size, h, w)
+    out = buffer[:b]
+    for n in range(b):
+        torch.addmm(bias[:, None], weight, hidden[n].reshape(r, h * w), out=out[n])
+    return out.view(b, groups, kernel_size, kernel_size, h, w)
+
+
+def _buffer(input: Tensor, weight: Tensor, chunks) -> Tensor:
+    """Memory for the largest chunk's kernels."""
+    samples = max(j - i for i, j in chunks)
+    return weight.new_empty(samples, weight.shape[0], input.shape[2] * input.shape[3])
 
 
 @torch.library.custom_op('mmdwnet::predicted_idwconv2d', mutates_args=())
@@ -51,8 +61,10 @@ def _forward(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
              kernel_size: int) -> Tensor:
     groups = weight.shape[0] // kernel_size**2
     out = _empty_like(input)
-    for i, j in _chunks(input, weight.shape[0]):
-        kernels = _predict(hidden[i:j], weight, bias, groups, kernel_size)
+    chunks = _chunks(input, weight.shape[0])
+    buffer = _buffer(input, weight, chunks)
+    for i, j in chunks:
+        kernels = _predict(hidden[i:j], weight, bias, groups, kernel_size, buffer)
         into('forward', input[i:j], kernels, out[i:j])
     return out
 
@@ -78,12 +90,13 @@ def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Ten
     acc = torch.promote_types(weight.dtype, torch.float32)
     grad_weight = weight.new_zeros(weight.shape, dtype=acc)
     grad_bias = bias.new_zeros(bias.shape, dtype=acc)
-    for i, j in _chunks(input, 2 * weight.shape[0]):  # kernels and their gradient
+    chunks = _chunks(input, 2 * weight.shape[0])  # kernels and their gradient
+    buffer = _buffer(input, weight, chunks)
+    for i, j in chunks:
         b, r = j - i, hidden.shape[1]
         gy, x, hid = grad_output[i:j], input[i:j], hidden[i:j]
-        kernels = _predict(hid, weight, bias, groups, kernel_size)
+        kernels = _predict(hid, weight, bias, groups, kernel_size, buffer)
         into('grad_input', gy, kernels, grad_input[i:j])
-        del kernels
         grad_kernels = grad_weight_impl(gy, x, groups, kernel_size).view(b, -1, x[0, 0].numel())
         hid = hid.reshape(b, r, -1)
         if hidden.is_contiguous(memory_format=torch.channels_last):  # (b, H*W, R) rows
