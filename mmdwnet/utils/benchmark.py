@@ -243,7 +243,9 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
                   progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
     """Median inference throughput (batch ``batch_size``), batch-1 latency and
     training-step time of each model, interleaved; and its multiply-accumulates per image
-    (``flops``)."""
+    (``flops``). For fp16/bf16, also how its logits agree with fp32
+    (:func:`precision_agreement`) on 8 natural-looking images, with BatchNorm statistics
+    calibrated on them (:func:`calibrate_batchnorms`) and in the timed (folded) form."""
     runners = []
     for name in names:
         if progress:
@@ -283,6 +285,14 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
             latency_ms=statistics.median(latency[r.name]) * 1e3,
             train_step_s=statistics.median(step[r.name]) if train else None,
             flops=count_model_flops(r.model, img_size, device)))
+    if dtype != 'fp32':
+        from mmdwnet.datasets import natural_images
+        images = natural_images(8, img_size).to(device)
+        for r, row in zip(runners, rows):
+            if progress:
+                progress(f'{dtype} against fp32 logits: {r.name}')
+            model = calibrate_batchnorms(deepcopy(r.model), images)
+            row.update(precision_agreement(inference_model(model, fuse)[0], images, dtype))
     return rows
 
 
@@ -434,10 +444,13 @@ def format_table(rows: List[Dict], baseline: str = BASELINE) -> str:
     def percent(value):
         return '-' if value is None else f'{value:.0%}'
 
+    agreement = any('top1_agreement' in r for r in rows)
     lines = [f'| model | params | GMACs | img/s | vs {baseline} | GFLOP/s | of peak '
              f'| batch-1 latency (ms) | train step (s) | train vs {baseline} '
-             '| peak mem train (MiB) | peak mem infer (MiB) | BN folded |',
-             '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|']
+             '| peak mem train (MiB) | peak mem infer (MiB) | BN folded |'
+             + (' max logit diff vs fp32 | top-1 agreement |' if agreement else ''),
+             '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|'
+             + ('---:|---:|' if agreement else '')]
     for r in rows:
         flops = r.get('flops')
         lines.append(
@@ -447,7 +460,9 @@ def format_table(rows: List[Dict], baseline: str = BASELINE) -> str:
             f"| {percent(r.get('peak_fraction'))} | {num(r.get('latency_ms'), '.1f')} "
             f"| {num(r.get('train_step_s'), '.3f')} "
             f"| {ratio(r.get('train_speedup'))} | {num(r.get('peak_mem_mb'), '.0f')} "
-            f"| {num(r.get('infer_peak_mem_mb'), '.0f')} | {'yes' if r['fused'] else 'no'} |")
+            f"| {num(r.get('infer_peak_mem_mb'), '.0f')} | {'yes' if r['fused'] else 'no'} |"
+            + (f" {num(r.get('max_logit_diff'), '.3f')} (of {num(r.get('logit_range'), '.1f')})"
+               f" | {percent(r.get('top1_agreement'))} |" if agreement else ''))
     return '\n'.join(lines)
 
 
