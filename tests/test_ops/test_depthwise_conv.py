@@ -99,3 +99,55 @@ def test_module_is_a_conv2d_and_checks_shapes():
     torch.testing.assert_close(module(x), plain(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r'`weight` must be \(C, 1, K, K\) or \(B, C, K, K\)'):
         depthwise_conv2d(x, torch.randn(3, 8, 7, 7))
+
+
+class _Spy:
+    """Forwards to the compiled extension's ops and records which ones ran, with the
+    dtype of their first operand."""
+
+    def __init__(self, ops):
+        self.ops, self.calls = ops, []
+
+    def __getattr__(self, name):
+        op = getattr(self.ops, name)
+
+        def call(*args):
+            self.calls.append((name, args[0].dtype))
+            return op(*args)
+
+        return call
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_low_precision_runs_the_compiled_kernels_with_float32_sums(dtype, monkeypatch):
+    """Per-sample kernels on a small map (the compiled forward) and the kernel gradient of
+    both kinds take float16/bfloat16 operands directly and round once."""
+    spy = _Spy(cpu_extension.load())
+    monkeypatch.setattr(cpu_extension, 'load', lambda: spy)
+    for shared in (False, True):
+        x, weight, bias = _inputs(2, 24, 9, 9, 7, shared)
+        low = [t.detach().to(dtype).requires_grad_() for t in (x, weight, bias)]
+        y = depthwise_conv2d(*low)
+        assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        y.backward(grad)
+        # the same rounded operands in float64: sums of float64 products, rounded once
+        ref = [t.detach().double().requires_grad_() for t in low]
+        expected = reference(*ref)
+        expected.backward(grad.double())
+        tol = dict(rtol=2**-7, atol=2**-7 * 4) if dtype == torch.bfloat16 else \
+            dict(rtol=2**-10, atol=2**-10 * 4)
+        torch.testing.assert_close(y.double(), expected, **tol)
+        torch.testing.assert_close(low[1].grad.double(), ref[1].grad,
+                                   rtol=tol['rtol'], atol=tol['atol'] * 16)
+    ran = {name for name, op_dtype in spy.calls if op_dtype == dtype}
+    assert ran == {'depthwise_conv2d', 'depthwise_conv2d_weight_grad'}, spy.calls
+
+
+def test_autocast_casts_every_operand():
+    x, weight, bias = _inputs(2, 24, 9, 9, 7, shared=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = depthwise_conv2d(x, weight, bias)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == weight.grad.dtype == bias.grad.dtype == torch.float32

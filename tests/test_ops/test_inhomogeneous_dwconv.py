@@ -250,3 +250,52 @@ def test_forward_backward_peak_memory_is_a_fifth_of_unfold():
     # (2*32*49*56*56 floats = 38.4 MiB) and of the input and the output (2.3 MiB each)
     assert peaks['mmdwnet'] < 60, peaks
     assert peaks['mmdwnet'] * 5 <= peaks['unfold'], peaks
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('layout', ['nchw', 'channels_last'])
+@pytest.mark.parametrize('k', [7, 12, 5])
+def test_compiled_low_precision_kernels(dtype, layout, k, monkeypatch):
+    """The compiled kernels take float16/bfloat16 operands (NCHW or channels-last) as they
+    are, sum in float32 and round once; a spy shows that they, not the fallback, ran."""
+    from mmdwnet.ops import cpu_extension
+    ops = cpu_extension.load()
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*args):
+                calls.append((name, args[0].dtype))
+                return getattr(ops, name)(*args)
+            return call
+
+    monkeypatch.setattr(cpu_extension, 'load', lambda: Spy())
+    x, weight = _pair(2, 24, 8, k, 9, 10, dtype=torch.float64)  # 3 channels per group
+    x, weight = x.to(dtype), weight.to(dtype)
+    if layout == 'channels_last':
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight.requires_grad_()
+    y = inhomogeneous_dwconv2d(x, weight)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    gx, gw = torch.autograd.grad(y, (x, weight), grad)
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == 'channels_last')
+    xr, wr = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    expected = even_k_reference(xr, wr)
+    gx_ref, gw_ref = torch.autograd.grad(expected, (xr, wr), grad.double())
+    eps = 2**-8 if dtype == torch.bfloat16 else 2**-11
+    for got, want in ((y, expected), (gx, gx_ref), (gw, gw_ref)):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, rtol=2 * eps, atol=2 * eps * scale)
+    assert {name for name, d in calls if d == dtype} == {
+        'inhomogeneous_dwconv2d', 'inhomogeneous_dwconv2d_grad_input',
+        'inhomogeneous_dwconv2d_grad_weight'}, calls
+
+
+def even_k_reference(x, weight):
+    """Any K: K // 2 zeros before and K - 1 - K // 2 after each axis, then unfold."""
+    b, c, h, w = x.shape
+    groups, k = weight.shape[1], weight.shape[2]
+    padded = F.pad(x, (k // 2, k - 1 - k // 2, k // 2, k - 1 - k // 2))
+    cols = F.unfold(padded, k).view(b, groups, c // groups, k, k, h, w)
+    return (cols * weight.unsqueeze(2)).sum(dim=(3, 4)).view(b, c, h, w)

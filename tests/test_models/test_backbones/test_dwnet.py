@@ -481,3 +481,52 @@ def test_switch_to_deploy_keeps_other_norms():
         model.switch_to_deploy()
         torch.testing.assert_close(model(x)[0], expected)
     assert model.stages[0].blocks[0].norm1.__class__.__name__ == 'GroupNorm'
+
+
+@pytest.mark.parametrize('conv_type', ['dw', 'ddw', 'iddw'])
+def test_bf16_block_agrees_with_fp32(conv_type):
+    """One block in deploy form (BatchNorms folded, statistics from natural images) under
+    bfloat16 autocast: every operator and the folded layers in bfloat16, within a few
+    bfloat16 roundings of float32."""
+    from mmdwnet.datasets import natural_images
+    from mmdwnet.models.backbones.dwnet import DWBlock
+    torch.manual_seed(0)
+    stem = DWNet('tiny', conv_type).patch_embed
+    with torch.no_grad():
+        x, (h, w) = stem(natural_images(4, 112))
+        x = x.transpose(1, 2).reshape(4, -1, h, w).contiguous(memory_format=torch.channels_last)
+    block = DWBlock(96, conv_type, group_channels=3)
+    with torch.no_grad():  # BatchNorm statistics of these features, then fold
+        for m in block.modules():
+            if isinstance(m, _BatchNorm):
+                m.momentum = None
+        block.train()(x)
+    block.eval().switch_to_deploy()
+    assert not any(isinstance(m, _BatchNorm) for m in block.modules())
+    with torch.no_grad():
+        reference = block(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = block(x)
+    assert low.dtype == torch.bfloat16
+    assert low.is_contiguous(memory_format=torch.channels_last)
+    error = ((low.float() - reference).abs().max() / reference.abs().max()).item()
+    assert error < 2**-6, error  # measured about 2**-7 for each operator
+
+
+@pytest.mark.parametrize('name', ['dwconv_t', 'ddwconv_t', 'iddwconv_t'])
+def test_bf16_classifier_agrees_with_fp32(name):
+    """The whole classifier in deploy form under bfloat16 autocast on natural-looking
+    images, against float32 (what ``tools/benchmark.py --dtype bf16`` reports). The
+    models are randomly initialised (no released weights here), with BatchNorm statistics
+    calibrated on the images; a random network amplifies rounding from block to block
+    more than a trained one, so the bounds are those of such a network."""
+    from mmdwnet.datasets import natural_images
+    from mmdwnet.utils.benchmark import (build_classifier, calibrate_batchnorms,
+                                         inference_model, precision_agreement)
+    torch.manual_seed(0)
+    images = natural_images(8, 224)
+    model = calibrate_batchnorms(build_classifier(name), images)
+    result = precision_agreement(inference_model(model, fuse=True)[0], images, 'bf16')
+    bounds = BF16_CLASSIFIER_BOUNDS[name]
+    assert result['max_logit_diff'] <= bounds[0] * result['logit_range'], result
+    assert result['top1_agreement'] >= bounds[1], result
