@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from mmdwnet.ops import inhomogeneous_dwconv2d
-from mmdwnet.utils.benchmark import in_fresh_process, machine_description, peak_memory_mb
+from mmdwnet.utils.benchmark import (in_fresh_process, machine_description, peak_memory_mb,
+                                     retain_freed_memory)
 from mmdwnet.utils.model_zoo import update_readme
 
 
@@ -89,6 +90,10 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--threads', type=int, default=os.cpu_count())
     parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--malloc', default='retain', choices=['retain', 'default'],
+                        help="CPU: 'retain' keeps freed memory in glibc's malloc, as "
+                        "tools/benchmark.py does (no page faults on the reused (B, G, K, K, "
+                        "H, W) kernel gradients); 'default' leaves glibc as it is")
     parser.add_argument('--json', help='write the results to this JSON file')
     parser.add_argument('--readme', help='write the table into this README between the '
                         f'lines {README_START!r} and {README_END!r}')
@@ -106,6 +111,9 @@ def main():
     if args.peak_of:
         print(peak_here(args.peak_of, args))
         return
+    malloc = 'default'
+    if args.device == 'cpu' and args.malloc == 'retain' and retain_freed_memory():
+        malloc = 'retain'  # the timings only: peak memory is measured in fresh processes
     inputs = {name: make_inputs(args, args.device, dtype) for name, (_, dtype) in IMPLS.items()}
     times = {name: [] for name in IMPLS}
     for name, (fn, _) in IMPLS.items():
@@ -126,7 +134,7 @@ def main():
     lines = [
         f'I-D-DW forward + backward, B={args.batch_size} C={args.channels} G={args.groups} '
         f'{args.size}x{args.size} K={args.kernel_size}, {args.device}, {args.threads} threads '
-        f'({machine_description(args.device)}):', '',
+        f'({machine_description(args.device)}), glibc malloc {malloc}:', '',
         '| implementation | fwd+bwd (ms) | peak memory (MiB) |', '|---|---:|---:|'
     ]
     for name, r in rows.items():
@@ -141,7 +149,7 @@ def main():
                       start=README_START, end=README_END)
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(dict(rows=rows, **summary, setting=vars(args)), f, indent=2)
+            json.dump(dict(rows=rows, **summary, malloc=malloc, setting=vars(args)), f, indent=2)
 
 
 if __name__ == '__main__':
