@@ -502,13 +502,16 @@ def test_bf16_block_agrees_with_fp32(conv_type):
                 m.momentum = None
         block.train()(x)
     block.eval().switch_to_deploy()
-    assert not any(isinstance(m, _BatchNorm) for m in block.modules())
+    # every BatchNorm folded, but the one after I-D-DW (group-shared kernels cannot take it)
+    left = [m for m in block.modules() if isinstance(m, _BatchNorm)]
+    assert left == ([block.norm2] if conv_type == 'iddw' else [])
     with torch.no_grad():
         reference = block(x)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             low = block(x)
-    assert low.dtype == torch.bfloat16
+    # the residual stream keeps the input's float32; every branch ran in bfloat16
     assert low.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(low, reference)
     error = ((low.float() - reference).abs().max() / reference.abs().max()).item()
     assert error < 2**-6, error  # measured about 2**-7 for each operator
 
@@ -516,17 +519,16 @@ def test_bf16_block_agrees_with_fp32(conv_type):
 @pytest.mark.parametrize('name', ['dwconv_t', 'ddwconv_t', 'iddwconv_t'])
 def test_bf16_classifier_agrees_with_fp32(name):
     """The whole classifier in deploy form under bfloat16 autocast on natural-looking
-    images, against float32 (what ``tools/benchmark.py --dtype bf16`` reports). The
-    models are randomly initialised (no released weights here), with BatchNorm statistics
-    calibrated on the images; a random network amplifies rounding from block to block
-    more than a trained one, so the bounds are those of such a network."""
+    images, against float32 (what ``tools/benchmark.py --dtype bf16`` reports). No released
+    weights are reachable here: the random model is conditioned as training conditions it
+    (``trained_like``: BatchNorm statistics of the images, residual branches at 0.3)."""
     from mmdwnet.datasets import natural_images
-    from mmdwnet.utils.benchmark import (build_classifier, calibrate_batchnorms,
-                                         inference_model, precision_agreement)
+    from mmdwnet.utils.benchmark import (build_classifier, inference_model,
+                                         precision_agreement, trained_like)
     torch.manual_seed(0)
     images = natural_images(8, 224)
-    model = calibrate_batchnorms(build_classifier(name), images)
+    model = trained_like(build_classifier(name), images)
     result = precision_agreement(inference_model(model, fuse=True)[0], images, 'bf16')
-    bounds = BF16_CLASSIFIER_BOUNDS[name]
-    assert result['max_logit_diff'] <= bounds[0] * result['logit_range'], result
-    assert result['top1_agreement'] >= bounds[1], result
+    # measured on an AMD EPYC (AVX-512 BF16): 0.8-1.4% of the logit range, 8 of 8 images
+    assert result['max_logit_diff'] <= 0.03 * result['logit_range'], result
+    assert result['top1_agreement'] >= 7 / 8, result
