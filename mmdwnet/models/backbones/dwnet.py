@@ -20,8 +20,8 @@ from mmengine.model import BaseModule, ModuleList
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmdwnet.models.utils import (ChannelsLastPatchMerging, bn_affine, fold_bn_after,
-                                  fold_bn_before_linear, is_foldable,
+from mmdwnet.models.utils import (ChannelsLastPatchMerging, LinearGELU, bn_affine,
+                                  fold_bn_after, fold_bn_before_linear, is_foldable,
                                   missing_pretrained_checkpoint)
 from mmdwnet.ops import DepthwiseConv2d, depthwise_conv2d, predicted_idwconv2d
 from mmdwnet.registry import ROOT_MODELS
@@ -273,7 +273,9 @@ class DWBlock(BaseModule):
     def switch_to_deploy(self) -> None:
         """Fold every BatchNorm (with its running statistics) into the adjacent
         convolution or linear layer and replace it by an identity; norms of other kinds
-        stay. The block then computes the same function in eval mode, faster."""
+        stay. The FFN's first linear layer and its GELU become one :class:`LinearGELU`
+        (same parameters and keys). The block then computes the same function in eval mode,
+        faster."""
         fold_bn_after(self, 'pw_conv1', 'norm1')
         if isinstance(self.dw_conv, nn.Conv2d):
             fold_bn_after(self, 'dw_conv', 'norm2')
@@ -285,6 +287,12 @@ class DWBlock(BaseModule):
         # channel-shared kernels cannot take a per-channel scale: norm2 stays
         fold_bn_after(self, 'pw_conv2', 'norm3')
         fold_bn_before_linear(self, 'ffn_norm', self.ffn.layers[0][0])
+        # the FFN's first linear layer and its exact GELU as one oneDNN operation
+        hidden = self.ffn.layers[0]
+        if (isinstance(hidden[0], nn.Linear) and type(hidden[1]) is nn.GELU
+                and hidden[1].approximate == 'none'):
+            hidden[0] = LinearGELU.from_linear(hidden[0])
+            hidden[1] = nn.Identity()
 
 
 class DWStage(BaseModule):

@@ -1,9 +1,11 @@
 from .fuse_bn import bn_affine, fold_bn_after, fold_bn_before_linear, is_foldable
+from .linear_gelu import LinearGELU
 from .norm import CenteringCalibratedBN
 from .patch_merging import ChannelsLastPatchMerging
 from .pretrained import missing_pretrained_checkpoint
 
 __all__ = [
     'bn_affine', 'fold_bn_after', 'fold_bn_before_linear', 'is_foldable',
-    'CenteringCalibratedBN', 'ChannelsLastPatchMerging', 'missing_pretrained_checkpoint'
+    'CenteringCalibratedBN', 'ChannelsLastPatchMerging', 'LinearGELU',
+    'missing_pretrained_checkpoint'
 ]

@@ -216,19 +216,35 @@ def test_inhomogeneous_dynamic_uses_per_position_kernels():
     assert conv.conv1.bias is not None and conv.conv2.out_channels == 4 * 9
 
 
-def test_inhomogeneous_dynamic_chunked_inference_equals_whole_batch(monkeypatch):
-    """Without autograd the kernels are predicted and applied a few samples at a time."""
+@pytest.mark.parametrize('grad', [False, True])
+def test_inhomogeneous_dynamic_chunked_equals_whole_batch(monkeypatch, grad):
+    """The kernels are predicted and applied (and, backward, predicted again) a few
+    samples at a time; the chunks give exactly the whole batch's results."""
+    from mmdwnet.ops import predicted_idwconv
     torch.manual_seed(0)
     conv = InhomogeneousDynamicDWConv(8, kernel_size=3, group_channels=2).eval()
     _randomise_bn_stats(conv)
     x = torch.randn(5, 8, 6, 7).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        whole = conv(x)
-        per_sample = 4 * 9 * 6 * 7 * 4  # bytes of one sample's kernels
-        monkeypatch.setattr(conv, 'chunk_bytes', 2 * per_sample)  # chunks of 2, 2, 1
-        chunked = conv(x)
-    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
-    assert chunked.is_contiguous(memory_format=torch.channels_last)
+
+    def run():
+        inputs = x.detach().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            out = conv(inputs)
+        if not grad:
+            return out, None
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).view(out.shape).cos())
+        return out, inputs.grad
+
+    whole = run()
+    per_sample = 4 * 9 * 6 * 7 * 4  # bytes of one sample's kernels
+    budget = 2 * per_sample * (2 if grad else 1)  # backward holds kernels and gradients
+    monkeypatch.setitem(predicted_idwconv.CHUNK_BYTES, 'cpu', budget)  # chunks 2, 2, 1
+    assert predicted_idwconv._chunks(x, 36 * (2 if grad else 1)) == [(0, 2), (2, 4), (4, 5)]
+    chunked = run()
+    torch.testing.assert_close(chunked[0], whole[0], rtol=0, atol=0)
+    assert chunked[0].is_contiguous(memory_format=torch.channels_last)
+    if grad:
+        torch.testing.assert_close(chunked[1], whole[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('scope', ['mmpretrain', 'mmdet', 'mmseg'])
@@ -532,3 +548,33 @@ def test_bf16_classifier_agrees_with_fp32(name):
     # measured on an AMD EPYC (AVX-512 BF16): 0.8-1.4% of the logit range, 8 of 8 images
     assert result['max_logit_diff'] <= 0.03 * result['logit_range'], result
     assert result['top1_agreement'] >= 7 / 8, result
+
+
+def test_deploy_fuses_the_ffn_linear_and_gelu(monkeypatch):
+    """switch_to_deploy turns each FFN's first Linear + GELU into one LinearGELU (same
+    keys); without autograd on CPU it runs oneDNN's fused kernel, with autograd the
+    separate layers, both equal to the unfused block."""
+    from mmdwnet.models.backbones.dwnet import DWBlock
+    from mmdwnet.models.utils import LinearGELU
+    torch.manual_seed(0)
+    block = DWBlock(16, 'dw', kernel_size=3).eval()
+    keys = set(block.state_dict())
+    x = torch.randn(2, 16, 5, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = block(x)
+    block.switch_to_deploy()
+    assert type(block.ffn.layers[0][0]) is LinearGELU
+    assert isinstance(block.ffn.layers[0][1], torch.nn.Identity)
+    assert {k for k in block.state_dict() if 'ffn.layers' in k} == \
+        {k for k in keys if 'ffn.layers' in k}
+    calls = []
+    fused = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, '_linear_pointwise',
+                        lambda *a: calls.append(a[3]) or fused(*a), raising=False)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+    assert calls == ['gelu']
+    with torch.enable_grad():
+        out = block(x.requires_grad_())
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert calls == ['gelu']  # autograd took the separate layers
