@@ -52,7 +52,7 @@ def _predict(hidden: Tensor, weight: Tensor, bias: Tensor, groups: int, kernel_s
 
 def _buffer(input: Tensor, weight: Tensor, chunks) -> Tensor:
     """Memory for the largest chunk's kernels."""
-    samples = max(j - i for i, j in chunks)
+    samples = max((j - i for i, j in chunks), default=0)  # an empty batch has no chunks
     return weight.new_empty(samples, weight.shape[0], input.shape[2] * input.shape[3])
 
 

@@ -109,3 +109,11 @@ def test_bad_operands_are_named():
         predicted_idwconv2d(x, hidden, weight, bias, 5)
     with pytest.raises(TypeError, match='same dtype, got torch.float32, torch.float64'):
         predicted_idwconv2d(x.float(), hidden, weight, bias, 3)
+
+
+def test_empty_batch():
+    x, hidden, weight, bias = (t[:0] if t.dim() == 4 else t for t in _operands())
+    out = predicted_idwconv2d(x.requires_grad_(), hidden, weight, bias, 3)
+    assert out.shape == (0, 8, 5, 6)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
