@@ -169,12 +169,12 @@ for name in sys.argv[1:]: print(f"{name}=={version(name)}")' "$@"
   TODO=" $(check) "
   [ "$TODO" = "  " ] || die "still not working after installation:$TODO"
 fi
-# mmdwnet's compiled CPU kernels: built once into torch's extension cache (about 15 s),
+# mmdwnet's compiled CPU kernels: built once into torch's extension cache (about 30 s),
 # loaded in milliseconds afterwards; without them the PyTorch fallback runs (slower)
 (cd / && "$PY" -W ignore -c 'import logging, sys
 logging.disable(logging.WARNING)  # cpp_extension notes that no CUDA runtime is present
 from mmdwnet.ops import cpu_extension
-print("[mmdwnet setup] loading (building once, about 15 s) the compiled CPU kernels", flush=True)
+print("[mmdwnet setup] loading (building once, about 30 s) the compiled CPU kernels", flush=True)
 if cpu_extension.load() is None:
     sys.exit("[mmdwnet setup] WARNING: compiled CPU kernels unavailable, using the slower "
              "PyTorch fallback: " + str(cpu_extension.error()))') || true

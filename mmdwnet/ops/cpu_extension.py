@@ -4,7 +4,7 @@ convolution.
 
 Compiled on first use with ``torch.utils.cpp_extension.load`` (ninja and a C++ compiler)
 into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``), which takes about 15 s on 2 cores once per machine and
+``~/.cache/torch_extensions``), which takes about 30 s on 2 cores once per machine and
 source version; later processes load the cached library in milliseconds. The build is
 specialised to the CPU's vector width (AVX2 / AVX-512, or portable), and is named after it so
 machines sharing a cache do not share a wrong build. If it cannot be built (no compiler),

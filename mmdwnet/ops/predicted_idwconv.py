@@ -25,6 +25,9 @@ __all__ = ['predicted_idwconv2d']
 # each launch costs more, enough to bound the memory only.
 CHUNK_BYTES = {'cpu': 8 * 2**20}
 CHUNK_BYTES_OTHER = 2**30
+# positions per tile of the kernel gradients in the backward products on CPU (a few MiB,
+# which stay in the L2 cache)
+_TILE = 512
 
 
 def _chunks(input: Tensor, rows: int):
@@ -88,26 +91,38 @@ def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Ten
     grad_hidden = _empty_like(hidden)
     # the kernels' gradients are summed over samples and positions in float32 at least
     acc = torch.promote_types(weight.dtype, torch.float32)
-    grad_weight = weight.new_zeros(weight.shape, dtype=acc)
-    grad_bias = bias.new_zeros(bias.shape, dtype=acc)
+    r = hidden.shape[1]
+    # weight and bias gradients as one product: the bias sees an extra input row of ones
+    grad_weight_bias = weight.new_zeros(weight.shape[0], r + 1, dtype=acc)
+    rows_last = hidden.is_contiguous(memory_format=torch.channels_last)
     chunks = _chunks(input, 2 * weight.shape[0])  # kernels and their gradient
     buffer = _buffer(input, weight, chunks)
+    positions = input.shape[2] * input.shape[3]
     for i, j in chunks:
-        b, r = j - i, hidden.shape[1]
+        b = j - i
         gy, x, hid = grad_output[i:j], input[i:j], hidden[i:j]
         kernels = _predict(hid, weight, bias, groups, kernel_size, buffer)
         into('grad_input', gy, kernels, grad_input[i:j])
-        grad_kernels = grad_weight_impl(gy, x, groups, kernel_size).view(b, -1, x[0, 0].numel())
-        hid = hid.reshape(b, r, -1)
-        if hidden.is_contiguous(memory_format=torch.channels_last):  # (b, H*W, R) rows
-            torch.bmm(grad_kernels.transpose(1, 2), weight.expand(b, -1, -1),
-                      out=grad_hidden[i:j].permute(0, 2, 3, 1).view(b, -1, r))
-        else:
-            torch.bmm(weight.t().expand(b, -1, -1), grad_kernels,
-                      out=grad_hidden[i:j].view(b, r, -1))
-        grad_weight.add_(torch.bmm(grad_kernels, hid.transpose(1, 2)).sum(0, dtype=acc))
-        grad_bias.add_(grad_kernels.sum((0, 2), dtype=acc))
-    return grad_input, grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
+        grad_kernels = grad_weight_impl(gy, x, groups, kernel_size).view(b, -1, positions)
+        hid = torch.cat([hid.reshape(b, r, positions), hid.new_ones(b, 1, positions)], 1)
+        grad_hid = (grad_hidden[i:j].permute(0, 2, 3, 1).view(b, positions, r) if rows_last
+                    else grad_hidden[i:j].view(b, r, positions))
+        # both products read the kernel gradients a tile of positions at a time, while the
+        # tile is in cache: the large tensor comes from memory once, not twice
+        tile_size = _TILE if input.device.type == 'cpu' else positions
+        for n in range(b):
+            for p0 in range(0, positions, tile_size):
+                p1 = min(positions, p0 + tile_size)
+                tile = grad_kernels[n, :, p0:p1]
+                if rows_last:
+                    torch.mm(tile.t(), weight, out=grad_hid[n, p0:p1])
+                else:
+                    grad_hid[n, :, p0:p1] = weight.t() @ tile
+                grad_weight_bias.add_(tile @ hid[n, :, p0:p1].t())
+    # separate tensors (outputs of a custom op may not alias each other)
+    grad_weight = grad_weight_bias[:, :r].to(weight.dtype, copy=True)
+    grad_bias = grad_weight_bias[:, r].to(bias.dtype, copy=True)
+    return grad_input, grad_hidden, grad_weight, grad_bias
 
 
 @_backward_op.register_fake

@@ -26,11 +26,16 @@ def _operands(b=3, c=8, r=2, g=4, k=3, h=5, w=6, dtype=torch.float64, seed=0):
             torch.randn(g * k * k, generator=gen, dtype=dtype))
 
 
-@pytest.mark.parametrize('chunk_samples', [None, 1, 2])
-def test_matches_unfold_reference_and_gradcheck(chunk_samples, monkeypatch):
-    x, hidden, weight, bias = (t.requires_grad_() for t in _operands())
+@pytest.mark.parametrize('chunk_samples,tile', [(None, 512), (1, 512), (2, 7)])
+@pytest.mark.parametrize('layout', ['nchw', 'channels_last'])
+def test_matches_unfold_reference_and_gradcheck(chunk_samples, tile, layout, monkeypatch):
+    x, hidden, weight, bias = _operands()
+    if layout == 'channels_last':
+        x, hidden = (t.contiguous(memory_format=torch.channels_last) for t in (x, hidden))
+    x, hidden, weight, bias = (t.requires_grad_() for t in (x, hidden, weight, bias))
     if chunk_samples:  # forward and backward both split the batch into chunks
         monkeypatch.setitem(module.CHUNK_BYTES, 'cpu', 2 * chunk_samples * 36 * 30 * 8)
+    monkeypatch.setattr(module, '_TILE', tile)  # 7: backward products in 5 position tiles
     out = predicted_idwconv2d(x, hidden, weight, bias, 3)
     torch.testing.assert_close(out, unfold_reference(x, hidden, weight, bias, 3),
                                rtol=1e-12, atol=1e-12)

@@ -283,45 +283,59 @@ inline typename Vec<acc_t>::type load_n(const T* p, int64_t n) {
 }
 
 // forward: out[c, h, w] = sum_{i,j} w_ij[h, w] * x[c, h + i - K/2, w + j - K/2]
-template <typename scalar_t, int64_t K, int64_t CB>
+// The output is built a tile of R rows at a time in a small buffer. For each kernel row i,
+// the K kernel vectors of a position (j = 0..K-1) are loaded once into registers and
+// applied to every channel of the group: the kernel maps are read once, K planes at a
+// time, each along its rows (sequential streams the prefetchers follow), and each output
+// vector is loaded and stored once per kernel row.
+template <typename scalar_t, int64_t K>
 void forward_blocked(const scalar_t* src, const Layout& in, const scalar_t* weight,
                      scalar_t* out, const Layout& lo, int64_t batch, int64_t channels,
                      int64_t groups, int64_t height, int64_t width) {
   using acc_t = acc_type<scalar_t>;
   using vec = typename Vec<acc_t>::type;
-  constexpr int64_t V = Vec<acc_t>::size;
+  constexpr int64_t V = Vec<acc_t>::size, R = 8;
   const int64_t cpg = channels / groups, plane = height * width, top = K / 2;
   // padded rows: one vector past the last column, so that every load stays inside
   const int64_t ph = height + K - 1, pw = width + K - 1 + V;
+  const int64_t tw = (width + V - 1) / V * V;  // tile row: whole vectors
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> padded(cpg * ph * pw, acc_t(0));
+    std::vector<acc_t> padded(cpg * ph * pw, acc_t(0)), tile(cpg * R * tw);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t n_ = bg / groups, g_ = bg % groups;
       pad_planes(src + in.group(n_, g_, cpg), in, padded.data(), cpg, height, width, top, ph,
                  pw);
       const scalar_t* wt = weight + bg * K * K * plane;
       scalar_t* o = out + lo.group(n_, g_, cpg);
-      for (int64_t c0 = 0; c0 < cpg; c0 += CB) {
-        const acc_t* xs = padded.data() + c0 * ph * pw;
-        for (int64_t h = 0; h < height; ++h) {
-          const int64_t i0 = std::max<int64_t>(0, top - h);
-          const int64_t i1 = std::min<int64_t>(K, height + top - h);
-          for (int64_t w0 = 0; w0 < width; w0 += V) {
-            const int64_t n = std::min(V, width - w0);
-            vec acc[CB] = {};
-            const scalar_t* wp = wt + h * width + w0;
-            const acc_t* xp = xs + h * pw + w0;
-            for (int64_t i = i0; i < i1; ++i) {
-              for (int64_t j = 0; j < K; ++j) {
-                const vec wv = load_n<acc_t>(wp + (i * K + j) * plane, n);
-                for (int64_t cb = 0; cb < CB; ++cb) {
-                  acc[cb] += wv * load<acc_t>(xp + cb * ph * pw + i * pw + j);
-                }
+      for (int64_t h0 = 0; h0 < height; h0 += R) {
+        const int64_t h1 = std::min(height, h0 + R);
+        std::fill(tile.begin(), tile.end(), acc_t(0));
+        for (int64_t i = 0; i < K; ++i) {
+          // rows whose tap row h + i - K/2 lies in the map
+          const int64_t r0 = std::max(h0, top - i), r1 = std::min(h1, height + top - i);
+          for (int64_t h = r0; h < r1; ++h) {
+            const scalar_t* wrow = wt + i * K * plane + h * width;
+            for (int64_t w0 = 0; w0 < width; w0 += V) {
+              const int64_t n = std::min(V, width - w0);
+              vec wv[K];
+              for (int64_t j = 0; j < K; ++j) wv[j] = load_n<acc_t>(wrow + j * plane + w0, n);
+              for (int64_t c = 0; c < cpg; ++c) {
+                acc_t* t = tile.data() + (c * R + h - h0) * tw + w0;
+                const acc_t* x = padded.data() + (c * ph + h + i) * pw + w0;
+                vec a = load<acc_t>(t);
+                for (int64_t j = 0; j < K; ++j) a += wv[j] * load<acc_t>(x + j);
+                std::memcpy(t, &a, sizeof(a));
               }
             }
-            for (int64_t cb = 0; cb < CB; ++cb) {
-              store_strided<scalar_t, acc_t>(o + (c0 + cb) * lo.c + h * lo.h + w0 * lo.w, lo.w,
-                                             acc[cb], n);
+          }
+        }
+        for (int64_t c = 0; c < cpg; ++c) {
+          for (int64_t h = h0; h < h1; ++h) {
+            const acc_t* t = tile.data() + (c * R + h - h0) * tw;
+            scalar_t* orow = o + c * lo.c + h * lo.h;
+            for (int64_t w0 = 0; w0 < width; w0 += V) {
+              store_strided<scalar_t, acc_t>(orow + w0 * lo.w, lo.w, load<acc_t>(t + w0),
+                                             std::min(V, width - w0));
             }
           }
         }
@@ -488,7 +502,7 @@ void forward_or_grad_input_into(const at::Tensor& src_, const at::Tensor& weight
         if (transposed) {
           grad_input_blocked<scalar_t, K, CB>(x, in, wt, y, lo, b, c, g, h, w);
         } else {
-          forward_blocked<scalar_t, K, CB>(x, in, wt, y, lo, b, c, g, h, w);
+          forward_blocked<scalar_t, K>(x, in, wt, y, lo, b, c, g, h, w);
         }
       };
       if (cpg % 4 == 0) {
