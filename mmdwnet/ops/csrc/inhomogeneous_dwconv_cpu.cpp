@@ -345,53 +345,63 @@ void forward_blocked(const scalar_t* src, const Layout& in, const scalar_t* weig
 }
 
 // gradient w.r.t. the input, as a gather: out[c, t, q] = sum_{i,j} (w_ij * g_c)[t - dy_i, q - dx_j]
-// with dy_i = i - K/2, dx_j = j - K/2. The group's gradient planes are zero-padded; for each
-// output row, the K*K kernel rows it reads are copied (widened) into zero-padded rows once,
-// then every vector of outputs sums all taps in registers and is stored once.
-template <typename scalar_t, int64_t K, int64_t CB>
+// with dy_i = i - K/2, dx_j = j - K/2. The group's gradient planes are zero-padded; the
+// output is built a tile of R rows at a time as in the forward pass: for each kernel row
+// i, the K kernel rows an output row reads are copied (widened) into zero-bordered rows,
+// their vectors loaded once into registers and applied to every channel of the group.
+template <typename scalar_t, int64_t K>
 void grad_input_blocked(const scalar_t* grad_out, const Layout& in, const scalar_t* weight,
                         scalar_t* out, const Layout& lo, int64_t batch, int64_t channels,
                         int64_t groups, int64_t height, int64_t width) {
   using acc_t = acc_type<scalar_t>;
   using vec = typename Vec<acc_t>::type;
-  constexpr int64_t V = Vec<acc_t>::size;
+  constexpr int64_t V = Vec<acc_t>::size, R = 8;
   const int64_t cpg = channels / groups, plane = height * width, top = K / 2;
   const int64_t before = K - 1 - top;  // rows/columns of zeros before the map
   const int64_t ph = height + K - 1, pw = width + K - 1 + V;
+  const int64_t tw = (width + V - 1) / V * V;
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> padded(cpg * ph * pw, acc_t(0)), rows(K * K * pw, acc_t(0));
+    std::vector<acc_t> padded(cpg * ph * pw, acc_t(0)), rows(K * pw, acc_t(0));
+    std::vector<acc_t> tile(cpg * R * tw);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t n_ = bg / groups, g_ = bg % groups;
       pad_planes(grad_out + in.group(n_, g_, cpg), in, padded.data(), cpg, height, width,
                  before, ph, pw);
       const scalar_t* wt = weight + bg * K * K * plane;
       scalar_t* o = out + lo.group(n_, g_, cpg);
-      for (int64_t t = 0; t < height; ++t) {
-        // source row r = t - dy_i lies in the map for i in [i0, i1)
-        const int64_t i0 = std::max<int64_t>(0, t + top - height + 1);
-        const int64_t i1 = std::min<int64_t>(K, t + top + 1);
-        for (int64_t i = i0; i < i1; ++i) {
-          for (int64_t j = 0; j < K; ++j) {
-            widen(wt + (i * K + j) * plane + (t + top - i) * width,
-                  rows.data() + (i * K + j) * pw + before, width);
-          }
-        }
-        for (int64_t c0 = 0; c0 < cpg; c0 += CB) {
-          for (int64_t w0 = 0; w0 < width; w0 += V) {
-            vec acc[CB] = {};
-            for (int64_t i = i0; i < i1; ++i) {
-              const acc_t* gr = padded.data() + (c0 * ph + t + K - 1 - i) * pw + w0;
+      for (int64_t t0 = 0; t0 < height; t0 += R) {
+        const int64_t t1 = std::min(height, t0 + R);
+        std::fill(tile.begin(), tile.end(), acc_t(0));
+        for (int64_t i = 0; i < K; ++i) {
+          // output rows whose source row t - dy_i lies in the map
+          const int64_t r0 = std::max(t0, i - top), r1 = std::min(t1, height + i - top);
+          for (int64_t t = r0; t < r1; ++t) {
+            for (int64_t j = 0; j < K; ++j) {
+              widen(wt + (i * K + j) * plane + (t + top - i) * width,
+                    rows.data() + j * pw + before, width);
+            }
+            for (int64_t w0 = 0; w0 < width; w0 += V) {
+              vec wv[K];
               for (int64_t j = 0; j < K; ++j) {
-                const vec wv = load<acc_t>(rows.data() + (i * K + j) * pw + w0 + K - 1 - j);
-                for (int64_t cb = 0; cb < CB; ++cb) {
-                  acc[cb] += wv * load<acc_t>(gr + cb * ph * pw + K - 1 - j);
-                }
+                wv[j] = load<acc_t>(rows.data() + j * pw + w0 + K - 1 - j);
+              }
+              for (int64_t c = 0; c < cpg; ++c) {
+                acc_t* tp = tile.data() + (c * R + t - t0) * tw + w0;
+                const acc_t* gr = padded.data() + (c * ph + t + K - 1 - i) * pw + w0;
+                vec a = load<acc_t>(tp);
+                for (int64_t j = 0; j < K; ++j) a += wv[j] * load<acc_t>(gr + K - 1 - j);
+                std::memcpy(tp, &a, sizeof(a));
               }
             }
-            const int64_t n = std::min(V, width - w0);
-            for (int64_t cb = 0; cb < CB; ++cb) {
-              store_strided<scalar_t, acc_t>(o + (c0 + cb) * lo.c + t * lo.h + w0 * lo.w, lo.w,
-                                             acc[cb], n);
+          }
+        }
+        for (int64_t c = 0; c < cpg; ++c) {
+          for (int64_t t = t0; t < t1; ++t) {
+            const acc_t* tp = tile.data() + (c * R + t - t0) * tw;
+            scalar_t* orow = o + c * lo.c + t * lo.h;
+            for (int64_t w0 = 0; w0 < width; w0 += V) {
+              store_strided<scalar_t, acc_t>(orow + w0 * lo.w, lo.w, load<acc_t>(tp + w0),
+                                             std::min(V, width - w0));
             }
           }
         }
@@ -488,31 +498,17 @@ void forward_or_grad_input_into(const at::Tensor& src_, const at::Tensor& weight
   TORCH_CHECK(out.sizes() == src_.sizes() && is_nchw_or_channels_last(out),
               "mmdwnet_cpu: `out` must have the input's shape, NCHW or channels-last");
   const at::Tensor src = is_nchw_or_channels_last(src_) ? src_ : src_.contiguous();
-  const int64_t cpg = c / g;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "mmdwnet_cpu_shift_accumulate", [&] {
     const scalar_t* x = src.data_ptr<scalar_t>();
     const scalar_t* wt = weight.data_ptr<scalar_t>();
     const Layout in(src), lo(out);
-    // channel blocks of 4 or 3 (DWNet's groups hold 3 * 2^s or 4 * 2^s channels)
     const bool done = with_blocked_size(k, [&](auto size) {
       constexpr int64_t K = decltype(size)::value;
-      auto run = [&](auto channel_block) {
-        constexpr int64_t CB = decltype(channel_block)::value;
-        scalar_t* y = out.data_ptr<scalar_t>();
-        if (transposed) {
-          grad_input_blocked<scalar_t, K, CB>(x, in, wt, y, lo, b, c, g, h, w);
-        } else {
-          forward_blocked<scalar_t, K>(x, in, wt, y, lo, b, c, g, h, w);
-        }
-      };
-      if (cpg % 4 == 0) {
-        run(std::integral_constant<int64_t, 4>());
-      } else if (cpg % 3 == 0) {
-        run(std::integral_constant<int64_t, 3>());
-      } else if (cpg % 2 == 0) {
-        run(std::integral_constant<int64_t, 2>());
+      scalar_t* y = out.data_ptr<scalar_t>();
+      if (transposed) {
+        grad_input_blocked<scalar_t, K>(x, in, wt, y, lo, b, c, g, h, w);
       } else {
-        run(std::integral_constant<int64_t, 1>());
+        forward_blocked<scalar_t, K>(x, in, wt, y, lo, b, c, g, h, w);
       }
     });
     if (!done) {
