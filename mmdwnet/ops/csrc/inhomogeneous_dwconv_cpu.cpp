@@ -282,48 +282,70 @@ inline typename Vec<acc_t>::type load_n(const T* p, int64_t n) {
   return v;
 }
 
-// forward: out[c, h, w] = sum_{i,j} w_ij[h, w] * x[c, h + i - K/2, w + j - K/2]
-// The output is built a tile of R rows at a time in a small buffer. For each kernel row i,
-// the K kernel vectors of a position (j = 0..K-1) are loaded once into registers and
-// applied to every channel of the group: the kernel maps are read once, K planes at a
-// time, each along its rows (sequential streams the prefetchers follow), and each output
-// vector is loaded and stored once per kernel row.
-template <typename scalar_t, int64_t K>
-void forward_blocked(const scalar_t* src, const Layout& in, const scalar_t* weight,
-                     scalar_t* out, const Layout& lo, int64_t batch, int64_t channels,
-                     int64_t groups, int64_t height, int64_t width) {
+// The forward pass and the input gradient, both as gathers over the K*K taps:
+//   forward:    out[c, h, w] = sum_{i,j} w_ij[h, w] * x[c, h + dy_i, w + dx_j]
+//   transposed: out[c, h, w] = sum_{i,j} (w_ij * g_c)[h - dy_i, w - dx_j]
+// with dy_i = i - K/2, dx_j = j - K/2. The group's source planes (x, or the output
+// gradient g) are copied once into zero-bordered planes. The output is built a tile of R
+// rows at a time in a small buffer: for each kernel row i, the K kernel vectors a position
+// needs (j = 0..K-1) are loaded once into registers and applied to every channel of the
+// group. So the kernel maps are read once, K planes at a time, each along its rows
+// (sequential streams the prefetchers follow), and each output vector is loaded and
+// stored once per kernel row. The transposed pass reads the kernels at shifted columns:
+// it first copies the K kernel rows into zero-bordered rows.
+template <typename scalar_t, int64_t K, bool transposed>
+void gather_blocked(const scalar_t* src, const Layout& in, const scalar_t* weight,
+                    scalar_t* out, const Layout& lo, int64_t batch, int64_t channels,
+                    int64_t groups, int64_t height, int64_t width) {
   using acc_t = acc_type<scalar_t>;
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t V = Vec<acc_t>::size, R = 8;
   const int64_t cpg = channels / groups, plane = height * width, top = K / 2;
+  const int64_t before = transposed ? K - 1 - top : top;  // zero rows/columns before the map
   // padded rows: one vector past the last column, so that every load stays inside
   const int64_t ph = height + K - 1, pw = width + K - 1 + V;
   const int64_t tw = (width + V - 1) / V * V;  // tile row: whole vectors
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> padded(cpg * ph * pw, acc_t(0)), tile(cpg * R * tw);
+    std::vector<acc_t> rows(transposed ? K * pw : 0, acc_t(0));
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t n_ = bg / groups, g_ = bg % groups;
-      pad_planes(src + in.group(n_, g_, cpg), in, padded.data(), cpg, height, width, top, ph,
-                 pw);
+      pad_planes(src + in.group(n_, g_, cpg), in, padded.data(), cpg, height, width, before,
+                 ph, pw);
       const scalar_t* wt = weight + bg * K * K * plane;
       scalar_t* o = out + lo.group(n_, g_, cpg);
       for (int64_t h0 = 0; h0 < height; h0 += R) {
         const int64_t h1 = std::min(height, h0 + R);
         std::fill(tile.begin(), tile.end(), acc_t(0));
         for (int64_t i = 0; i < K; ++i) {
-          // rows whose tap row h + i - K/2 lies in the map
-          const int64_t r0 = std::max(h0, top - i), r1 = std::min(h1, height + top - i);
+          // output rows whose source row (h + dy_i, or h - dy_i) lies in the map
+          const int64_t shift = transposed ? i - top : top - i;
+          const int64_t r0 = std::max(h0, shift), r1 = std::min(h1, height + shift);
+          // padded source row of output row h, and the column offset of tap j
+          const int64_t src_row = transposed ? K - 1 - i : i;
           for (int64_t h = r0; h < r1; ++h) {
-            const scalar_t* wrow = wt + i * K * plane + h * width;
+            const scalar_t* wrow = wt + i * K * plane + (transposed ? h - shift : h) * width;
+            if constexpr (transposed) {
+              for (int64_t j = 0; j < K; ++j) {
+                widen(wrow + j * plane, rows.data() + j * pw + before, width);
+              }
+            }
             for (int64_t w0 = 0; w0 < width; w0 += V) {
-              const int64_t n = std::min(V, width - w0);
               vec wv[K];
-              for (int64_t j = 0; j < K; ++j) wv[j] = load_n<acc_t>(wrow + j * plane + w0, n);
+              for (int64_t j = 0; j < K; ++j) {
+                if constexpr (transposed) {
+                  wv[j] = load<acc_t>(rows.data() + j * pw + w0 + K - 1 - j);
+                } else {
+                  wv[j] = load_n<acc_t>(wrow + j * plane + w0, std::min(V, width - w0));
+                }
+              }
               for (int64_t c = 0; c < cpg; ++c) {
                 acc_t* t = tile.data() + (c * R + h - h0) * tw + w0;
-                const acc_t* x = padded.data() + (c * ph + h + i) * pw + w0;
+                const acc_t* x = padded.data() + (c * ph + h + src_row) * pw + w0;
                 vec a = load<acc_t>(t);
-                for (int64_t j = 0; j < K; ++j) a += wv[j] * load<acc_t>(x + j);
+                for (int64_t j = 0; j < K; ++j) {
+                  a += wv[j] * load<acc_t>(x + (transposed ? K - 1 - j : j));
+                }
                 std::memcpy(t, &a, sizeof(a));
               }
             }
@@ -335,72 +357,6 @@ void forward_blocked(const scalar_t* src, const Layout& in, const scalar_t* weig
             scalar_t* orow = o + c * lo.c + h * lo.h;
             for (int64_t w0 = 0; w0 < width; w0 += V) {
               store_strided<scalar_t, acc_t>(orow + w0 * lo.w, lo.w, load<acc_t>(t + w0),
-                                             std::min(V, width - w0));
-            }
-          }
-        }
-      }
-    }
-  });
-}
-
-// gradient w.r.t. the input, as a gather: out[c, t, q] = sum_{i,j} (w_ij * g_c)[t - dy_i, q - dx_j]
-// with dy_i = i - K/2, dx_j = j - K/2. The group's gradient planes are zero-padded; the
-// output is built a tile of R rows at a time as in the forward pass: for each kernel row
-// i, the K kernel rows an output row reads are copied (widened) into zero-bordered rows,
-// their vectors loaded once into registers and applied to every channel of the group.
-template <typename scalar_t, int64_t K>
-void grad_input_blocked(const scalar_t* grad_out, const Layout& in, const scalar_t* weight,
-                        scalar_t* out, const Layout& lo, int64_t batch, int64_t channels,
-                        int64_t groups, int64_t height, int64_t width) {
-  using acc_t = acc_type<scalar_t>;
-  using vec = typename Vec<acc_t>::type;
-  constexpr int64_t V = Vec<acc_t>::size, R = 8;
-  const int64_t cpg = channels / groups, plane = height * width, top = K / 2;
-  const int64_t before = K - 1 - top;  // rows/columns of zeros before the map
-  const int64_t ph = height + K - 1, pw = width + K - 1 + V;
-  const int64_t tw = (width + V - 1) / V * V;
-  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> padded(cpg * ph * pw, acc_t(0)), rows(K * pw, acc_t(0));
-    std::vector<acc_t> tile(cpg * R * tw);
-    for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t n_ = bg / groups, g_ = bg % groups;
-      pad_planes(grad_out + in.group(n_, g_, cpg), in, padded.data(), cpg, height, width,
-                 before, ph, pw);
-      const scalar_t* wt = weight + bg * K * K * plane;
-      scalar_t* o = out + lo.group(n_, g_, cpg);
-      for (int64_t t0 = 0; t0 < height; t0 += R) {
-        const int64_t t1 = std::min(height, t0 + R);
-        std::fill(tile.begin(), tile.end(), acc_t(0));
-        for (int64_t i = 0; i < K; ++i) {
-          // output rows whose source row t - dy_i lies in the map
-          const int64_t r0 = std::max(t0, i - top), r1 = std::min(t1, height + i - top);
-          for (int64_t t = r0; t < r1; ++t) {
-            for (int64_t j = 0; j < K; ++j) {
-              widen(wt + (i * K + j) * plane + (t + top - i) * width,
-                    rows.data() + j * pw + before, width);
-            }
-            for (int64_t w0 = 0; w0 < width; w0 += V) {
-              vec wv[K];
-              for (int64_t j = 0; j < K; ++j) {
-                wv[j] = load<acc_t>(rows.data() + j * pw + w0 + K - 1 - j);
-              }
-              for (int64_t c = 0; c < cpg; ++c) {
-                acc_t* tp = tile.data() + (c * R + t - t0) * tw + w0;
-                const acc_t* gr = padded.data() + (c * ph + t + K - 1 - i) * pw + w0;
-                vec a = load<acc_t>(tp);
-                for (int64_t j = 0; j < K; ++j) a += wv[j] * load<acc_t>(gr + K - 1 - j);
-                std::memcpy(tp, &a, sizeof(a));
-              }
-            }
-          }
-        }
-        for (int64_t c = 0; c < cpg; ++c) {
-          for (int64_t t = t0; t < t1; ++t) {
-            const acc_t* tp = tile.data() + (c * R + t - t0) * tw;
-            scalar_t* orow = o + c * lo.c + t * lo.h;
-            for (int64_t w0 = 0; w0 < width; w0 += V) {
-              store_strided<scalar_t, acc_t>(orow + w0 * lo.w, lo.w, load<acc_t>(tp + w0),
                                              std::min(V, width - w0));
             }
           }
@@ -506,9 +462,9 @@ void forward_or_grad_input_into(const at::Tensor& src_, const at::Tensor& weight
       constexpr int64_t K = decltype(size)::value;
       scalar_t* y = out.data_ptr<scalar_t>();
       if (transposed) {
-        grad_input_blocked<scalar_t, K>(x, in, wt, y, lo, b, c, g, h, w);
+        gather_blocked<scalar_t, K, true>(x, in, wt, y, lo, b, c, g, h, w);
       } else {
-        forward_blocked<scalar_t, K>(x, in, wt, y, lo, b, c, g, h, w);
+        gather_blocked<scalar_t, K, false>(x, in, wt, y, lo, b, c, g, h, w);
       }
     });
     if (!done) {
