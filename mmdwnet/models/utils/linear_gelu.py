@@ -4,6 +4,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _fused_op():
+    """oneDNN's linear + pointwise operator where this torch build has it, else None."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
 class LinearGELU(nn.Linear):
     """``GELU(Linear(x))`` with the parameters (and state-dict keys) of the ``nn.Linear``.
 
@@ -23,7 +33,8 @@ class LinearGELU(nn.Linear):
         return fused
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.device.type == 'cpu' and x.numel() and torch.backends.mkldnn.is_available()
+        fused = _fused_op() if x.device.type == 'cpu' and x.numel() else None
+        if (fused is not None
                 and not (torch.is_grad_enabled() and
                          (x.requires_grad or self.weight.requires_grad))
                 and not torch.jit.is_tracing()):
@@ -35,6 +46,5 @@ class LinearGELU(nn.Linear):
             elif x.dtype != weight.dtype:
                 raise TypeError(f'LinearGELU: input dtype {x.dtype} differs from the '
                                 f'weight dtype {weight.dtype}')
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, 'gelu',
-                                                      [], 'none')
+            return fused(x.contiguous(), weight, bias, 'gelu', [], 'none')
         return F.gelu(F.linear(x, self.weight, self.bias))
