@@ -6,10 +6,10 @@ latency of one image (as deployment runs), and the achieved GFLOP/s (2 FLOPs per
 multiply-accumulate counted as by ``tools/get_flops.py``) as a fraction of the machine's
 matrix-product peak in the same dtype, which the tool measures in the same run. The header
 names the CPU and its relevant instruction sets (AVX-512, AVX-512 BF16/FP16, AMX).
-``--dtype bf16`` / ``fp16`` run everything under ``torch.autocast`` on the device. Inference uses the models'
-deploy form (BatchNorms folded, ``switch_to_deploy``) unless ``--no-fuse``; a training step
-is forward + cross-entropy + backward + AdamW step (torch's fused AdamW, for every model)
-in train mode.
+``--dtype bf16`` / ``fp16`` run everything under ``torch.autocast`` on the device.
+Inference uses the models' deploy form (BatchNorms folded, ``switch_to_deploy``) unless
+``--no-fuse``; a training step is forward + cross-entropy + backward + AdamW step (torch's
+fused AdamW, for every model) in train mode.
 
 On CPU, glibc's malloc is set to keep freed memory for reuse (``--malloc retain``, the
 default; see :func:`mmdwnet.utils.benchmark.retain_freed_memory`), as PyTorch's CPU launcher

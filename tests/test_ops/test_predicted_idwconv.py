@@ -73,8 +73,8 @@ def test_layouts_follow_the_operands():
     hidden = hidden.contiguous(memory_format=torch.channels_last).requires_grad_()
     out = predicted_idwconv2d(x, hidden, weight, bias, 3)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    gx, gh = torch.autograd.grad(out, (x, hidden),
-                                 torch.randn_like(out).contiguous(memory_format=torch.channels_last))
+    grad = torch.randn_like(out).contiguous(memory_format=torch.channels_last)
+    gx, gh = torch.autograd.grad(out, (x, hidden), grad)
     assert gx.is_contiguous(memory_format=torch.channels_last)
     assert gh.is_contiguous(memory_format=torch.channels_last)
 

@@ -127,7 +127,9 @@ at::Tensor depthwise_forward(const at::Tensor& input, const at::Tensor& weight,
                 "mmdwnet_cpu: bias must be contiguous (C)");
   }
   auto out = at::empty_like(input, at::MemoryFormat::ChannelsLast);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "mmdwnet_cpu_depthwise_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "mmdwnet_cpu_depthwise_forward",
+      [&] {
     dw_forward<scalar_t>(input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
                          has_bias ? bias->data_ptr<scalar_t>() : nullptr,
                          out.data_ptr<scalar_t>(), b, h, w, c, kernel);
@@ -143,7 +145,9 @@ at::Tensor depthwise_weight_grad(const at::Tensor& grad_output, const at::Tensor
   const int64_t b = input.size(0), c = input.size(1), h = input.size(2), w = input.size(3);
   auto out = at::empty({b, kernel * kernel, c}, input.options().memory_format(
                                                        at::MemoryFormat::Contiguous));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "mmdwnet_cpu_depthwise_weight_grad", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "mmdwnet_cpu_depthwise_weight_grad",
+      [&] {
     dw_weight_grad<scalar_t>(grad_output.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(),
                              out.data_ptr<scalar_t>(), b, h, w, c, kernel);
   });

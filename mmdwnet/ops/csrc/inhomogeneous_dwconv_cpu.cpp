@@ -454,7 +454,9 @@ void forward_or_grad_input_into(const at::Tensor& src_, const at::Tensor& weight
   TORCH_CHECK(out.sizes() == src_.sizes() && is_nchw_or_channels_last(out),
               "mmdwnet_cpu: `out` must have the input's shape, NCHW or channels-last");
   const at::Tensor src = is_nchw_or_channels_last(src_) ? src_ : src_.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "mmdwnet_cpu_shift_accumulate", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, src.scalar_type(), "mmdwnet_cpu_shift_accumulate",
+      [&] {
     const scalar_t* x = src.data_ptr<scalar_t>();
     const scalar_t* wt = weight.data_ptr<scalar_t>();
     const Layout in(src), lo(out);
@@ -514,7 +516,9 @@ at::Tensor grad_weight(const at::Tensor& grad_output_, const at::Tensor& input_,
   const int64_t b = input.size(0), c = input.size(1), h = input.size(2), w = input.size(3);
   TORCH_CHECK(groups > 0 && c % groups == 0, "mmdwnet_cpu: groups must divide channels");
   auto out = at::empty({b, groups, kernel, kernel, h, w}, input.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "mmdwnet_cpu_weight_gradient", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "mmdwnet_cpu_weight_gradient",
+      [&] {
     const scalar_t* go = grad_output.data_ptr<scalar_t>();
     const scalar_t* x = input.data_ptr<scalar_t>();
     scalar_t* gw = out.data_ptr<scalar_t>();
