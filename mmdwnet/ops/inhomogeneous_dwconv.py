@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import cpu_extension, triton_idwconv
-from .layout import like_input_layout
+from .layout import empty_like_layout, like_input_layout
 
 __all__ = ['inhomogeneous_dwconv2d', 'InhomogeneousDWConv2d']
 
@@ -163,7 +163,7 @@ def into(kind: str, src: Tensor, weight: Tensor, out: Tensor) -> None:
     """``out[...] = forward_impl(src, weight)`` (``kind='forward'``) or
     ``grad_input_impl`` (``'grad_input'``), written in place by the compiled kernels where
     they apply (``out`` NCHW or channels-last): no temporary, no copy."""
-    ops = None if triton_idwconv.available(src) and not _triton_failed else _compiled(src)
+    ops = _compiled(src)  # CPU only: the Triton kernels run on CUDA tensors
     if ops is not None and (out.is_contiguous()
                             or out.is_contiguous(memory_format=torch.channels_last)):
         name = 'inhomogeneous_dwconv2d' + ('_into' if kind == 'forward' else
@@ -179,8 +179,7 @@ def _forward(input: Tensor, weight: Tensor) -> Tensor:
 
 
 def _like_first(first: Tensor, weight: Tensor) -> Tensor:
-    return like_input_layout(torch.empty_like(first, memory_format=torch.contiguous_format),
-                             first)
+    return empty_like_layout(first)
 
 
 _forward.register_fake(_like_first)

@@ -14,3 +14,13 @@ def like_input_layout(out: Tensor, input: Tensor) -> Tensor:
     if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
         return out.contiguous(memory_format=torch.channels_last)
     return out
+
+
+def empty_like_layout(input: Tensor) -> Tensor:
+    """An uninitialised tensor like ``input`` in the memory format
+    :func:`like_input_layout` gives (channels-last where ``input`` is, else NCHW), allocated
+    in that format directly."""
+    channels_last = (input.is_contiguous(memory_format=torch.channels_last)
+                     and not input.is_contiguous())
+    return torch.empty_like(input, memory_format=torch.channels_last if channels_last
+                            else torch.contiguous_format)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .inhomogeneous_dwconv import _describe, grad_weight_impl, into
-from .layout import like_input_layout
+from .layout import empty_like_layout, like_input_layout
 
 __all__ = ['predicted_idwconv2d']
 
@@ -63,7 +63,7 @@ def _buffer(input: Tensor, weight: Tensor, chunks) -> Tensor:
 def _forward(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
              kernel_size: int) -> Tensor:
     groups = weight.shape[0] // kernel_size**2
-    out = _empty_like(input)
+    out = empty_like_layout(input)
     chunks = _chunks(input, weight.shape[0])
     buffer = _buffer(input, weight, chunks)
     for i, j in chunks:
@@ -72,23 +72,18 @@ def _forward(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
     return out
 
 
-def _empty_like(t: Tensor) -> Tensor:
-    """An uninitialised tensor like ``t``: channels-last where ``t`` is, else NCHW."""
-    return like_input_layout(torch.empty_like(t, memory_format=torch.contiguous_format), t)
-
-
 @_forward.register_fake
 def _(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
       kernel_size: int) -> Tensor:
-    return _empty_like(input)
+    return empty_like_layout(input)
 
 
 @torch.library.custom_op('mmdwnet::predicted_idwconv2d_backward', mutates_args=())
 def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Tensor,
                  bias: Tensor, kernel_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     groups = weight.shape[0] // kernel_size**2
-    grad_input = _empty_like(input)
-    grad_hidden = _empty_like(hidden)
+    grad_input = empty_like_layout(input)
+    grad_hidden = empty_like_layout(hidden)
     # the kernels' gradients are summed over samples and positions in float32 at least
     acc = torch.promote_types(weight.dtype, torch.float32)
     r = hidden.shape[1]
@@ -127,7 +122,7 @@ def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Ten
 
 @_backward_op.register_fake
 def _(grad_output, input, hidden, weight, bias, kernel_size):
-    return (_empty_like(input), _empty_like(hidden), torch.empty_like(weight),
+    return (empty_like_layout(input), empty_like_layout(hidden), torch.empty_like(weight),
             torch.empty_like(bias))
 
 
@@ -189,4 +184,4 @@ def predicted_idwconv2d(input: Tensor, hidden: Tensor, weight: Tensor, bias: Ten
     elif len({t.dtype for t in (input, hidden, weight, bias)}) > 1:
         raise TypeError('predicted_idwconv2d: all operands must have the same dtype, got '
                         f'{input.dtype}, {hidden.dtype}, {weight.dtype} and {bias.dtype}')
-    return like_input_layout(_forward(input, hidden, weight, bias, kernel_size), input)
+    return _forward(input, hidden, weight, bias, kernel_size)

@@ -1,8 +1,9 @@
 """Parameters and FLOPs of mmdwnet models with mmengine's analysis tools.
 
 mmengine's :class:`~mmengine.analysis.FlopAnalyzer` traces the model and counts the ATen ops
-it knows. Two things are added here: a counting rule for the inhomogeneous dynamic
-depth-wise operator (one opaque custom op to the tracer) and the paper's input sizes, with
+it knows. Two things are added here: counting rules for the inhomogeneous dynamic
+depth-wise operators (opaque custom ops to the tracer: the operator alone, and with its
+kernel prediction) and the paper's input sizes, with
 the dummy data samples the detection and segmentation models need for a ``mode='tensor'``
 forward. Like mmengine (and the reference code), "FLOPs" are multiply-accumulates.
 """
@@ -11,7 +12,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from mmengine.analysis import FlopAnalyzer
-from mmengine.analysis.jit_handles import bmm_flop_jit, get_shape
+from mmengine.analysis.jit_handles import get_shape
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 from torch import nn
@@ -42,16 +43,9 @@ def predicted_idwconv_flop_jit(inputs, outputs) -> int:
     return b * rows * r * h * w + math.prod(get_shape(outputs[0])) * kernel_size**2
 
 
-def baddbmm_flop_jit(inputs, outputs) -> int:
-    """``baddbmm(bias, a, b)``: mmengine's ``bmm`` rule for ``a @ b`` (mmengine has rules
-    for ``bmm`` and ``addmm`` only; the I-D-DW kernel predictor uses this one)."""
-    return bmm_flop_jit(inputs[1:3], outputs)
-
-
 OP_HANDLES = {
     'mmdwnet::inhomogeneous_dwconv2d': inhomogeneous_dwconv_flop_jit,
     'mmdwnet::predicted_idwconv2d': predicted_idwconv_flop_jit,
-    'aten::baddbmm': baddbmm_flop_jit,
 }
 
 

@@ -33,7 +33,7 @@ def test_benchmark_side_by_side(tmp_path):
         assert r['gflops_per_s'] == pytest.approx(2 * r['flops'] * r['img_per_s'] / 1e9)
         assert r['peak_fraction'] == pytest.approx(r['gflops_per_s'] / r['peak_gflops'])
         assert r['peak_gflops'] == max(r['peak_gflops_measured']) > 0
-        assert r['isa'] == isa_summary() and 'AVX-512 BF16' in r['isa']
+        assert r['isa'] == isa_summary()
     # FLOPs as tools/get_flops.py counts them, at the benchmark's input size
     from mmengine.config import Config
     from mmdwnet.utils.complexity import model_complexity

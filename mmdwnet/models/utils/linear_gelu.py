@@ -20,8 +20,9 @@ class LinearGELU(nn.Linear):
     On CPU without autograd it is oneDNN's linear layer with the exact (erf) GELU applied
     to each output block while it is still in cache (``torch.ops.mkldnn._linear_pointwise``,
     the kernel torch.compile's CPU backend fuses these two into): a separate GELU reads and
-    writes the FFN's 4C-wide hidden map once more, which costs a DWNet-T about 5% of its
-    inference time in float32 and 8% in bfloat16. Elsewhere it is ``F.gelu(F.linear(x))``.
+    writes the FFN's 4C-wide hidden map once more. Measured on an AMD EPYC (2 threads,
+    batch 16): DW-T float32 inference went from 82% to 85% of the matrix-product peak; in
+    bfloat16 no gain was measurable. Elsewhere it is ``F.gelu(F.linear(x))``.
     Under autocast the operands are cast to the autocast dtype, as for ``F.linear``.
     """
 
