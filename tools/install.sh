@@ -179,8 +179,18 @@ if cpu_extension.load() is None:
     sys.exit("[mmdwnet setup] WARNING: compiled CPU kernels unavailable, using the slower "
              "PyTorch fallback: " + str(cpu_extension.error()))') || true
 (cd / && "$PY" -W ignore -c 'import torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, mmdwnet
+from mmdwnet.ops import triton_idwconv as t
 print("[mmdwnet setup] ready: " + ", ".join(f"{m.__name__} {m.__version__}" for m in
-      (torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, mmdwnet)))')
+      (torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, mmdwnet)))
+if t.triton is not None:
+    print(f"[mmdwnet setup] Triton {t.triton.__version__}: the I-D-DW GPU kernels run on CUDA "
+          "and are tested on CPU through its interpreter")
+elif t.shipped_with_torch():
+    print("[mmdwnet setup] WARNING: this torch depends on Triton but `import triton` fails; "
+          "the Triton tests will fail until torch is reinstalled with its dependencies")
+else:
+    print("[mmdwnet setup] no Triton in this torch build: the I-D-DW Triton tests are skipped "
+          "and CUDA runs the PyTorch implementation")')
 
 cmd="${1:-}"; [ $# -eq 0 ] || shift
 case "$cmd" in

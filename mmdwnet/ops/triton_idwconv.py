@@ -30,6 +30,26 @@ def available(t: Tensor) -> bool:
     return triton is not None and t.is_cuda and os.environ.get('MMDWNET_TRITON', '1') != '0'
 
 
+def shipped_with_torch() -> bool:
+    """Whether the installed torch declares Triton a dependency on this platform (its
+    Linux wheels do, CPU-only and CUDA alike), so that Triton should be importable."""
+    from importlib import metadata
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pragma: no cover - a bare environment: pip's own copy
+        from pip._vendor.packaging.requirements import Requirement
+    try:
+        requires = metadata.requires('torch') or []
+    except metadata.PackageNotFoundError:  # pragma: no cover - torch built from source
+        return False
+    for line in requires:
+        req = Requirement(line)
+        if req.name in ('triton', 'pytorch-triton') and (
+                req.marker is None or req.marker.evaluate({'extra': ''})):
+            return True
+    return False
+
+
 if triton is not None:
 
     @triton.jit

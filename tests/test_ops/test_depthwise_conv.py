@@ -1,21 +1,21 @@
-"""The depth-wise convolution with shared or per-sample kernels: compiled CPU kernels
-against PyTorch's convolution, gradients, and the fallback path."""
+"""The depth-wise convolution with shared or per-sample kernels: every path (compiled CPU
+kernels, oneDNN's convolution, the fallback) against the unfold reference of
+``tests/reference.py``, which never calls ``F.conv2d``; gradients; and spies that show which
+compiled kernels ran."""
 import pytest
 import torch
-import torch.nn.functional as F
+from reference import dwconv as reference
 
 from mmdwnet.ops import DepthwiseConv2d, cpu_extension, depthwise_conv2d
 
 
-def reference(x, weight, bias=None):
-    """PyTorch's grouped convolution; per-sample kernels one sample at a time."""
-    k = weight.shape[-1]
-    if weight.shape[1] == 1:
-        return F.conv2d(x, weight, bias, padding=k // 2, groups=x.shape[1])
-    return torch.cat([
-        F.conv2d(x[i:i + 1], weight[i].unsqueeze(1), bias, padding=k // 2, groups=x.shape[1])
-        for i in range(x.shape[0])
-    ])
+def _compiled_ops_expected(shared, h, w):
+    """The compiled ops a forward + backward runs: the kernel gradient always, the forward
+    for per-sample kernels on maps below 400 pixels (oneDNN's convolution otherwise)."""
+    ops = {'depthwise_conv2d_weight_grad'}
+    if not shared and h * w < 400:
+        ops.add('depthwise_conv2d')
+    return ops
 
 
 def _inputs(b, c, h, w, k, shared, dtype=torch.float32, seed=0):
@@ -35,11 +35,13 @@ def test_compiled_kernels_build_here():
 @pytest.mark.parametrize('shared', [True, False])
 # (1, 68, ...): more channels than the kernel-gradient's 64-channel blocks
 @pytest.mark.parametrize('shape', [(2, 5, 6, 7, 3), (1, 20, 5, 6, 7), (1, 68, 3, 3, 3)])
-def test_gradcheck_float64(shared, shape):
+def test_gradcheck_float64(shared, shape, compiled_ops):
     b, c, h, w, k = shape
     x, weight, bias = _inputs(b, c, h, w, k, shared, torch.float64)
-    torch.testing.assert_close(depthwise_conv2d(x, weight, bias), reference(x, weight, bias))
+    torch.testing.assert_close(depthwise_conv2d(x, weight, bias), reference(x, weight, bias),
+                               rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(depthwise_conv2d, (x, weight, bias))
+    assert compiled_ops.ran(torch.float64) == _compiled_ops_expected(shared, h, w)
 
 
 @pytest.mark.parametrize('shared', [True, False])
@@ -56,7 +58,7 @@ def test_output_keeps_the_input_memory_format(shared, k):
 
 @pytest.mark.parametrize('shared', [True, False])
 @pytest.mark.parametrize('c,size', [(96, 56), (384, 14), (768, 7)])
-def test_float32_stage_shapes_match_pytorch(shared, c, size):
+def test_float32_stage_shapes_match_the_reference(shared, c, size, compiled_ops):
     """Forward and all gradients at DWNet's stage shapes (K=7)."""
     x, weight, bias = _inputs(2, c, size, size, 7, shared)
     grad = torch.randn(2, c, size, size).contiguous(memory_format=torch.channels_last)
@@ -68,18 +70,28 @@ def test_float32_stage_shapes_match_pytorch(shared, c, size):
         # kernel gradients sum B*H*W products: float32 rounding differs with the order
         scale = theirs.abs().max().item()
         torch.testing.assert_close(ours, theirs, atol=1e-5 * max(scale, 1.0), rtol=1e-4)
+    assert compiled_ops.ran() == _compiled_ops_expected(shared, size, size), compiled_ops.calls
 
 
-def test_fallback_path_agrees(monkeypatch):
+def test_fallback_path_agrees(monkeypatch, compiled_ops):
     """Without the extension (or for inputs it does not take) the same function is
     computed by PyTorch's convolution."""
     x, weight, bias = _inputs(2, 12, 10, 9, 7, shared=False)
+    expected = reference(x, weight, bias)
     compiled = depthwise_conv2d(x, weight, bias)
+    torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+    assert compiled_ops.ran() == {'depthwise_conv2d'}
+    compiled_ops.calls.clear()
     monkeypatch.setenv('MMDWNET_CPU_EXTENSION', '0')
-    torch.testing.assert_close(depthwise_conv2d(x, weight, bias), compiled)
+    torch.testing.assert_close(depthwise_conv2d(x, weight, bias), expected, atol=1e-5,
+                               rtol=1e-5)
     monkeypatch.delenv('MMDWNET_CPU_EXTENSION')
     # NCHW-contiguous input and an even kernel take the PyTorch path
-    torch.testing.assert_close(depthwise_conv2d(x.contiguous(), weight, bias), compiled,
+    torch.testing.assert_close(depthwise_conv2d(x.contiguous(), weight, bias), expected,
+                               atol=1e-5, rtol=1e-5)
+    assert not compiled_ops.calls
+    x4, w4, b4 = _inputs(2, 3, 10, 9, 4, shared=True)
+    torch.testing.assert_close(depthwise_conv2d(x4, w4, b4), reference(x4, w4, b4),
                                atol=1e-5, rtol=1e-5)
     # even K keeps the size: tap i reads row h + i - K // 2
     x4, w4, _ = _inputs(1, 3, 10, 9, 4, shared=True)
@@ -101,29 +113,11 @@ def test_module_is_a_conv2d_and_checks_shapes():
         depthwise_conv2d(x, torch.randn(3, 8, 7, 7))
 
 
-class _Spy:
-    """Forwards to the compiled extension's ops and records which ones ran, with the
-    dtype of their first operand."""
-
-    def __init__(self, ops):
-        self.ops, self.calls = ops, []
-
-    def __getattr__(self, name):
-        op = getattr(self.ops, name)
-
-        def call(*args):
-            self.calls.append((name, args[0].dtype))
-            return op(*args)
-
-        return call
-
-
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_low_precision_runs_the_compiled_kernels_with_float32_sums(dtype, monkeypatch):
+def test_low_precision_runs_the_compiled_kernels_with_float32_sums(dtype, compiled_ops):
     """Per-sample kernels on a small map (the compiled forward) and the kernel gradient of
     both kinds take float16/bfloat16 operands directly and round once."""
-    spy = _Spy(cpu_extension.load())
-    monkeypatch.setattr(cpu_extension, 'load', lambda: spy)
+    spy = compiled_ops
     for shared in (False, True):
         x, weight, bias = _inputs(2, 24, 9, 9, 7, shared)
         low = [t.detach().to(dtype).requires_grad_() for t in (x, weight, bias)]

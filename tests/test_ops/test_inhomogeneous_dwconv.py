@@ -6,18 +6,11 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
+from reference import idwconv as reference_idwconv
 
 from mmdwnet.ops import InhomogeneousDWConv2d, inhomogeneous_dwconv2d
 
-
-def reference_idwconv(x, weight):
-    """Slow, obviously correct: unfold the K x K neighbourhoods and weight them."""
-    b, c, h, w = x.shape
-    groups, k = weight.shape[1], weight.shape[2]
-    cols = F.unfold(x, k, padding=k // 2)  # (B, C*K*K, H*W), zero padded
-    cols = cols.view(b, groups, c // groups, k, k, h, w)
-    return (cols * weight.unsqueeze(2)).sum(dim=(3, 4)).view(b, c, h, w)
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _pair(b, c, g, k, h, w, dtype=torch.float32, seed=0):
@@ -41,27 +34,58 @@ def test_matches_formula_elementwise():
     assert y[b, c, h, w].item() == pytest.approx(expected.item(), abs=1e-12)
 
 
+_CPU_OPS = {'inhomogeneous_dwconv2d', 'inhomogeneous_dwconv2d_grad_input',
+            'inhomogeneous_dwconv2d_grad_weight'}
+
+
 @pytest.fixture(params=['compiled', 'pytorch'])
 def cpu_path(request, monkeypatch):
     """Each CPU implementation in turn: the compiled kernels, then the PyTorch one (also
-    the fallback where no compiler exists)."""
-    from mmdwnet.ops import cpu_extension
-    if request.param == 'compiled':
-        assert cpu_extension.load() is not None, cpu_extension.error()
+    the fallback where no compiler exists); afterwards, a check that the forward and both
+    gradients ran on that implementation and no other."""
+    from mmdwnet.ops import inhomogeneous_dwconv as op
+    spy = request.getfixturevalue('compiled_ops')
     monkeypatch.setenv('MMDWNET_CPU_EXTENSION', '1' if request.param == 'compiled' else '0')
-    return request.param
+    shifts = []
+    original = op._shift_accumulate
+    monkeypatch.setattr(op, '_shift_accumulate',
+                        lambda src, w, transposed, *a: shifts.append(transposed) or original(
+                            src, w, transposed, *a))
+    yield request.param
+    if request.param == 'compiled':
+        assert spy.ran() == _CPU_OPS and not shifts, (spy.calls, shifts)
+    else:
+        assert not spy.calls and set(shifts) == {False, True}, (spy.calls, shifts)
 
 
 @pytest.mark.parametrize('shape', [(2, 6, 3, 3, 5, 7), (1, 8, 8, 5, 4, 4), (2, 4, 1, 7, 3, 6),
-                                   (1, 6, 2, 4, 5, 5)])
+                                   (1, 6, 2, 4, 5, 5), (1, 4, 2, 2, 3, 4)])
 def test_gradcheck_float64(shape, cpu_path):
     b, c, g, k, h, w = shape
     x, weight = _pair(b, c, g, k, h, w, dtype=torch.float64)
     x.requires_grad_()
     weight.requires_grad_()
-    if k % 2:
-        assert torch.allclose(inhomogeneous_dwconv2d(x, weight), reference_idwconv(x, weight))
+    torch.testing.assert_close(inhomogeneous_dwconv2d(x, weight), reference_idwconv(x, weight),
+                               rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(inhomogeneous_dwconv2d, (x, weight))
+
+
+# even K: 4, and the 12 x 12 kernels of the 384 fine-tuning (maps smaller than the kernel
+# too); odd K: 7 with the maps of stage 4 and a non-square map
+@pytest.mark.parametrize('shape', [(2, 8, 4, 4, 9, 10), (1, 6, 3, 12, 14, 13),
+                                   (2, 4, 2, 12, 5, 7), (2, 12, 4, 7, 7, 7), (1, 4, 4, 7, 3, 9)])
+def test_every_kernel_size_matches_the_reference(shape, cpu_path):
+    """Forward and both gradients against the unfold reference, even K included."""
+    b, c, g, k, h, w = shape
+    x, weight = _pair(b, c, g, k, h, w, dtype=torch.float64)
+    grad = torch.randn(b, c, h, w, dtype=torch.float64)
+    got, want = [], []
+    for fn, out in ((inhomogeneous_dwconv2d, got), (reference_idwconv, want)):
+        xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        y = fn(xr, wr)
+        out.extend([y, *torch.autograd.grad(y, (xr, wr), grad)])
+    for name, ours, ref in zip(('forward', 'grad_input', 'grad_weight'), got, want):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_float32_stage1_size_matches_reference(cpu_path):
@@ -176,7 +200,7 @@ _MEMORY_SCRIPT = textwrap.dedent('''
     import json, re, sys
     import torch
     sys.path.insert(0, {tests_dir!r})
-    from test_inhomogeneous_dwconv import reference_idwconv
+    from reference import idwconv as reference_idwconv
     from mmdwnet.ops import inhomogeneous_dwconv2d
 
     def resident_kib(field):  # VmRSS: now, VmHWM: peak since the last reset
@@ -199,8 +223,7 @@ _MEMORY_SCRIPT = textwrap.dedent('''
 
 
 def _peak_extra_memory(impl, dtype='float32'):
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    script = _MEMORY_SCRIPT.format(tests_dir=tests_dir)
+    script = _MEMORY_SCRIPT.format(tests_dir=_TESTS)
     # A fixed mmap threshold makes glibc return every freed block of 64 KiB or more to the
     # system at once, so the resident set follows the live allocations, not heap reuse.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
@@ -255,21 +278,9 @@ def test_forward_backward_peak_memory_is_a_fifth_of_unfold():
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('layout', ['nchw', 'channels_last'])
 @pytest.mark.parametrize('k', [7, 12, 5])
-def test_compiled_low_precision_kernels(dtype, layout, k, monkeypatch):
+def test_compiled_low_precision_kernels(dtype, layout, k, compiled_ops):
     """The compiled kernels take float16/bfloat16 operands (NCHW or channels-last) as they
     are, sum in float32 and round once; a spy shows that they, not the fallback, ran."""
-    from mmdwnet.ops import cpu_extension
-    ops = cpu_extension.load()
-    calls = []
-
-    class Spy:
-        def __getattr__(self, name):
-            def call(*args):
-                calls.append((name, args[0].dtype))
-                return getattr(ops, name)(*args)
-            return call
-
-    monkeypatch.setattr(cpu_extension, 'load', lambda: Spy())
     x, weight = _pair(2, 24, 8, k, 9, 10, dtype=torch.float64)  # 3 channels per group
     x, weight = x.to(dtype), weight.to(dtype)
     if layout == 'channels_last':
@@ -281,21 +292,11 @@ def test_compiled_low_precision_kernels(dtype, layout, k, monkeypatch):
     gx, gw = torch.autograd.grad(y, (x, weight), grad)
     assert y.is_contiguous(memory_format=torch.channels_last) == (layout == 'channels_last')
     xr, wr = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-    expected = even_k_reference(xr, wr)
+    expected = reference_idwconv(xr, wr)
     gx_ref, gw_ref = torch.autograd.grad(expected, (xr, wr), grad.double())
     eps = 2**-8 if dtype == torch.bfloat16 else 2**-11
     for got, want in ((y, expected), (gx, gx_ref), (gw, gw_ref)):
         scale = want.abs().max().item()
         torch.testing.assert_close(got.double(), want, rtol=2 * eps, atol=2 * eps * scale)
-    assert {name for name, d in calls if d == dtype} == {
-        'inhomogeneous_dwconv2d', 'inhomogeneous_dwconv2d_grad_input',
-        'inhomogeneous_dwconv2d_grad_weight'}, calls
+    assert compiled_ops.ran(dtype) == _CPU_OPS, compiled_ops.calls
 
-
-def even_k_reference(x, weight):
-    """Any K: K // 2 zeros before and K - 1 - K // 2 after each axis, then unfold."""
-    b, c, h, w = x.shape
-    groups, k = weight.shape[1], weight.shape[2]
-    padded = F.pad(x, (k // 2, k - 1 - k // 2, k // 2, k - 1 - k // 2))
-    cols = F.unfold(padded, k).view(b, groups, c // groups, k, k, h, w)
-    return (cols * weight.unsqueeze(2)).sum(dim=(3, 4)).view(b, c, h, w)

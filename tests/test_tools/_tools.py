@@ -1,23 +1,12 @@
-"""Shared by the tool tests: generated data, CPU smoke-run overrides, running a tool."""
+"""Shared by the tool tests: CPU smoke-run overrides, running a tool (the generated data
+is the ``data_root`` fixture of ``tests/conftest.py``)."""
 import os.path as osp
 import subprocess
 import sys
 
-import pytest
-
-from mmdwnet.datasets import make_ade20k, make_coco, make_imagenet
 from mmdwnet.engine.smoke import smoke_run_options as overrides  # noqa: F401
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-
-@pytest.fixture(scope='session')
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    make_coco(str(root / 'coco'), num_train=2, num_val=2)
-    make_ade20k(str(root / 'ade' / 'ADEChallengeData2016'), num_train=2, num_val=2)
-    make_imagenet(str(root / 'imagenet'), num_train=1, num_val=1)
-    return root
 
 
 def run_tool(tool, *args, check=True):

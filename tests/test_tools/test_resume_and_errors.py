@@ -5,23 +5,23 @@ import sys
 import time
 
 import torch
-from _tools import ROOT, data_root, overrides, run_tool  # noqa: F401  (fixture)
+from _tools import ROOT, overrides, run_tool
 
 import mmdwnet  # noqa: F401  (allows the checkpoint types for weights_only loading)
 
 CLS_CONFIG = osp.join(ROOT, 'configs', 'mmpretrain', 'dwconv_t_8xb128_in1k.py')
 
 
-def _cls_options(data_root, epochs):
+def _cls_options(epochs):
     # 4 images, batch 2: 2 iterations an epoch
     return overrides('mmpretrain', data_root) + [
         f'train_cfg.max_epochs={epochs}', 'train_dataloader.batch_size=2']
 
 
-def test_resume_after_the_process_is_killed(data_root, tmp_path):
+def test_resume_after_the_process_is_killed(tmp_path):
     work_dir = str(tmp_path / 'work')
     cmd = [sys.executable, osp.join(ROOT, 'tools', 'train.py'), CLS_CONFIG, '--work-dir',
-           work_dir, '--cfg-options', *_cls_options(data_root, 4)]
+           work_dir, '--cfg-options', *_cls_options(4)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = osp.join(work_dir, 'last_checkpoint')
     deadline = time.time() + 300
@@ -35,7 +35,7 @@ def test_resume_after_the_process_is_killed(data_root, tmp_path):
     stopped_at = open(last).read().strip()
 
     resumed = run_tool('train.py', CLS_CONFIG, '--work-dir', work_dir, '--resume',
-                       '--cfg-options', *_cls_options(data_root, 4))
+                       '--cfg-options', *_cls_options(4))
     log = resumed.stdout + resumed.stderr
     assert f'Load checkpoint from {stopped_at}' in log or stopped_at in log
     assert 'resumed epoch: ' in log
@@ -47,17 +47,17 @@ def test_resume_after_the_process_is_killed(data_root, tmp_path):
     # ... and end exactly where an uninterrupted run ends
     straight_dir = str(tmp_path / 'straight')
     run_tool('train.py', CLS_CONFIG, '--work-dir', straight_dir, '--cfg-options',
-             *_cls_options(data_root, 4))
+             *_cls_options(4))
     straight = torch.load(osp.join(straight_dir, 'epoch_4.pth'), weights_only=True)
     assert final['param_schedulers'] == straight['param_schedulers']
     assert [g['lr'] for g in final['optimizer']['param_groups']] == \
         [g['lr'] for g in straight['optimizer']['param_groups']]
 
 
-def test_corrupt_checkpoint_is_named(data_root, tmp_path):
+def test_corrupt_checkpoint_is_named(tmp_path):
     work_dir = str(tmp_path / 'work')
     run_tool('train.py', CLS_CONFIG, '--work-dir', work_dir, '--cfg-options',
-             *_cls_options(data_root, 2))
+             *_cls_options(2))
     good = osp.join(work_dir, 'epoch_2.pth')
     truncated = str(tmp_path / 'truncated.pth')
     with open(good, 'rb') as src, open(truncated, 'wb') as dst:
@@ -69,7 +69,7 @@ def test_corrupt_checkpoint_is_named(data_root, tmp_path):
         in result.stderr
     assert 'Traceback' not in result.stderr
     result = run_tool('train.py', CLS_CONFIG, '--work-dir', work_dir, '--resume', truncated,
-                      '--cfg-options', *_cls_options(data_root, 3), check=False)
+                      '--cfg-options', *_cls_options(3), check=False)
     assert result.returncode == 1 and f'checkpoint {truncated} is corrupt' in result.stderr
 
     # a checkpoint of another architecture
@@ -81,7 +81,7 @@ def test_corrupt_checkpoint_is_named(data_root, tmp_path):
     assert 'trained with another architecture' in result.stderr
 
 
-def test_clear_errors_for_missing_things(data_root, tmp_path):
+def test_clear_errors_for_missing_things(tmp_path):
     results = []
     result = run_tool('train.py', 'configs/mmdet/cascade_dwconv_s_3x.py', check=False)
     assert result.returncode == 1
@@ -117,12 +117,12 @@ def test_clear_errors_for_missing_things(data_root, tmp_path):
     assert all('Traceback' not in r.stderr for r in results)
 
 
-def test_dist_train_two_processes_on_cpu(data_root, tmp_path):
+def test_dist_train_two_processes_on_cpu(tmp_path):
     work_dir = str(tmp_path / 'work')
     env = dict(os.environ, PYTHON=sys.executable, PORT='29517', OMP_NUM_THREADS='1')
     result = subprocess.run(
         ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), CLS_CONFIG, '2', '--work-dir',
-         work_dir, '--cfg-options', *_cls_options(data_root, 2)],
+         work_dir, '--cfg-options', *_cls_options(2)],
         cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
@@ -134,12 +134,12 @@ def test_dist_train_two_processes_on_cpu(data_root, tmp_path):
     assert osp.isfile(osp.join(work_dir, 'epoch_2.pth'))
 
 
-def test_trained_checkpoint_loads_in_the_inferencer(data_root, tmp_path):
+def test_trained_checkpoint_loads_in_the_inferencer(tmp_path):
     from mmengine.config import Config
     from mmpretrain.apis import ImageClassificationInferencer
     work_dir = str(tmp_path / 'work')
     run_tool('train.py', CLS_CONFIG, '--work-dir', work_dir, '--cfg-options',
-             *_cls_options(data_root, 2))
+             *_cls_options(2))
     cfg = Config.fromfile(CLS_CONFIG)
     inferencer = ImageClassificationInferencer(cfg, pretrained=osp.join(work_dir, 'epoch_2.pth'),
                                                device='cpu')

@@ -6,7 +6,7 @@ import sys
 
 import mmdet
 import mmpretrain
-from _tools import ROOT, data_root, overrides  # noqa: F401  (fixture)
+from _tools import ROOT, overrides
 
 
 def _stock_train(package, config, work_dir, options, cwd):
@@ -18,14 +18,14 @@ def _stock_train(package, config, work_dir, options, cwd):
     return result
 
 
-def test_mmpretrain_stock_train(data_root, tmp_path):
+def test_mmpretrain_stock_train(tmp_path):
     config = osp.join(ROOT, 'configs', 'mmpretrain', 'iddwconv_t_8xb128_in1k.py')
     _stock_train(mmpretrain, config, str(tmp_path / 'work'),
                  overrides('mmpretrain', data_root), cwd=ROOT)
     assert osp.isfile(tmp_path / 'work' / 'epoch_2.pth')
 
 
-def test_downstream_config_with_stock_mmdet_train(data_root, tmp_path):
+def test_downstream_config_with_stock_mmdet_train(tmp_path):
     project = tmp_path / 'project'
     project.mkdir()
     (project / 'my_cascade.py').write_text(
@@ -38,7 +38,7 @@ def test_downstream_config_with_stock_mmdet_train(data_root, tmp_path):
     assert osp.isfile(tmp_path / 'work' / 'epoch_1.pth')
 
 
-def test_mim_train(data_root, tmp_path):
+def test_mim_train(tmp_path):
     mim = osp.join(osp.dirname(sys.executable), 'mim')
     config = osp.join(ROOT, 'configs', 'mmpretrain', 'dwconv_t_8xb128_in1k.py')
     result = subprocess.run([mim, 'train', 'mmpretrain', config, '--work-dir',

@@ -4,7 +4,7 @@ import json
 import os.path as osp
 
 import pytest
-from _tools import ROOT, data_root, overrides, run_tool  # noqa: F401  (fixture)
+from _tools import ROOT, overrides, run_tool
 
 CASES = {
     'mmdet': ('cascade_{}_t_3x.py', 'epoch_1.pth', ('coco/bbox_mAP', 'coco/segm_mAP')),
@@ -23,7 +23,7 @@ E2E = [('mmdet', 'dwconv'), ('mmdet', 'iddwconv'), ('mmseg', 'dwconv'), ('mmseg'
 
 
 @pytest.mark.parametrize('task,conv', E2E)
-def test_train_then_test(task, conv, data_root, tmp_path):
+def test_train_then_test(task, conv, tmp_path):
     pattern, ckpt_name, metric_keys = CASES[task]
     config = osp.join(ROOT, 'configs', task, pattern.format(conv))
     work_dir = str(tmp_path / 'work')
@@ -44,7 +44,7 @@ def test_train_then_test(task, conv, data_root, tmp_path):
 
 @pytest.mark.parametrize('name', ['dwconv_t_se', 'dwconv_t_ln', 'dwconv_t_ccbn', 'iddwconv_t_dw',
                                   'dwconv_t_sc', 'localmlp_t'])
-def test_train_ablation(name, data_root, tmp_path):
+def test_train_ablation(name, tmp_path):
     """Every ablation config trains through tools/train.py on the generated ImageNet and
     saves a checkpoint whose backbone carries the variant's parameters."""
     import torch
@@ -70,7 +70,7 @@ def test_train_ablation(name, data_root, tmp_path):
         assert state[f'backbone.stages.0.{marker}'].shape == (9, 3, 49, 49)
 
 
-def test_384_fine_tuning_chain(data_root, tmp_path):
+def test_384_fine_tuning_chain(tmp_path):
     """224 training -> fine-tuning with 7x7 kernels; kernels resized to 12x12 with the tool
     -> fine-tuning with 12x12 kernels (the configs' structure, at smoke sizes)."""
     import torch
