@@ -1,45 +1,91 @@
-"""Train each task's tiny configs for a few iterations through tools/train.py on generated
-data, then test the checkpoint with tools/test.py and check the metrics."""
+"""Train each task's tiny configs through tools/train.py on generated data (a few
+iterations, or enough to overfit the images), then test the checkpoint with tools/test.py
+and check the metrics."""
 import json
 import os.path as osp
 
 import pytest
-from _tools import ROOT, overrides, run_tool
+from _tools import ROOT, assert_trained, initial_checkpoint, overrides, run_tool
 
 CASES = {
-    'mmdet': ('cascade_{}_t_3x.py', 'epoch_1.pth', ('coco/bbox_mAP', 'coco/segm_mAP')),
-    'mmseg': ('upernet_{}_t_512x512_160k_ade20k.py', 'iter_2.pth', ('mIoU', 'aAcc')),
-    'mmpretrain': ('{}_t_8xb128_in1k.py', 'epoch_2.pth',
-                   ('accuracy/top1', 'accuracy/top5')),
+    'mmdet': ('cascade_{}_t_3x.py', 'epoch_{}.pth', ('coco/bbox_mAP', 'coco/segm_mAP')),
+    'mmseg': ('upernet_{}_t_512x512_160k_ade20k.py', 'iter_{}.pth', ('mIoU', 'aAcc')),
+    'mmpretrain': ('{}_t_8xb128_in1k.py', 'epoch_{}.pth', ('accuracy/top1', 'accuracy/top5')),
+}
+LENGTH = dict(mmdet='train_cfg.max_epochs', mmseg='train_cfg.max_iters',
+              mmpretrain='train_cfg.max_epochs')
+
+# Overfitting a few generated images (one iteration an epoch for mmdet and mmpretrain):
+# a constant learning rate instead of the warm-up, no random augmentation, a fixed seed.
+LEARN = {
+    'mmdet': """
+param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
+train_dataloader = dict(dataset=dict(pipeline={flip_off}))
+""",
+    'mmseg': """
+param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
+optim_wrapper = dict(optimizer=dict(lr=1e-3))
+""",
+    'mmpretrain': """
+param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=True, end=1),
+                   dict(type='ConstantLR', factor=1.0, by_epoch=True, begin=1)]
+train_dataloader = dict(dataset=dict(pipeline=[
+    dict(type='LoadImageFromFile'), dict(type='ResizeEdge', scale=64, edge='short'),
+    dict(type='CenterCrop', crop_size=64), dict(type='PackInputs')]))
+model = dict(backbone=dict(drop_path_rate=0.0), train_cfg=None)  # no Mixup/CutMix
+""",
 }
 
+# (task, operator, length of the run, factor by which its loss must fall or None).
+# Every operator trains and tests in every task; one run per task learns.
+E2E = [('mmdet', 'dwconv', 8, 1.7), ('mmdet', 'iddwconv', 1, None),
+       ('mmseg', 'dwconv', 10, 1.4), ('mmseg', 'ddwconv', 2, None),
+       ('mmseg', 'iddwconv', 2, None),
+       ('mmpretrain', 'ddwconv', 12, 2.0), ('mmpretrain', 'iddwconv', 2, None)]
 
-# Every task trains and tests two of the three operators here; the third is trained by
-# other tests (D-DW Cascade by the stock mmdet tool, D-DW UPerNet and I-D-DW Cascade through
-# converted checkpoints and the inferencers, DW-T by the ablation and fine-tuning chains),
-# which keeps the suite within its time budget.
-E2E = [('mmdet', 'dwconv'), ('mmdet', 'iddwconv'), ('mmseg', 'dwconv'), ('mmseg', 'iddwconv'),
-       ('mmpretrain', 'ddwconv'), ('mmpretrain', 'iddwconv')]
+
+def _learning_config(task, config, tmp_path):
+    """A child of ``config`` (inheriting by path, as a downstream project would) that
+    overfits the generated images."""
+    body = LEARN[task]
+    if task == 'mmdet':  # the stock pipeline with its random flip switched off
+        from mmengine.config import Config
+        pipeline = Config.fromfile(config).train_dataloader.dataset.pipeline
+        flip, = [t for t in pipeline if t['type'] == 'RandomFlip']
+        flip['prob'] = 0.0
+        body = body.format(flip_off=repr([dict(t) for t in pipeline]))
+    child = tmp_path / f'learn_{osp.basename(config)}'
+    child.write_text(f"_base_ = {config!r}\nrandomness = dict(seed=0)\n{body}")
+    return str(child)
 
 
-@pytest.mark.parametrize('task,conv', E2E)
-def test_train_then_test(task, conv, tmp_path):
-    pattern, ckpt_name, metric_keys = CASES[task]
+@pytest.mark.parametrize('task,conv,length,falls_by', E2E)
+def test_train_then_test(task, conv, length, falls_by, data_root, tmp_path):
+    """tools/train.py then tools/test.py: finite losses every iteration, finite weights
+    that moved from where they started, the metrics of the task; and learning where a
+    factor is given."""
+    pattern, ckpt_pattern, metric_keys = CASES[task]
     config = osp.join(ROOT, 'configs', task, pattern.format(conv))
     work_dir = str(tmp_path / 'work')
-    options = overrides(task, data_root)
-    train = run_tool('train.py', config, '--work-dir', work_dir, '--cfg-options', *options)
+    options = overrides(task, data_root) + [
+        f'{LENGTH[task]}={length}', 'default_hooks.logger.interval=1',
+        f'default_hooks.checkpoint.interval={length}']
+    initial = initial_checkpoint(config, options, tmp_path / 'initial.pth')
+    run_config = config if falls_by is None else _learning_config(task, config, tmp_path)
+    train = run_tool('train.py', run_config, '--work-dir', work_dir, '--cfg-options',
+                     *options, f'load_from={initial}')
     # no ImageNet checkpoint at the config's default path: random init with a warning
     if task != 'mmpretrain':
         assert 'starts from random initialisation' in train.stdout + train.stderr
-    checkpoint = osp.join(work_dir, ckpt_name)
-    assert osp.isfile(checkpoint)
+    checkpoint = osp.join(work_dir, ckpt_pattern.format(length))
+    losses = assert_trained(work_dir, checkpoint, initial, falls_by, min_iters=length)
+    print(f'{task} {conv}: losses {[round(v, 3) for v in losses]}')
     test = run_tool('test.py', config, checkpoint, '--work-dir', work_dir, '--cfg-options',
                     *options)
     line, = [ln for ln in test.stdout.splitlines() if ln.startswith('metrics: ')]
     metrics = json.loads(line[len('metrics: '):])
     for key in metric_keys:
-        assert isinstance(metrics[key], float) and metrics[key] >= 0, metrics
+        assert isinstance(metrics[key], float) and 0 <= metrics[key] <= 100, metrics
 
 
 @pytest.mark.parametrize('name', ['dwconv_t_se', 'dwconv_t_ln', 'dwconv_t_ccbn', 'iddwconv_t_dw',
