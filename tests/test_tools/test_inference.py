@@ -32,7 +32,7 @@ def _dataset_meta(scope):
 
 
 @pytest.mark.parametrize('config,image,expected', CASES, ids=lambda c: str(c)[:12])
-def test_demo_tool_runs_the_inferencer(config, image, expected, tmp_path):
+def test_demo_tool_runs_the_inferencer(config, image, expected, data_root, tmp_path):
     cfg = Config.fromfile(osp.join(ROOT, 'configs', config))
     init_default_scope(cfg.default_scope)
     model = MODELS.build(cfg.model)

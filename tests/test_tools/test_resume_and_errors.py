@@ -5,23 +5,40 @@ import sys
 import time
 
 import torch
-from _tools import ROOT, overrides, run_tool
+from _tools import ROOT, assert_trained, initial_checkpoint, overrides, run_tool
 
 import mmdwnet  # noqa: F401  (allows the checkpoint types for weights_only loading)
 
 CLS_CONFIG = osp.join(ROOT, 'configs', 'mmpretrain', 'dwconv_t_8xb128_in1k.py')
 
 
-def _cls_options(epochs):
+def _cls_options(data_root, epochs):
     # 4 images, batch 2: 2 iterations an epoch
     return overrides('mmpretrain', data_root) + [
         f'train_cfg.max_epochs={epochs}', 'train_dataloader.batch_size=2']
 
 
-def test_resume_after_the_process_is_killed(tmp_path):
+# No random augmentation, no drop path, no Mixup/CutMix and a fixed seed: two runs of the
+# same length end on the same weights, so a killed-and-resumed run can be compared with an
+# uninterrupted one (the data order is seeded per epoch by mmengine's DefaultSampler).
+_DETERMINISTIC = """
+randomness = dict(seed=0)
+train_dataloader = dict(dataset=dict(pipeline=[
+    dict(type='LoadImageFromFile'), dict(type='ResizeEdge', scale=64, edge='short'),
+    dict(type='CenterCrop', crop_size=64), dict(type='PackInputs')]))
+model = dict(backbone=dict(drop_path_rate=0.0), train_cfg=None)
+"""
+
+
+def test_resume_after_the_process_is_killed(data_root, tmp_path):
+    """A run killed after its second of four epochs, resumed with --resume, ends on the
+    weights and AdamW moments of an uninterrupted run."""
+    config = tmp_path / 'deterministic.py'
+    config.write_text(f'_base_ = {CLS_CONFIG!r}\n{_DETERMINISTIC}')
+    config = str(config)
     work_dir = str(tmp_path / 'work')
-    cmd = [sys.executable, osp.join(ROOT, 'tools', 'train.py'), CLS_CONFIG, '--work-dir',
-           work_dir, '--cfg-options', *_cls_options(4)]
+    cmd = [sys.executable, osp.join(ROOT, 'tools', 'train.py'), config, '--work-dir',
+           work_dir, '--cfg-options', *_cls_options(data_root, 4)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = osp.join(work_dir, 'last_checkpoint')
     deadline = time.time() + 300
@@ -34,8 +51,8 @@ def test_resume_after_the_process_is_killed(tmp_path):
     assert not osp.exists(osp.join(work_dir, 'epoch_4.pth')), 'was not stopped part way'
     stopped_at = open(last).read().strip()
 
-    resumed = run_tool('train.py', CLS_CONFIG, '--work-dir', work_dir, '--resume',
-                       '--cfg-options', *_cls_options(4))
+    resumed = run_tool('train.py', config, '--work-dir', work_dir, '--resume',
+                       '--cfg-options', *_cls_options(data_root, 4))
     log = resumed.stdout + resumed.stderr
     assert f'Load checkpoint from {stopped_at}' in log or stopped_at in log
     assert 'resumed epoch: ' in log
@@ -46,18 +63,34 @@ def test_resume_after_the_process_is_killed(tmp_path):
     assert steps == {8}
     # ... and end exactly where an uninterrupted run ends
     straight_dir = str(tmp_path / 'straight')
-    run_tool('train.py', CLS_CONFIG, '--work-dir', straight_dir, '--cfg-options',
-             *_cls_options(4))
+    run_tool('train.py', config, '--work-dir', straight_dir, '--cfg-options',
+             *_cls_options(data_root, 4))
     straight = torch.load(osp.join(straight_dir, 'epoch_4.pth'), weights_only=True)
     assert final['param_schedulers'] == straight['param_schedulers']
     assert [g['lr'] for g in final['optimizer']['param_groups']] == \
         [g['lr'] for g in straight['optimizer']['param_groups']]
+    assert final['state_dict'].keys() == straight['state_dict'].keys()
+    for key, value in final['state_dict'].items():
+        torch.testing.assert_close(value, straight['state_dict'][key], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, key=key: f'{key}: {m}')
+    moments = final['optimizer']['state']
+    assert moments.keys() == straight['optimizer']['state'].keys()
+    for index, state in moments.items():
+        for name in ('exp_avg', 'exp_avg_sq'):
+            torch.testing.assert_close(state[name], straight['optimizer']['state'][index][name],
+                                       rtol=1e-5, atol=1e-9,
+                                       msg=lambda m, i=index, n=name: f'{n} of {i}: {m}')
+    # the weights moved over the 8 steps: the comparison is not between two initial states
+    assert not torch.equal(final['state_dict']['backbone.stages.0.blocks.0.dw_conv.weight'],
+                           torch.load(osp.join(work_dir, 'epoch_1.pth'), weights_only=True)
+                           ['state_dict']['backbone.stages.0.blocks.0.dw_conv.weight']) \
+        if osp.exists(osp.join(work_dir, 'epoch_1.pth')) else True
 
 
-def test_corrupt_checkpoint_is_named(tmp_path):
+def test_corrupt_checkpoint_is_named(data_root, tmp_path):
     work_dir = str(tmp_path / 'work')
     run_tool('train.py', CLS_CONFIG, '--work-dir', work_dir, '--cfg-options',
-             *_cls_options(2))
+             *_cls_options(data_root, 2))
     good = osp.join(work_dir, 'epoch_2.pth')
     truncated = str(tmp_path / 'truncated.pth')
     with open(good, 'rb') as src, open(truncated, 'wb') as dst:
@@ -69,7 +102,7 @@ def test_corrupt_checkpoint_is_named(tmp_path):
         in result.stderr
     assert 'Traceback' not in result.stderr
     result = run_tool('train.py', CLS_CONFIG, '--work-dir', work_dir, '--resume', truncated,
-                      '--cfg-options', *_cls_options(3), check=False)
+                      '--cfg-options', *_cls_options(data_root, 3), check=False)
     assert result.returncode == 1 and f'checkpoint {truncated} is corrupt' in result.stderr
 
     # a checkpoint of another architecture
@@ -81,7 +114,7 @@ def test_corrupt_checkpoint_is_named(tmp_path):
     assert 'trained with another architecture' in result.stderr
 
 
-def test_clear_errors_for_missing_things(tmp_path):
+def test_clear_errors_for_missing_things(data_root, tmp_path):
     results = []
     result = run_tool('train.py', 'configs/mmdet/cascade_dwconv_s_3x.py', check=False)
     assert result.returncode == 1
@@ -117,12 +150,14 @@ def test_clear_errors_for_missing_things(tmp_path):
     assert all('Traceback' not in r.stderr for r in results)
 
 
-def test_dist_train_two_processes_on_cpu(tmp_path):
+def test_dist_train_two_processes_on_cpu(data_root, tmp_path):
     work_dir = str(tmp_path / 'work')
     env = dict(os.environ, PYTHON=sys.executable, PORT='29517', OMP_NUM_THREADS='1')
+    options = _cls_options(data_root, 2) + ['default_hooks.logger.interval=1']
+    initial = initial_checkpoint(CLS_CONFIG, options, tmp_path / 'initial.pth')
     result = subprocess.run(
         ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), CLS_CONFIG, '2', '--work-dir',
-         work_dir, '--cfg-options', *_cls_options(2)],
+         work_dir, '--cfg-options', *options, f'load_from={initial}'],
         cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
@@ -131,18 +166,28 @@ def test_dist_train_two_processes_on_cpu(tmp_path):
     assert 'GPU number: 2' in log  # mmengine's name for the world size
     # 4 images, 2 processes x 2 images: one iteration an epoch
     assert 'Epoch(train) [2][1/1]' in log
-    assert osp.isfile(osp.join(work_dir, 'epoch_2.pth'))
+    assert_trained(work_dir, osp.join(work_dir, 'epoch_2.pth'), initial, min_iters=2)
 
 
-def test_trained_checkpoint_loads_in_the_inferencer(tmp_path):
+def test_trained_checkpoint_loads_in_the_inferencer(data_root, tmp_path):
+    """A checkpoint of tools/train.py loads completely into mmpretrain's inferencer, which
+    itself loads non-strictly: its model must hold exactly the checkpoint's tensors."""
     from mmengine.config import Config
     from mmpretrain.apis import ImageClassificationInferencer
     work_dir = str(tmp_path / 'work')
-    run_tool('train.py', CLS_CONFIG, '--work-dir', work_dir, '--cfg-options',
-             *_cls_options(2))
+    options = _cls_options(data_root, 2)
+    initial = initial_checkpoint(CLS_CONFIG, options, tmp_path / 'initial.pth')
+    run_tool('train.py', CLS_CONFIG, '--work-dir', work_dir, '--cfg-options', *options,
+             'default_hooks.logger.interval=1', f'load_from={initial}')
+    checkpoint = osp.join(work_dir, 'epoch_2.pth')
+    assert_trained(work_dir, checkpoint, initial, min_iters=4)
     cfg = Config.fromfile(CLS_CONFIG)
-    inferencer = ImageClassificationInferencer(cfg, pretrained=osp.join(work_dir, 'epoch_2.pth'),
-                                               device='cpu')
+    inferencer = ImageClassificationInferencer(cfg, pretrained=checkpoint, device='cpu')
+    saved = torch.load(checkpoint, weights_only=True)['state_dict']
+    loaded = inferencer.model.state_dict()
+    assert loaded.keys() == saved.keys()
+    different = [k for k in saved if not torch.equal(loaded[k], saved[k])]
+    assert not different, different[:5]
     image = osp.join(str(data_root), 'imagenet', 'val', 'ILSVRC2012_val_00000001.JPEG')
     result, = inferencer(image)
     assert 0 <= result['pred_label'] < 1000 and 0 <= result['pred_score'] <= 1

@@ -6,7 +6,7 @@ import sys
 
 import mmdet
 import mmpretrain
-from _tools import ROOT, overrides
+from _tools import ROOT, assert_trained, initial_checkpoint, overrides
 
 
 def _stock_train(package, config, work_dir, options, cwd):
@@ -18,36 +18,45 @@ def _stock_train(package, config, work_dir, options, cwd):
     return result
 
 
-def test_mmpretrain_stock_train(tmp_path):
+def _options(task, config, data_root, tmp_path):
+    """Smoke-run options that log every iteration and start from saved initial weights;
+    returns them and the path of those weights (for ``assert_trained``)."""
+    options = overrides(task, data_root) + ['default_hooks.logger.interval=1']
+    initial = initial_checkpoint(config, options, tmp_path / 'initial.pth')
+    return options + [f'load_from={initial}'], initial
+
+
+def test_mmpretrain_stock_train(data_root, tmp_path):
     config = osp.join(ROOT, 'configs', 'mmpretrain', 'iddwconv_t_8xb128_in1k.py')
-    _stock_train(mmpretrain, config, str(tmp_path / 'work'),
-                 overrides('mmpretrain', data_root), cwd=ROOT)
-    assert osp.isfile(tmp_path / 'work' / 'epoch_2.pth')
+    options, initial = _options('mmpretrain', config, data_root, tmp_path)
+    _stock_train(mmpretrain, config, str(tmp_path / 'work'), options, cwd=ROOT)
+    assert_trained(tmp_path / 'work', tmp_path / 'work' / 'epoch_2.pth', initial, min_iters=2)
 
 
-def test_downstream_config_with_stock_mmdet_train(tmp_path):
+def test_downstream_config_with_stock_mmdet_train(data_root, tmp_path):
     project = tmp_path / 'project'
     project.mkdir()
     (project / 'my_cascade.py').write_text(
         "_base_ = 'mmdwnet::mmdet/cascade_dwconv_t_3x.py'\n"
         "model = dict(backbone=dict(conv_type='ddw'))\n"
         "optim_wrapper = dict(type='OptimWrapper')  # this CPU has no AMP\n")
-    result = _stock_train(mmdet, 'my_cascade.py', str(tmp_path / 'work'),
-                          overrides('mmdet', data_root), cwd=project)
+    options, initial = _options('mmdet', str(project / 'my_cascade.py'), data_root, tmp_path)
+    result = _stock_train(mmdet, 'my_cascade.py', str(tmp_path / 'work'), options,
+                          cwd=project)
     assert "conv_type='ddw'" in result.stdout + result.stderr
-    assert osp.isfile(tmp_path / 'work' / 'epoch_1.pth')
+    assert_trained(tmp_path / 'work', tmp_path / 'work' / 'epoch_1.pth', initial)
 
 
-def test_mim_train(tmp_path):
+def test_mim_train(data_root, tmp_path):
     mim = osp.join(osp.dirname(sys.executable), 'mim')
     config = osp.join(ROOT, 'configs', 'mmpretrain', 'dwconv_t_8xb128_in1k.py')
+    options, initial = _options('mmpretrain', config, data_root, tmp_path)
     result = subprocess.run([mim, 'train', 'mmpretrain', config, '--work-dir',
-                             str(tmp_path / 'work'), '--cfg-options',
-                             *overrides('mmpretrain', data_root)],
+                             str(tmp_path / 'work'), '--cfg-options', *options],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     assert 'Training finished successfully' in result.stdout + result.stderr
-    assert osp.isfile(tmp_path / 'work' / 'epoch_2.pth')
+    assert_trained(tmp_path / 'work', tmp_path / 'work' / 'epoch_2.pth', initial, min_iters=2)
 
 
 def test_mmpretrain_reparameterize_tool_folds_batchnorm(tmp_path):

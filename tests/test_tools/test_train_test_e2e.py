@@ -90,7 +90,7 @@ def test_train_then_test(task, conv, length, falls_by, data_root, tmp_path):
 
 @pytest.mark.parametrize('name', ['dwconv_t_se', 'dwconv_t_ln', 'dwconv_t_ccbn', 'iddwconv_t_dw',
                                   'dwconv_t_sc', 'localmlp_t'])
-def test_train_ablation(name, tmp_path):
+def test_train_ablation(name, data_root, tmp_path):
     """Every ablation config trains through tools/train.py on the generated ImageNet and
     saves a checkpoint whose backbone carries the variant's parameters."""
     import torch
@@ -116,7 +116,7 @@ def test_train_ablation(name, tmp_path):
         assert state[f'backbone.stages.0.{marker}'].shape == (9, 3, 49, 49)
 
 
-def test_384_fine_tuning_chain(tmp_path):
+def test_384_fine_tuning_chain(data_root, tmp_path):
     """224 training -> fine-tuning with 7x7 kernels; kernels resized to 12x12 with the tool
     -> fine-tuning with 12x12 kernels (the configs' structure, at smoke sizes)."""
     import torch
