@@ -24,7 +24,7 @@ IMAGENET_PARAMS = {
 }
 METAFILE_PARAMS = {m['Config']: m['Metadata']['Parameters']
                    for m in load_models(os.path.dirname(CONFIG_DIR))}
-# DWNet configs (the Local MLP ablation's dense configs are tested with the ablations)
+# DWNet configs (the Local MLP ablation's dense configs: test_localmlp_dense_config_parameters)
 CONFIGS = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, 'mm*', '*.py'))
                  if 'localmlp' not in os.path.basename(p))
 
@@ -73,3 +73,20 @@ def test_config_model_parameters(path):
                                          checkpoint=f'checkpoints/{key}_in1k.pth',
                                          prefix='backbone.')
         assert backbone.out_norm_cfg['type'] == 'SyncBN'
+
+
+LOCALMLP_DENSE = sorted(glob.glob(os.path.join(CONFIG_DIR, 'mm*', '*localmlp*.py')))
+
+
+@pytest.mark.parametrize('path', LOCALMLP_DENSE, ids=lambda p: os.path.basename(p))
+def test_localmlp_dense_config_parameters(path):
+    """The Local MLP-T detection and segmentation configs (shared window weights, so any
+    input size) build with the metafile's exact parameter count."""
+    assert len(LOCALMLP_DENSE) == 2
+    cfg = Config.fromfile(path)
+    init_default_scope(cfg.default_scope)
+    model = MODELS.build(cfg.model)
+    params = sum(p.numel() for p in model.parameters())
+    backbone = cfg.model.backbone
+    assert backbone.type == 'LocalMLP' and backbone.share_windows and backbone.arch == 'tiny'
+    assert METAFILE_PARAMS[os.path.relpath(path, os.path.dirname(CONFIG_DIR))] == params

@@ -38,9 +38,11 @@ model = dict(backbone=dict(drop_path_rate=0.0), train_cfg=None)  # no Mixup/CutM
 
 # (task, operator, length of the run, factor by which its loss must fall or None).
 # Every operator trains and tests in every task; one run per task learns.
+# The Local MLP-T detection and segmentation configs (the ablation) train here too.
 E2E = [('mmdet', 'dwconv', 8, 1.7), ('mmdet', 'iddwconv', 1, None),
+       ('mmdet', 'localmlp', 1, None),
        ('mmseg', 'dwconv', 10, 1.4), ('mmseg', 'ddwconv', 2, None),
-       ('mmseg', 'iddwconv', 2, None),
+       ('mmseg', 'iddwconv', 2, None), ('mmseg', 'localmlp', 2, None),
        ('mmpretrain', 'ddwconv', 12, 2.0), ('mmpretrain', 'iddwconv', 2, None)]
 
 
@@ -88,32 +90,57 @@ def test_train_then_test(task, conv, length, falls_by, data_root, tmp_path):
         assert isinstance(metrics[key], float) and 0 <= metrics[key] <= 100, metrics
 
 
-@pytest.mark.parametrize('name', ['dwconv_t_se', 'dwconv_t_ln', 'dwconv_t_ccbn', 'iddwconv_t_dw',
-                                  'dwconv_t_sc', 'localmlp_t'])
+ABLATIONS = ['dwconv_t_se', 'dwconv_t_ln', 'dwconv_t_ccbn', 'iddwconv_t_dw', 'dwconv_t_sc',
+             'localmlp_t', 'localmlp_t_sw', 'localmlp_b']
+
+
+def test_every_imagenet_ablation_is_trained():
+    """All ten ImageNet ablation configs train: eight here, the two 384 fine-tuning
+    configs in test_384_fine_tuning_chain."""
+    import glob
+    configs = {osp.basename(p) for p in glob.glob(
+        osp.join(ROOT, 'configs', 'mmpretrain', 'ablations', '*.py'))}
+    assert configs == {f'{n}_8xb128_in1k.py' for n in ABLATIONS} | {
+        'dwconv_t_384px_ft.py', 'dwconv_t_k12_384px_ft.py'}
+
+
+@pytest.mark.parametrize('name', ABLATIONS)
 def test_train_ablation(name, data_root, tmp_path):
-    """Every ablation config trains through tools/train.py on the generated ImageNet and
-    saves a checkpoint whose backbone carries the variant's parameters."""
+    """Every ablation config trains through tools/train.py on the generated ImageNet
+    (finite losses, finite weights that moved) and saves a checkpoint whose backbone
+    carries the variant's parameters."""
     import torch
     config = osp.join(ROOT, 'configs', 'mmpretrain', 'ablations', f'{name}_8xb128_in1k.py')
     work_dir = str(tmp_path / 'work')
-    options = overrides('mmpretrain', data_root)
-    if name == 'localmlp_t':  # per-window weights for the smoke run's 64x64 windows
-        options += ['model.backbone.img_size=64', 'model.backbone.pad_small_map=True']
-    run_tool('train.py', config, '--work-dir', work_dir, '--cfg-options', *options)
+    options = overrides('mmpretrain', data_root) + [
+        'default_hooks.logger.interval=1', 'default_hooks.checkpoint.interval=2']
+    if name.startswith('localmlp'):  # windows of 7 on 64x64 images: pad the small maps
+        options += ['model.backbone.pad_small_map=True']
+    if name in ('localmlp_t', 'localmlp_b'):  # per-window weights for 64x64 images
+        options += ['model.backbone.img_size=64']
+    initial = initial_checkpoint(config, options, tmp_path / 'initial.pth')
+    run_tool('train.py', config, '--work-dir', work_dir, '--cfg-options', *options,
+             f'load_from={initial}')
+    assert_trained(work_dir, osp.join(work_dir, 'epoch_2.pth'), initial, min_iters=2)
     state = torch.load(osp.join(work_dir, 'epoch_2.pth'), weights_only=True)['state_dict']
     marker = {'dwconv_t_se': 'blocks.0.se.conv1.conv.weight',
               'dwconv_t_ln': 'blocks.0.norm1.weight',
               'dwconv_t_ccbn': 'blocks.0.norm1.centering_weight',
               'iddwconv_t_dw': 'blocks.0.local_conv.weight',
               'dwconv_t_sc': 'blocks.0.dw_conv.weight',
-              'localmlp_t': 'blocks.0.attn.w_msa.mixing'}[name]
+              'localmlp_t': 'blocks.0.attn.w_msa.mixing',
+              'localmlp_t_sw': 'blocks.0.attn.w_msa.mixing',
+              'localmlp_b': 'blocks.0.attn.w_msa.mixing'}[name]
     assert f'backbone.stages.0.{marker}' in state
     if name == 'dwconv_t_ln':
         assert 'backbone.stages.0.blocks.0.norm1.running_mean' not in state
     if name == 'dwconv_t_sc':
         assert state[f'backbone.stages.0.{marker}'].shape == (3, 1, 7, 7)
-    if name == 'localmlp_t':  # 64 / 4 = 16 -> 3 x 3 windows of 7 (padded), 3 heads
-        assert state[f'backbone.stages.0.{marker}'].shape == (9, 3, 49, 49)
+    # 64 / 4 = 16 -> 3 x 3 windows of 7 (padded), 3 heads (4 for B); or one shared window
+    mixing = {'localmlp_t': (9, 3, 49, 49), 'localmlp_b': (9, 4, 49, 49),
+              'localmlp_t_sw': (1, 3, 49, 49)}
+    if name in mixing:
+        assert state[f'backbone.stages.0.{marker}'].shape == mixing[name]
 
 
 def test_384_fine_tuning_chain(data_root, tmp_path):
@@ -134,7 +161,15 @@ def test_384_fine_tuning_chain(data_root, tmp_path):
         work = tmp_path / name
         train = run_tool('train.py', config, '--work-dir', str(work), '--cfg-options',
                          *options, f'load_from={start}')
-        assert f'Load checkpoint from {start}' in train.stdout + train.stderr
+        log = train.stdout + train.stderr
+        assert f'Load checkpoint from {start}' in log
+        # load_from loads non-strictly: mmengine reports what it skipped; nothing may be
+        for problem in ('unexpected key in source state_dict', 'missing keys in source '
+                        'state_dict', 'size mismatch for', 'do not match exactly'):
+            assert problem not in log, log[log.index(problem) - 200:][:2000]
         state = torch.load(work / 'epoch_2.pth', weights_only=True)['state_dict']
+        source = torch.load(start, weights_only=True)['state_dict']
+        assert state.keys() == source.keys()
+        assert all(state[key].shape == source[key].shape for key in state)
         k = 12 if 'k12' in name else 7
         assert state['backbone.stages.0.blocks.0.dw_conv.weight'].shape == (96, 1, k, k)
