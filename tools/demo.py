@@ -4,10 +4,11 @@ Detection draws boxes and masks, segmentation a colour overlay (both saved as PN
 classification prints the top-5 classes.
 """
 import argparse
+import json
 import sys
 
 from mmdwnet.engine import LaunchError, load_config
-from mmdwnet.engine.inference import run_inference
+from mmdwnet.engine.inference import prediction_to_json, run_inference
 
 
 def main():
@@ -19,6 +20,9 @@ def main():
     parser.add_argument('--device', default='cpu', help='e.g. cpu or cuda:0')
     parser.add_argument('--score-thr', type=float, default=0.3,
                         help='detection: draw boxes scoring at least this')
+    parser.add_argument('--pred-out', help='also write the raw prediction to this JSON file: '
+                        'classification scores, detection boxes/scores/labels, or the '
+                        'segmentation label map')
     args = parser.parse_args()
     try:
         cfg = load_config(args.config)
@@ -28,6 +32,10 @@ def main():
         sys.exit(f'error: {e}')
     for line in result['lines']:
         print(line)
+    if args.pred_out:
+        with open(args.pred_out, 'w') as f:
+            json.dump(prediction_to_json(result['prediction']), f)
+        print(f'saved {args.pred_out}')
 
 
 if __name__ == '__main__':

@@ -49,3 +49,14 @@ def run_inference(cfg: Config, checkpoint: str, image: str, out: str, device: st
     picture = result['visualization']  # a list for mmdet, the array for one image in mmseg
     Image.fromarray(picture[0] if isinstance(picture, list) else picture).save(out)
     return dict(lines=[summary, f'saved {out}'], out=out, prediction=prediction)
+
+
+def prediction_to_json(prediction) -> Dict:
+    """The prediction of :func:`run_inference` as plain lists: ``pred_scores``
+    (classification), ``bboxes``/``scores``/``labels`` (detection; masks left out) or
+    ``sem_seg`` (the segmentation label map)."""
+    if isinstance(prediction, dict) and 'pred_scores' in prediction:
+        return dict(pred_scores=np.asarray(prediction['pred_scores']).tolist())
+    if isinstance(prediction, dict):
+        return {k: np.asarray(prediction[k]).tolist() for k in ('bboxes', 'scores', 'labels')}
+    return dict(sem_seg=np.asarray(prediction).tolist())

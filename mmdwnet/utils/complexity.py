@@ -136,14 +136,17 @@ def config_task(cfg: Config) -> str:
 
 
 def build_task_model(cfg: Config) -> nn.Module:
-    """Build ``cfg.model`` with the config's task registry, SyncBN reverted to BN, in eval
-    mode; the backbone's ``init_cfg`` (a Pretrained checkpoint) is not applied."""
+    """Build ``cfg.model`` with the config's task registry (and the config's top-level
+    ``data_preprocessor``, as the Runner merges it), SyncBN reverted to BN, in eval mode;
+    the backbone's ``init_cfg`` (a Pretrained checkpoint) is not applied."""
     import importlib
 
     from mmengine.model import revert_sync_batchnorm
     task = config_task(cfg)
     registry = importlib.import_module(f'{task}.registry').MODELS
     model_cfg = cfg.model.copy()
+    if cfg.get('data_preprocessor') is not None:  # as mmengine's Runner.build_model does
+        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
     with DefaultScope.overwrite_default_scope(task):
         model = registry.build(model_cfg)
     return revert_sync_batchnorm(model).eval()

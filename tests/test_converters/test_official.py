@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
+from helpers import assert_demo_matches_in_process, reporting_config
 from PIL import Image
 
 from mmdwnet.converters import ConversionError, check_fits, convert_official
@@ -181,12 +182,16 @@ def test_dense_checkpoints_convert(kind, config, tmp_path):
     pixels = torch.randint(0, 256, (240, 320, 3), generator=torch.Generator().manual_seed(0))
     Image.fromarray(pixels.to(torch.uint8).numpy()).save(image)
     out = tmp_path / 'prediction.png'
+    pred = tmp_path / 'prediction.json'
+    run_config = reporting_config(osp.join(ROOT, 'configs', config), tmp_path)
     result = subprocess.run([sys.executable, osp.join(tools, 'demo.py'), str(image),
-                             osp.join(ROOT, 'configs', config), str(dst), '--out', str(out),
-                             '--score-thr', '0.0'], capture_output=True, text=True, cwd=ROOT)
+                             run_config, str(dst), '--out', str(out), '--score-thr', '0.0',
+                             '--pred-out', str(pred)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'Traceback' not in result.stderr
     assert np.asarray(Image.open(out)).shape == (240, 320, 3)
+    # the demo's prediction is the converted model's: an in-process forward agrees
+    assert_demo_matches_in_process(run_config, str(dst), str(image), str(pred))
 
 
 def test_refuses_other_files():

@@ -5,7 +5,7 @@ import os.path as osp
 
 import numpy as np
 import pytest
-from _tools import ROOT, run_tool
+from helpers import ROOT, run_tool
 from PIL import Image
 
 from mmdwnet.utils.benchmark import cpu_model, isa_summary

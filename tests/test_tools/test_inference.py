@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _tools import ROOT
+from helpers import ROOT, assert_demo_matches_in_process, reporting_config
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
 from PIL import Image
@@ -41,10 +41,13 @@ def test_demo_tool_runs_the_inferencer(config, image, expected, data_root, tmp_p
                 'meta': dict(dataset_meta=_dataset_meta(cfg.default_scope))}, checkpoint)
     out = tmp_path / 'prediction.png'
     image = osp.join(str(data_root), image)
+    pred = str(tmp_path / 'prediction.json')
+    run_config = reporting_config(osp.join(ROOT, 'configs', config), tmp_path)
     result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'demo.py'), image,
-                             osp.join(ROOT, 'configs', config), checkpoint, '--out', str(out),
-                             '--score-thr', '0.0'], capture_output=True, text=True, cwd=ROOT)
+                             run_config, checkpoint, '--out', str(out), '--score-thr', '0.0',
+                             '--pred-out', pred], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert_demo_matches_in_process(run_config, checkpoint, image, pred)
     assert expected in result.stdout
     if cfg.default_scope == 'mmpretrain':
         assert result.stdout.count('\n') >= 5 and not out.exists()

@@ -5,7 +5,7 @@ import sys
 import time
 
 import torch
-from _tools import ROOT, assert_trained, initial_checkpoint, overrides, run_tool
+from helpers import ROOT, assert_trained, initial_checkpoint, overrides, run_tool
 
 import mmdwnet  # noqa: F401  (allows the checkpoint types for weights_only loading)
 

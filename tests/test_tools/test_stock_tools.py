@@ -6,7 +6,7 @@ import sys
 
 import mmdet
 import mmpretrain
-from _tools import ROOT, assert_trained, initial_checkpoint, overrides
+from helpers import ROOT, assert_trained, initial_checkpoint, overrides
 
 
 def _stock_train(package, config, work_dir, options, cwd):

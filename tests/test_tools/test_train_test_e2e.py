@@ -5,7 +5,7 @@ import json
 import os.path as osp
 
 import pytest
-from _tools import ROOT, assert_trained, initial_checkpoint, overrides, run_tool
+from helpers import ROOT, assert_trained, initial_checkpoint, overrides, run_tool
 
 CASES = {
     'mmdet': ('cascade_{}_t_3x.py', 'epoch_{}.pth', ('coco/bbox_mAP', 'coco/segm_mAP')),

@@ -1,12 +1,14 @@
-"""Shared by the tool tests: CPU smoke-run overrides, running a tool (the generated data
-is the ``data_root`` fixture of ``tests/conftest.py``)."""
+"""Helpers of the tests that run the tools: CPU smoke-run overrides, running a tool,
+checking that a run trained, comparing the demo with an in-process forward. (The generated
+data is the ``data_root`` fixture of ``tests/conftest.py``, which also puts this directory
+on ``sys.path``.)"""
 import os.path as osp
 import subprocess
 import sys
 
 from mmdwnet.engine.smoke import smoke_run_options as overrides  # noqa: F401
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
 def run_tool(tool, *args, check=True):
@@ -79,3 +81,53 @@ def assert_trained(work_dir, checkpoint, initial, falls_by=None, min_iters=1):
     # layers or fixed position tables may not
     assert len(moved) >= 0.5 * len(floats), f'{len(moved)} of {len(floats)} tensors moved'
     return losses
+
+
+def assert_demo_matches_in_process(config, checkpoint, image, pred_json):
+    """The prediction tools/demo.py wrote (``--pred-out``) equals an in-process forward of
+    the same checkpoint, loaded strictly, through the task library's own single-image API
+    (mmpretrain ``ImageClassificationInferencer`` on a strictly loaded model, mmdet
+    ``inference_detector``, mmseg ``inference_model``)."""
+    import json
+
+    import numpy as np
+    import torch
+    from mmengine.runner import load_checkpoint
+
+    from mmdwnet.utils.complexity import build_task_model
+    with open(pred_json) as f:
+        demo = json.load(f)
+    cfg = cfg_with_options(config)
+    model = build_task_model(cfg)
+    load_checkpoint(model, checkpoint, map_location='cpu', strict=True)
+    model.cfg = model._config = cfg  # what the task APIs read the pipeline from
+    scope = cfg.default_scope
+    with torch.no_grad():
+        if scope == 'mmpretrain':
+            from mmpretrain.apis import ImageClassificationInferencer
+            ours = ImageClassificationInferencer(model, device='cpu')(image)[0]
+            np.testing.assert_allclose(demo['pred_scores'], ours['pred_scores'], atol=1e-5)
+        elif scope == 'mmdet':
+            from mmdet.apis import inference_detector
+            ours = inference_detector(model, image).pred_instances
+            assert len(demo['scores']) == len(ours.scores) > 0
+            np.testing.assert_allclose(demo['scores'], ours.scores.numpy(), atol=1e-4)
+            np.testing.assert_allclose(demo['bboxes'], ours.bboxes.numpy(), atol=1e-2)
+            assert demo['labels'] == ours.labels.tolist()
+        else:
+            from mmseg.apis import inference_model
+            ours = inference_model(model, image).pred_sem_seg.data[0].numpy()
+            same = (np.asarray(demo['sem_seg']) == ours).mean()
+            assert same == 1.0, f'{same:.4f} of the pixels agree'
+
+
+def reporting_config(config, tmp_path):
+    """``config``, or for a detector a child of it that reports its 20 best boxes at any
+    score, so that an untrained or synthetic model still predicts something to compare."""
+    from mmengine.config import Config
+    if Config.fromfile(config).default_scope != 'mmdet':
+        return config
+    child = tmp_path / f'report_{osp.basename(config)}'
+    child.write_text(f'_base_ = {config!r}\n'
+                     'model = dict(test_cfg=dict(rcnn=dict(score_thr=0.0, max_per_img=20)))\n')
+    return str(child)
