@@ -50,8 +50,21 @@ def test_regular_install(tmp_path):
     # the other requirements come from this environment's site-packages, and the wheel's
     # directory is a site dir whose .pth file runs as in a real installation
     purelib = sysconfig.get_paths()['purelib']
-    boot = (f'import site, sys; sys.path.append({purelib!r}); site.addsitedir({str(site)!r})\n')
+    boot = (f'import site, sys; site.addsitedir({str(site)!r}); sys.path.append({purelib!r})\n')
     out = subprocess.run([sys.executable, '-S', '-c', boot + CHECK], cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[:6] == ['DWNet', 'iddw', 'tiny', '12', 'mmdet', 'CascadeRCNN']
     assert out[6] == str(site / 'mmdwnet' / '__init__.py')
+    # `mim search` finds the wheel's model index (the editable checkout is not importable
+    # without site processing, and its metadata comes after the wheel's on sys.path)
+    search = ('import importlib.metadata as md, sys\n'
+              'print("location", md.distribution("mmdwnet").locate_file(""))\n'
+              "sys.argv = ['mim', 'search', 'mmdwnet', '--valid-config']\n"
+              'from mim.cli import cli\ncli()\n')
+    result = subprocess.run([sys.executable, '-S', '-c', boot + search], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f'location {site}' in result.stdout
+    from mmdwnet.utils.model_zoo import load_models
+    for model in load_models(ROOT):
+        assert f"'{model['Name']}'" in result.stdout, model['Name']
