@@ -29,7 +29,7 @@ def smoke_run_options(task: str, data_root: str) -> List[str]:
             'model.test_cfg.rcnn.score_thr=0.0',  # an untrained model still reports boxes
             # fewer regions: the 4-conv box heads cost ~1 TFLOP a step at 512 RoIs x 3 stages
             'model.train_cfg.rpn_proposal.max_per_img=200',
-            *(f'model.train_cfg.rcnn.{i}.sampler.num=64' for i in range(3)),
+            *(f'model.train_cfg.rcnn.{i}.sampler.num=32' for i in range(3)),
             'model.test_cfg.rpn.max_per_img=100', 'model.test_cfg.rcnn.max_per_img=20',
         ]
     if task == 'mmseg':

@@ -190,6 +190,8 @@ def test_dense_checkpoints_convert(kind, config, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'Traceback' not in result.stderr
     assert np.asarray(Image.open(out)).shape == (240, 320, 3)
+    summary = '20 objects scoring at least 0.0' if kind == 'det' else 'classes in the map'
+    assert summary in result.stdout and f'saved {pred}' in result.stdout
     # the demo's prediction is the converted model's: an in-process forward agrees
     assert_demo_matches_in_process(run_config, str(dst), str(image), str(pred))
 

@@ -89,9 +89,7 @@ def test_resume_after_the_process_is_killed(data_root, tmp_path):
 
 def test_corrupt_checkpoint_is_named(data_root, tmp_path):
     work_dir = str(tmp_path / 'work')
-    run_tool('train.py', CLS_CONFIG, '--work-dir', work_dir, '--cfg-options',
-             *_cls_options(data_root, 2))
-    good = osp.join(work_dir, 'epoch_2.pth')
+    good = initial_checkpoint(CLS_CONFIG, _cls_options(data_root, 2), tmp_path / 'good.pth')
     truncated = str(tmp_path / 'truncated.pth')
     with open(good, 'rb') as src, open(truncated, 'wb') as dst:
         dst.write(src.read()[:4096])

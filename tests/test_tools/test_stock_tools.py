@@ -21,7 +21,8 @@ def _stock_train(package, config, work_dir, options, cwd):
 def _options(task, config, data_root, tmp_path):
     """Smoke-run options that log every iteration and start from saved initial weights;
     returns them and the path of those weights (for ``assert_trained``)."""
-    options = overrides(task, data_root) + ['default_hooks.logger.interval=1']
+    options = overrides(task, data_root) + ['default_hooks.logger.interval=1',
+                                            'train_cfg.val_begin=1000000']  # no validation
     initial = initial_checkpoint(config, options, tmp_path / 'initial.pth')
     return options + [f'load_from={initial}'], initial
 
