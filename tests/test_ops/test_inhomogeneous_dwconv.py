@@ -180,7 +180,8 @@ def test_module_and_bad_input():
     op = InhomogeneousDWConv2d(3)
     x, weight = _pair(1, 4, 2, 3, 5, 5)
     torch.testing.assert_close(op(x, weight), reference_idwconv(x, weight))
-    with pytest.raises(ValueError, match=r'`input` must be a 4-D .* got a tensor of shape \(4, 5, 5\)'):
+    with pytest.raises(ValueError,
+                       match=r'`input` must be a 4-D .* got a tensor of shape \(4, 5, 5\)'):
         op(x[0], weight)
     with pytest.raises(ValueError, match=r'`weight` must be a 6-D .*\(1, 2, 9, 5, 5\)'):
         inhomogeneous_dwconv2d(x, weight.flatten(2, 3))
@@ -299,4 +300,3 @@ def test_compiled_low_precision_kernels(dtype, layout, k, compiled_ops):
         scale = want.abs().max().item()
         torch.testing.assert_close(got.double(), want, rtol=2 * eps, atol=2 * eps * scale)
     assert compiled_ops.ran(dtype) == _CPU_OPS, compiled_ops.calls
-

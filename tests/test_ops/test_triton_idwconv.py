@@ -25,6 +25,7 @@ def test_triton_is_importable_where_torch_ships_it():
     else:  # nothing to require: say so in the output (pytest -rs lists the reason)
         pytest.skip('this torch build does not depend on Triton; its kernels are untested')
 
+
 _SCRIPT = textwrap.dedent('''
     import sys, torch
     sys.path.insert(0, {tests_dir!r})
