@@ -9,7 +9,6 @@
 import argparse
 import glob
 import json
-import os
 import os.path as osp
 import shutil
 import subprocess

@@ -13,10 +13,9 @@ from mmengine.config import Config
 
 from mmdwnet.converters.official import target_config
 from mmdwnet.utils.complexity import model_complexity
-from mmdwnet.utils.model_zoo import (ABLATIONS_END, ABLATIONS_START, README_END,
-                                     README_START, input_size, load_models,
-                                     render_ablations, render_model_zoo, update_complexity,
-                                     update_readme)
+from mmdwnet.utils.model_zoo import (ABLATIONS_END, ABLATIONS_START, README_END, README_START,
+                                     input_size, load_models, render_ablations, render_model_zoo,
+                                     update_complexity, update_readme)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 MODELS = load_models(ROOT)
@@ -35,8 +34,8 @@ def _size(text):
 
 
 def test_every_config_has_one_entry():
-    configs = sorted(osp.relpath(p, ROOT) for task in ('mmdet', 'mmseg', 'mmpretrain',
-                                                         'mmpretrain/ablations')
+    tasks = ('mmdet', 'mmseg', 'mmpretrain', 'mmpretrain/ablations')
+    configs = sorted(osp.relpath(p, ROOT) for task in tasks
                      for p in glob.glob(osp.join(ROOT, 'configs', task, '*.py')))
     assert sorted(m['Config'] for m in MODELS) == configs
     assert len(BY_NAME) == len(MODELS) == 18 + 12

@@ -4,6 +4,7 @@
 #   bash tools/install.sh            # set up only
 #   bash tools/install.sh demo       # set up, then run demo/quickstart.py
 #   bash tools/install.sh test [ARGS] # set up, then run pytest tests/ [ARGS]
+#   bash tools/install.sh lint       # set up, then flake8 and isort --check (setup.cfg)
 #
 # Which Python: $MMDWNET_PYTHON if set, else the active virtualenv/conda env,
 # else a virtualenv at $MMDWNET_VENV (default: <repo>/.venv), created with
@@ -15,8 +16,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { echo "[mmdwnet setup] $*"; }
 die() { echo "[mmdwnet setup] ERROR: $*" >&2; exit 1; }
 case "${1:-}" in
-  ""|demo|test) ;;
-  *) die "unknown command '$1' (allowed: demo, test, or nothing)" ;;
+  ""|demo|test|lint) ;;
+  *) die "unknown command '$1' (allowed: demo, test, lint, or nothing)" ;;
 esac
 
 # What a fresh environment gets: tested pins inside the bounds of requirements/*.txt,
@@ -27,7 +28,7 @@ SETUPTOOLS_SPEC='setuptools>=77.0.3,<81'
 MMENGINE_SPEC='mmengine==0.10.7'
 MMCV_SPEC='mmcv==2.1.0'
 TASK_SPECS=('mmdet==3.3.0' 'mmsegmentation==1.2.2' 'mmpretrain==1.2.0' 'ftfy' 'regex')
-TEST_SPECS=('pytest>=7')
+TEST_SPECS=('pytest>=7' 'flake8>=7' 'isort>=5')
 # openmim without its opendatalab -> openxlab dependencies, which pin setuptools~=60.2
 # (below torch 2.13's >=77.0.3) and are not needed by `mim train/test/search`
 MIM_SPECS=('openmim==0.3.9')
@@ -104,7 +105,8 @@ for component, dists, probe in [
         ('ftfy', ['ftfy'], lambda: importlib.import_module('ftfy')),
         ('regex', ['regex'], lambda: importlib.import_module('regex')),
         ('ninja', ['ninja'], lambda: importlib.import_module('ninja')),
-        ('pytest', ['pytest'], lambda: importlib.import_module('pytest')),
+        ('pytest', ['pytest', 'flake8', 'isort'], lambda: [importlib.import_module(m) for m in
+                                                          ('pytest', 'flake8', 'isort')]),
         ('openmim', ['openmim'], lambda: importlib.import_module('mim')),
         ('mmdwnet', ['mmdwnet'], mmdwnet_here)]:
     try:
@@ -197,4 +199,5 @@ case "$cmd" in
   "") ;;
   demo) cd "$ROOT" && exec "$PY" demo/quickstart.py "$@" ;;
   test) cd "$ROOT" && exec "$PY" -m pytest tests "$@" ;;
+  lint) cd "$ROOT" && "$PY" -m flake8 "$@" && exec "$PY" -m isort --check-only --diff mmdwnet tools tests configs demo setup.py ;;
 esac

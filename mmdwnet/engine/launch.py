@@ -155,8 +155,6 @@ def default_work_dir(cfg: Config, config_path: str, work_dir: Optional[str]) -> 
                                            osp.splitext(osp.basename(config_path))[0])
 
 
-
-
 def check_checkpoint_matches(model: torch.nn.Module, filename: str) -> None:
     """Refuse a checkpoint whose weights do not fit the model (another architecture)."""
     from mmengine.runner.checkpoint import _load_checkpoint

@@ -1,7 +1,8 @@
 """Inhomogeneous dynamic depth-wise convolution (I-D-DW-Conv, "involution").
 
-``y[b, c, h, w] = sum_{i,j} w[b, c // (C / G), i, j, h, w] * x[b, c, h + i - K // 2, w + j - K // 2]``
-with zeros outside the feature map, for weights ``w`` of shape (B, G, K, K, H, W).
+``y[b, c, h, w] = sum_{i,j} w[b, c // (C / G), i, j, h, w]
+* x[b, c, h + i - K // 2, w + j - K // 2]``, with zeros outside the feature map, for
+weights ``w`` of shape (B, G, K, K, H, W).
 
 The reference implementation of the paper ships this as a CUDA-only CuPy kernel; the usual
 portable rewrite unfolds the input into a K*K-times larger tensor. On CPU

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_demo_matches_in_process, reporting_config
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
-from helpers import assert_demo_matches_in_process, reporting_config
 from PIL import Image
 
 from mmdwnet.converters import ConversionError, check_fits, convert_official

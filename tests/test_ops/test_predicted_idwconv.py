@@ -5,8 +5,8 @@ import torch
 from reference import idwconv as reference_idwconv
 from reference import predicted_idwconv as unfold_reference
 
-from mmdwnet.ops import predicted_idwconv2d
 from mmdwnet.ops import predicted_idwconv as module
+from mmdwnet.ops import predicted_idwconv2d
 
 
 def _operands(b=3, c=8, r=2, g=4, k=3, h=5, w=6, dtype=torch.float64, seed=0):

@@ -71,6 +71,7 @@ def test_kernels_match_the_reference_in_the_interpreter():
 def test_cuda_dispatch_uses_triton_and_matches_pytorch(monkeypatch):
     from mmdwnet.ops import inhomogeneous_dwconv as op
     from mmdwnet.ops import inhomogeneous_dwconv2d, triton_idwconv
+
     # no earlier failure may send this test to the fallback, and none it causes may leak
     monkeypatch.setattr(op, '_triton_failed', [])
     calls = []

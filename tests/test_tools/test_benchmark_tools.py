@@ -36,6 +36,7 @@ def test_benchmark_side_by_side(tmp_path):
         assert r['isa'] == isa_summary()
     # FLOPs as tools/get_flops.py counts them, at the benchmark's input size
     from mmengine.config import Config
+
     from mmdwnet.utils.complexity import model_complexity
     cfg = Config.fromfile(osp.join(ROOT, 'configs/mmpretrain/ddwconv_t_8xb128_in1k.py'))
     assert by_name['ddwconv_t']['flops'] == model_complexity(cfg, (64, 64))['flops']

@@ -20,9 +20,8 @@ from mmengine.model import BaseModule, ModuleList
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmdwnet.models.utils import (ChannelsLastPatchMerging, LinearGELU, bn_affine,
-                                  fold_bn_after, fold_bn_before_linear, is_foldable,
-                                  missing_pretrained_checkpoint)
+from mmdwnet.models.utils import (ChannelsLastPatchMerging, LinearGELU, bn_affine, fold_bn_after,
+                                  fold_bn_before_linear, is_foldable, missing_pretrained_checkpoint)
 from mmdwnet.ops import DepthwiseConv2d, depthwise_conv2d, predicted_idwconv2d
 from mmdwnet.registry import ROOT_MODELS
 

@@ -250,6 +250,7 @@ def test_inhomogeneous_dynamic_chunked_equals_whole_batch(monkeypatch, grad):
 @pytest.mark.parametrize('scope', ['mmpretrain', 'mmdet', 'mmseg'])
 def test_registry_builds_in_every_scope(scope):
     import importlib
+
     from mmengine.registry import DefaultScope
     registry = importlib.import_module(f'{scope}.registry').MODELS
     with DefaultScope.overwrite_default_scope(scope):
@@ -449,9 +450,11 @@ def test_bad_arguments(kwargs, error, pattern):
 
 def test_bad_inputs():
     model = DWNet('tiny').eval()
-    with pytest.raises(ValueError, match=r'input must have shape \(B, 3, H, W\), got \(3, 64, 64\)'):
+    with pytest.raises(ValueError,
+                       match=r'input must have shape \(B, 3, H, W\), got \(3, 64, 64\)'):
         model(torch.randn(3, 64, 64))
-    with pytest.raises(ValueError, match=r'input must have shape \(B, 3, H, W\), got \(1, 1, 64, 64\)'):
+    with pytest.raises(ValueError,
+                       match=r'input must have shape \(B, 3, H, W\), got \(1, 1, 64, 64\)'):
         model(torch.randn(1, 1, 64, 64))
     with pytest.raises(TypeError, match='input must be a torch.Tensor, got ndarray'):
         model(torch.randn(1, 3, 64, 64).numpy())
@@ -539,8 +542,8 @@ def test_bf16_classifier_agrees_with_fp32(name):
     weights are reachable here: the random model is conditioned as training conditions it
     (``trained_like``: BatchNorm statistics of the images, residual branches at 0.3)."""
     from mmdwnet.datasets import natural_images
-    from mmdwnet.utils.benchmark import (build_classifier, inference_model,
-                                         precision_agreement, trained_like)
+    from mmdwnet.utils.benchmark import (build_classifier, inference_model, precision_agreement,
+                                         trained_like)
     torch.manual_seed(0)
     images = natural_images(8, 224)
     model = trained_like(build_classifier(name), images)
