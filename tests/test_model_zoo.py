@@ -55,6 +55,7 @@ def test_model_index_loads_with_modelindex():
         'DWNet', 'Cascade Mask R-CNN DWNet', 'UPerNet DWNet', 'DWNet Ablations'}
 
 
+@pytest.mark.slow
 def test_mim_search_lists_every_config():
     mim = osp.join(osp.dirname(sys.executable), 'mim')  # this environment's, not PATH's
     result = subprocess.run([mim, 'search', 'mmdwnet', '--valid-config'],
@@ -76,13 +77,15 @@ def test_mim_search_lists_every_config():
 # against the metafiles in tests/test_configs/test_config_models.py.
 RECOUNTED = sorted(m['Name'] for m in MODELS if m['Config'].startswith('configs/mmpretrain/')
                    ) + ['cascade_dwconv_t_3x', 'upernet_dwconv_t_512x512_160k_ade20k']
+_DENSE = {'cascade_dwconv_t_3x', 'upernet_dwconv_t_512x512_160k_ade20k'}
 
 
 def test_recounted_entries():
     assert len(RECOUNTED) == 6 + 10 + 2 and set(REFERENCE_GMACS) <= set(RECOUNTED)
 
 
-@pytest.mark.parametrize('name', RECOUNTED)
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=pytest.mark.slow) if n in _DENSE else n for n in RECOUNTED])
 def test_flops_are_counted(name):
     """FLOPs recounted equal the metafile's; classifiers within 3% of the reference code's
     counter (the I-D-DW operator is counted by mmdwnet's rule, invisible to mmengine's)."""
@@ -127,6 +130,7 @@ def test_authors_checkpoints_match_the_converter():
     assert not any('iddw' in n for n in released.values())
 
 
+@pytest.mark.slow
 def test_readme_is_rendered_from_the_metafiles(tmp_path):
     assert not update_readme(osp.join(ROOT, 'README.md'), render_model_zoo(MODELS),
                              check=True), 'run: python tools/model_zoo.py readme'

@@ -6,6 +6,10 @@ import sys
 import sysconfig
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow  # tools in subprocesses
+
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DOWNSTREAM = textwrap.dedent('''
     _base_ = 'mmdwnet::mmdet/cascade_dwconv_t_3x.py'

@@ -139,6 +139,7 @@ def test_patch_merging_order_is_not_the_identity():
     assert merging_to_unfold_order(w, 2).tolist() == [[0., 4., 2., 6., 1., 5., 3., 7.]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind,config', [
     ('det', 'mmdet/cascade_iddwconv_t_3x.py'),
     ('seg', 'mmseg/upernet_ddwconv_t_512x512_160k_ade20k.py'),
@@ -212,6 +213,7 @@ def test_refuses_other_files():
         check_fits(state, MODELS.build(imagenet_classifier_cfg('tiny', 'dw')))
 
 
+@pytest.mark.slow
 def test_converter_tool(tmp_path):
     shapes = _manifest()['ddwnet_tiny']['state_dict']
     torch.save({'model': synthesise(shapes)}, tmp_path / 'dynamic_dwnet_tiny_224.pth')

@@ -43,6 +43,7 @@ def test_resized_state_loads_and_interpolates(conv_type):
     assert target.eval()(torch.randn(1, 3, 64, 64))[0].shape == (1, 128, 2, 2)
 
 
+@pytest.mark.slow
 def test_tool(tmp_path):
     torch.save({'state_dict': {f'backbone.{k}': v for k, v in
                                DWNet(ARCH, 'dw').state_dict().items()}, 'meta': {}},

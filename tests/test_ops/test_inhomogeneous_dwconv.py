@@ -233,6 +233,7 @@ def _peak_extra_memory(impl, dtype='float32'):
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_forward_peak_memory_within_twice_the_output(dtype):
     # growth of the resident set during the call, in a fresh process (Linux /proc)
@@ -240,6 +241,7 @@ def test_forward_peak_memory_within_twice_the_output(dtype):
     assert extra < 2.0, f'peak extra memory {extra:.2f}x the output'
 
 
+@pytest.mark.slow
 def test_memory_measurement_sees_unfolded_inputs():
     # the same measurement of the unfold reference shows its K*K-times larger buffers
     assert _peak_extra_memory('reference') > 40
@@ -257,6 +259,7 @@ def test_registered_custom_ops_pass_opcheck():
                           (grad, x.detach(), 4, 3))
 
 
+@pytest.mark.slow
 def test_forward_backward_peak_memory_is_a_fifth_of_unfold():
     """tools/benchmark_op.py's peak-memory measurement (fresh processes) at the stage-1
     shape with B=2: forward + backward within 1/5 of the unfold implementation's."""

@@ -55,6 +55,7 @@ _SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 @needs_triton
 def test_kernels_match_the_reference_in_the_interpreter():
     tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,6 +10,8 @@ from PIL import Image
 
 from mmdwnet.utils.benchmark import cpu_model, isa_summary
 
+pytestmark = pytest.mark.slow  # tools in subprocesses
+
 
 def test_benchmark_side_by_side(tmp_path):
     out = run_tool('benchmark.py', 'ddwconv_t', 'swin_t', '--batch-size', '2',

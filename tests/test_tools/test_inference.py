@@ -11,6 +11,8 @@ from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # tools in subprocesses
+
 # Detection and segmentation run through tools/demo.py on converted checkpoints, with the
 # same comparison (tests/test_converters/test_official.py::test_dense_checkpoints_convert).
 CASES = [

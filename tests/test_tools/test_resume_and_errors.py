@@ -4,10 +4,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from helpers import ROOT, assert_trained, initial_checkpoint, overrides, run_tool
 
 import mmdwnet  # noqa: F401  (allows the checkpoint types for weights_only loading)
+
+pytestmark = pytest.mark.slow  # tools in subprocesses
 
 CLS_CONFIG = osp.join(ROOT, 'configs', 'mmpretrain', 'dwconv_t_8xb128_in1k.py')
 

@@ -6,7 +6,10 @@ import sys
 
 import mmdet
 import mmpretrain
+import pytest
 from helpers import ROOT, assert_trained, initial_checkpoint, overrides
+
+pytestmark = pytest.mark.slow  # tools in subprocesses
 
 
 def _stock_train(package, config, work_dir, options, cwd):

@@ -7,6 +7,8 @@ import os.path as osp
 import pytest
 from helpers import ROOT, assert_trained, initial_checkpoint, overrides, run_tool
 
+pytestmark = pytest.mark.slow  # tools in subprocesses
+
 CASES = {
     'mmdet': ('cascade_{}_t_3x.py', 'epoch_{}.pth', ('coco/bbox_mAP', 'coco/segm_mAP')),
     'mmseg': ('upernet_{}_t_512x512_160k_ade20k.py', 'iter_{}.pth', ('mIoU', 'aAcc')),
