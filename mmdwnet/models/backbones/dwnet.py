@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmdwnet.models.utils import (ChannelsLastPatchMerging, LinearGELU, bn_affine, fold_bn_after,
                                   fold_bn_before_linear, is_foldable, missing_pretrained_checkpoint)
 from mmdwnet.ops import DepthwiseConv2d, depthwise_conv2d, predicted_idwconv2d
-from mmdwnet.registry import ROOT_MODELS
+from mmdwnet.registry import MODELS
 
 CONV_TYPES = ('dw', 'ddw', 'iddw')
 
@@ -336,7 +336,7 @@ class DWStage(BaseModule):
         return x
 
 
-@ROOT_MODELS.register_module()
+@MODELS.register_module()
 class DWNet(BaseModule):
     """DWNet backbone.
 

@@ -15,7 +15,7 @@ from mmpretrain.models.backbones import SwinTransformer
 from torch import Tensor, nn
 
 from mmdwnet.models.utils import missing_pretrained_checkpoint
-from mmdwnet.registry import ROOT_MODELS
+from mmdwnet.registry import MODELS
 
 
 class WindowLocalMLP(BaseModule):
@@ -83,7 +83,7 @@ class WindowLocalMLP(BaseModule):
         return self.proj_drop(self.proj(out))
 
 
-@ROOT_MODELS.register_module()
+@MODELS.register_module()
 class LocalMLP(SwinTransformer):
     """Local MLP backbone: MMPretrain's ``SwinTransformer`` whose window attention is
     :class:`WindowLocalMLP`.

@@ -4,10 +4,10 @@ Normalization", Gao et al., CVPR 2021), used by the paper's normalisation ablati
 import torch
 from torch import Tensor, nn
 
-from mmdwnet.registry import ROOT_MODELS
+from mmdwnet.registry import MODELS
 
 
-@ROOT_MODELS.register_module('CCBN')
+@MODELS.register_module('CCBN')
 class CenteringCalibratedBN(nn.BatchNorm2d):
     """BatchNorm preceded by adding a learned per-channel weight times each instance's
     channel mean: ``BN(x + w_c * mean_{h,w}(x[b, c]))``, with ``w`` starting at zero (so

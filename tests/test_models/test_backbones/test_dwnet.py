@@ -260,6 +260,30 @@ def test_registry_builds_in_every_scope(scope):
             assert model.conv_type == 'iddw'
 
 
+def test_registering_as_in_mmyolo_reaches_every_library():
+    """``@mmdwnet.registry.MODELS.register_module()`` registers where mmdet, mmseg and
+    mmpretrain all look (mmengine's root), not into a child they cannot reach."""
+    import importlib
+
+    from mmengine.registry import MODELS as MMENGINE_MODELS
+    from torch import nn
+
+    from mmdwnet.registry import MODELS
+
+    assert MODELS is MMENGINE_MODELS
+
+    @MODELS.register_module(force=True)
+    class ContributedBackbone(nn.Module):
+        pass
+
+    try:
+        for scope in ('mmpretrain', 'mmdet', 'mmseg'):
+            registry = importlib.import_module(f'{scope}.registry').MODELS
+            assert registry.get('ContributedBackbone') is ContributedBackbone, scope
+    finally:
+        MODELS._module_dict.pop('ContributedBackbone')
+
+
 def test_frozen_stages():
     model = DWNet('tiny', 'ddw', out_indices=(0, 1, 2, 3), frozen_stages=2)
     model.train()
