@@ -17,8 +17,7 @@ import time
 
 from PIL import Image
 
-from mmdwnet.datasets import make_datasets
-from mmdwnet.engine.smoke import smoke_run_options
+from mmdwnet.testing import make_datasets, smoke_run_options
 from mmdwnet.utils import format_table, summarize_backbones, summarize_classifiers
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))

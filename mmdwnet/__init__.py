@@ -1,5 +1,5 @@
 from . import models  # noqa: F401  (registers the models)
-from .engine import register_checkpoint_types
+from .utils.checkpoint import register_checkpoint_types
 from .version import __version__
 
 register_checkpoint_types()

@@ -1,7 +1,7 @@
 """Fixtures shared by the tests: generated datasets and a spy on the compiled kernels."""
 import pytest
 
-from mmdwnet.datasets import make_ade20k, make_coco, make_imagenet
+from mmdwnet.testing import make_ade20k, make_coco, make_imagenet
 
 
 @pytest.fixture(scope='session')

@@ -6,7 +6,7 @@ import os.path as osp
 import subprocess
 import sys
 
-from mmdwnet.engine.smoke import smoke_run_options as overrides  # noqa: F401
+from mmdwnet.testing import smoke_run_options as overrides  # noqa: F401
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 

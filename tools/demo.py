@@ -7,8 +7,8 @@ import argparse
 import json
 import sys
 
-from mmdwnet.engine import LaunchError, load_config
-from mmdwnet.engine.inference import prediction_to_json, run_inference
+from mmdwnet.apis import prediction_to_json, run_inference
+from mmdwnet.utils.launch import LaunchError, load_config
 
 
 def main():

@@ -1,7 +1,7 @@
 """Generate small COCO, ADE20K and ImageNet datasets in their real formats (no download)."""
 import argparse
 
-from mmdwnet.datasets import make_datasets
+from mmdwnet.testing import make_datasets
 
 
 def main():

@@ -14,9 +14,8 @@ import sys
 
 from mmengine.config import DictAction
 
-from mmdwnet.engine import LaunchError
-from mmdwnet.engine.launch import load_config
 from mmdwnet.utils.complexity import model_complexity
+from mmdwnet.utils.launch import LaunchError, load_config
 
 
 def parse_args():

@@ -5,8 +5,9 @@ import sys
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from mmdwnet.engine import (CheckpointError, LaunchError, adapt_to_device, add_launch_args,
-                            check_data, prepare_config)
+from mmdwnet.utils.checkpoint import CheckpointError
+from mmdwnet.utils.launch import (LaunchError, adapt_to_device, add_launch_args, check_data,
+                                  prepare_config)
 
 
 def parse_args():

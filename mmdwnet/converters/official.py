@@ -8,7 +8,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
-from mmdwnet.engine.checkpoint import state_dict_differences
+from mmdwnet.utils.state_dict import state_dict_differences
 
 BLOCK_RULES = [
     # (reference name inside a block, mmdwnet name inside a block)

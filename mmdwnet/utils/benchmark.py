@@ -305,7 +305,7 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
             train_step_s=statistics.median(step[r.name]) if train else None,
             flops=count_model_flops(r.model, img_size, device)))
     if dtype != 'fp32':
-        from mmdwnet.datasets import natural_images
+        from mmdwnet.testing import natural_images
         images = natural_images(8, img_size).to(device)
         for r, row in zip(runners, rows):
             if progress:

@@ -531,8 +531,8 @@ def test_bf16_block_agrees_with_fp32(conv_type):
     """One block in deploy form (BatchNorms folded, statistics from natural images) under
     bfloat16 autocast: every operator and the folded layers in bfloat16, within a few
     bfloat16 roundings of float32."""
-    from mmdwnet.datasets import natural_images
     from mmdwnet.models.backbones.dwnet import DWBlock
+    from mmdwnet.testing import natural_images
     torch.manual_seed(0)
     stem = DWNet('tiny', conv_type).patch_embed
     with torch.no_grad():
@@ -565,7 +565,7 @@ def test_bf16_classifier_agrees_with_fp32(name):
     images, against float32 (what ``tools/benchmark.py --dtype bf16`` reports). No released
     weights are reachable here: the random model is conditioned as training conditions it
     (``trained_like``: BatchNorm statistics of the images, residual branches at 0.3)."""
-    from mmdwnet.datasets import natural_images
+    from mmdwnet.testing import natural_images
     from mmdwnet.utils.benchmark import (build_classifier, inference_model, precision_agreement,
                                          trained_like)
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import numpy as np
 from mmengine.config import Config
 from PIL import Image
 
-from .launch import LaunchError
+from mmdwnet.utils.launch import LaunchError
 
 
 def run_inference(cfg: Config, checkpoint: str, image: str, out: str, device: str = 'cpu',

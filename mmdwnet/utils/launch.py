@@ -9,7 +9,7 @@ import torch
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 
-from .checkpoint import state_dict_differences
+from .state_dict import state_dict_differences
 
 TASKS = ('mmdet', 'mmseg', 'mmpretrain')
 DATA_HINT = ('generate a small one with `python tools/generate_data.py`, or point the config '

@@ -6,7 +6,7 @@ DATA_DIRS = dict(mmdet='coco/', mmseg='ade/ADEChallengeData2016', mmpretrain='im
 
 def smoke_run_options(task: str, data_root: str) -> List[str]:
     """``--cfg-options`` that run a real config of ``task`` for a few iterations on the
-    generated data under ``data_root`` (see :func:`mmdwnet.datasets.make_datasets`): data
+    generated data under ``data_root`` (see :func:`mmdwnet.testing.make_datasets`): data
     roots, small images, a short schedule, no data-loading workers."""
     if task not in DATA_DIRS:
         raise ValueError(f'smoke_run_options: `task` must be one of {sorted(DATA_DIRS)}, '

@@ -61,16 +61,6 @@ def load_from_local(filename: str, map_location=None):
                               f'read ({type(e).__name__}: {detail})') from e
 
 
-def state_dict_differences(state: dict, model: torch.nn.Module):
-    """Keys of ``model`` missing from ``state``, keys of ``state`` the model does not have,
-    and shared keys whose shapes differ (each sorted)."""
-    own = getattr(model, 'module', model).state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    return missing, unexpected, mismatched
-
-
 def register_checkpoint_types() -> None:
     """Allow the types of Runner checkpoints for ``weights_only`` loading and route
     mmengine's local checkpoint loading through :func:`load_from_local`."""
