@@ -38,9 +38,9 @@ def initial_checkpoint(config, options, path):
     :func:`assert_trained` can compare where it ended with where it started."""
     import torch
 
-    from mmdwnet.utils.complexity import build_task_model
+    from mmdwnet.utils import build_model
     torch.manual_seed(0)
-    model = build_task_model(cfg_with_options(config, options))
+    model = build_model(cfg_with_options(config, options))
     model.init_weights()
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)
     return str(path)
@@ -92,16 +92,18 @@ def assert_demo_matches_in_process(config, checkpoint, image, pred_json):
 
     import numpy as np
     import torch
+    from mmengine.registry import init_default_scope
     from mmengine.runner import load_checkpoint
 
-    from mmdwnet.utils.complexity import build_task_model
+    from mmdwnet.utils import build_model
     with open(pred_json) as f:
         demo = json.load(f)
     cfg = cfg_with_options(config)
-    model = build_task_model(cfg)
+    model = build_model(cfg)
     load_checkpoint(model, checkpoint, map_location='cpu', strict=True)
     model.cfg = model._config = cfg  # what the task APIs read the pipeline from
     scope = cfg.default_scope
+    init_default_scope(scope)  # as init_detector / init_model do before these APIs
     with torch.no_grad():
         if scope == 'mmpretrain':
             from mmpretrain.apis import ImageClassificationInferencer

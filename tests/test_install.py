@@ -30,4 +30,5 @@ def test_clear_errors():
     assert 'ERROR: /nonexistent/python3 is not a working Python >= 3.8' in result.stderr
     result = _install('frobnicate')
     assert result.returncode == 1
-    assert "ERROR: unknown command 'frobnicate' (allowed: demo, test, lint, or nothing)" in result.stderr
+    assert ("ERROR: unknown command 'frobnicate' (allowed: demo, test, lint, or nothing)"
+            in result.stderr)

@@ -4,6 +4,7 @@ config's parameter count is checked against its metafile entry in
 tests/test_configs/test_config_models.py, where the models are built anyway.)"""
 import glob
 import os.path as osp
+import re
 import shutil
 import subprocess
 import sys
@@ -13,12 +14,12 @@ from mmengine.config import Config
 
 from mmdwnet.converters.official import target_config
 from mmdwnet.utils.complexity import model_complexity
-from mmdwnet.utils.model_zoo import (ABLATIONS_END, ABLATIONS_START, README_END, README_START,
-                                     input_size, load_models, render_ablations, render_model_zoo,
-                                     update_complexity, update_readme)
+from mmdwnet.utils.markdown import replace_section
+from mmdwnet.utils.model_zoo import (ABLATIONS_MARKERS, MODEL_ZOO_MARKERS, input_size, load_models,
+                                     render_ablations, render_model_zoo, update_complexity)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-MODELS = load_models(ROOT)
+MODELS = load_models()
 BY_NAME = {m['Name']: m for m in MODELS}
 # GMACs of the reference code's own counter at 224x224 (SPEC.md section 2)
 REFERENCE_GMACS = {
@@ -131,35 +132,43 @@ def test_authors_checkpoints_match_the_converter():
 
 
 @pytest.mark.slow
-def test_readme_is_rendered_from_the_metafiles(tmp_path):
-    assert not update_readme(osp.join(ROOT, 'README.md'), render_model_zoo(MODELS),
-                             check=True), 'run: python tools/model_zoo.py readme'
-    body = render_model_zoo(MODELS)
+def test_pages_are_rendered_from_the_metafiles(tmp_path):
+    """The README's model zoo and docs/ablations.md are the metafiles rendered; the tool's
+    --check fails on a stale page and rewrites it otherwise."""
+    body, ablations = render_model_zoo(MODELS), render_ablations(MODELS)
+    assert not replace_section(osp.join(ROOT, 'README.md'), body, *MODEL_ZOO_MARKERS,
+                               check=True), 'run: python tools/model_zoo.py readme'
+    assert not replace_section(osp.join(ROOT, 'docs', 'ablations.md'), ablations,
+                               *ABLATIONS_MARKERS, check=True)
     assert '| I-D-DW-B | 80,253,608 | 14.37G | 80M / 14.3G | 244.9 | 83.4 | - |' in body
-    assert 'ablations/' not in body  # the ablations have their own section
-    assert not update_readme(osp.join(ROOT, 'README.md'), render_ablations(MODELS), check=True,
-                             start=ABLATIONS_START, end=ABLATIONS_END)
-    assert '| Table 6 | I-D-DW-T + DW |' in render_ablations(MODELS)
-    # the tool's --check fails on a stale README and rewrites it otherwise
-    stale = tmp_path / 'README.md'
-    stale.write_text(f'# x\n{README_START}\nold table\n{README_END}\n'
-                     f'{ABLATIONS_START}\nold\n{ABLATIONS_END}\n')
+    assert '[config](configs/mmpretrain/iddwconv_b_8xb128_in1k.py)' in body
+    assert 'ablations/' not in body  # the ablations have their own page
+    assert '| Table 6 | I-D-DW-T + DW |' in ablations
+    # links from docs/ reach the configs
+    assert '[config](../configs/mmpretrain/ablations/' in ablations
+    for link in re.findall(r'\[config\]\(([^)]+)\)', ablations):
+        assert osp.isfile(osp.join(ROOT, 'docs', link)), link
+    (start, end), (astart, aend) = MODEL_ZOO_MARKERS, ABLATIONS_MARKERS
+    readme, doc = tmp_path / 'README.md', tmp_path / 'ablations.md'
+    readme.write_text(f'# x\n{start}\nold table\n{end}\n')
+    doc.write_text(f'# y\n{astart}\nold\n{aend}\nrest\n')
     tool = [sys.executable, osp.join(ROOT, 'tools', 'model_zoo.py'), 'readme', '--readme',
-            str(stale)]
+            str(readme), '--ablations-doc', str(doc)]
     result = subprocess.run(tool + ['--check'], capture_output=True, text=True)
-    assert result.returncode == 1 and 'out of date' in result.stderr
+    assert result.returncode == 1 and f'{readme} is out of date' in result.stderr
     result = subprocess.run(tool, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert stale.read_text() == (f'# x\n{README_START}\n{body}\n{README_END}\n'
-                                 f'{ABLATIONS_START}\n{render_ablations(MODELS)}\n'
-                                 f'{ABLATIONS_END}\n')
+    assert readme.read_text() == f'# x\n{start}\n{body}\n{end}\n'
+    assert doc.read_text() == f'# y\n{astart}\n{ablations}\n{aend}\nrest\n'
+    result = subprocess.run(tool + ['--check'], capture_output=True, text=True)
+    assert result.returncode == 0 and 'up to date' in result.stdout
 
 
 def test_measure_rewrites_only_changed_numbers(tmp_path):
     """``tools/model_zoo.py measure``: recounts, writes back only what changed, and refuses
     unknown names before counting anything."""
-    shutil.copytree(osp.join(ROOT, 'configs', 'mmpretrain'), tmp_path / 'configs' / 'mmpretrain')
-    rel = 'configs/mmpretrain/metafile.yml'
+    shutil.copytree(osp.join(ROOT, 'configs', 'mmpretrain'), tmp_path / 'mmpretrain')
+    rel = 'mmpretrain/metafile.yml'
     path = tmp_path / rel
     original = path.read_text()
     name = 'dwconv_t_8xb128_in1k'

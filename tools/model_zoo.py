@@ -1,7 +1,8 @@
-"""Keep the model zoo's metafiles and the README in step.
+"""Keep the model zoo's metafiles, the README and docs/ablations.md in step.
 
-    python tools/model_zoo.py readme           # render the README's model-zoo tables
-    python tools/model_zoo.py readme --check   # exit 1 if the README is out of date
+    python tools/model_zoo.py readme           # render the README's model-zoo tables and
+                                               # the table of docs/ablations.md
+    python tools/model_zoo.py readme --check   # exit 1 if either page is out of date
     python tools/model_zoo.py measure [NAME ...]  # recount Parameters / FLOPs in the metafiles
 
 The metafiles (configs/*/metafile.yml) are the only place the numbers are written by hand
@@ -11,19 +12,23 @@ import argparse
 import os.path as osp
 import sys
 
-from mmdwnet.utils.model_zoo import (ABLATIONS_END, ABLATIONS_START, REPO_ROOT, load_models,
-                                     render_ablations, render_model_zoo, update_complexity,
-                                     update_readme)
+from mmdwnet.utils.markdown import replace_section
+from mmdwnet.utils.model_zoo import (ABLATIONS_MARKERS, MODEL_ZOO_MARKERS, load_models,
+                                     render_ablations, render_model_zoo, update_complexity)
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
-    readme = sub.add_parser('readme', help='render the README tables from the metafiles')
+    readme = sub.add_parser('readme', help='render the README and docs/ablations.md tables '
+                            'from the metafiles')
     readme.add_argument('--check', action='store_true',
-                        help='do not write; exit 1 if the README differs from the metafiles')
-    readme.add_argument('--readme', default=osp.join(REPO_ROOT, 'README.md'))
+                        help='do not write; exit 1 if a page differs from the metafiles')
+    readme.add_argument('--readme', default=osp.join(ROOT, 'README.md'))
+    readme.add_argument('--ablations-doc', default=osp.join(ROOT, 'docs', 'ablations.md'))
     measure = sub.add_parser('measure', help='recount parameters and FLOPs')
     measure.add_argument('names', nargs='*', help='metafile model names (default: all)')
     return parser.parse_args()
@@ -41,16 +46,17 @@ def main():
               + ('; now run: python tools/model_zoo.py readme' if updated else ''))
         return
     models = load_models()
-    try:
-        changed = update_readme(args.readme, render_model_zoo(models), check=args.check)
-        changed |= update_readme(args.readme, render_ablations(models), check=args.check,
-                                 start=ABLATIONS_START, end=ABLATIONS_END)
-    except ValueError as e:
-        sys.exit(f'error: {e}')
-    if args.check and changed:
-        sys.exit(f'error: {args.readme} is out of date with configs/*/metafile.yml; run '
-                 'python tools/model_zoo.py readme')
-    print(f'{args.readme}: ' + ('updated' if changed else 'up to date'))
+    pages = [(args.readme, render_model_zoo(models), MODEL_ZOO_MARKERS),
+             (args.ablations_doc, render_ablations(models), ABLATIONS_MARKERS)]
+    for path, body, (start, end) in pages:
+        try:
+            changed = replace_section(path, body, start, end, check=args.check)
+        except (OSError, ValueError) as e:
+            sys.exit(f'error: {e}')
+        if args.check and changed:
+            sys.exit(f'error: {path} is out of date with configs/*/metafile.yml; run '
+                     'python tools/model_zoo.py readme')
+        print(f'{path}: ' + ('updated' if changed else 'up to date'))
 
 
 if __name__ == '__main__':

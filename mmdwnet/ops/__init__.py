@@ -1,8 +1,8 @@
 from .depthwise_conv import DepthwiseConv2d, depthwise_conv2d
-from .inhomogeneous_dwconv import InhomogeneousDWConv2d, inhomogeneous_dwconv2d
+from .inhomogeneous_dwconv import inhomogeneous_dwconv2d
 from .predicted_idwconv import predicted_idwconv2d
 
 __all__ = [
-    'inhomogeneous_dwconv2d', 'InhomogeneousDWConv2d', 'predicted_idwconv2d',
+    'inhomogeneous_dwconv2d', 'predicted_idwconv2d',
     'depthwise_conv2d', 'DepthwiseConv2d'
 ]

@@ -23,12 +23,12 @@ import warnings
 from typing import Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import cpu_extension, triton_idwconv
 from .layout import empty_like_layout, like_input_layout
 
-__all__ = ['inhomogeneous_dwconv2d', 'InhomogeneousDWConv2d']
+__all__ = ['inhomogeneous_dwconv2d']
 
 
 def _offsets(kernel_size: int, height: int, width: int):
@@ -288,28 +288,3 @@ def _describe(x) -> str:
     if isinstance(x, Tensor):
         return f'a tensor of shape {tuple(x.shape)}'
     return f'{type(x).__name__}'
-
-
-class InhomogeneousDWConv2d(nn.Module):
-    """Module form of :func:`inhomogeneous_dwconv2d` (no parameters: the kernels are
-    an input, predicted per position by the caller).
-
-    Args:
-        kernel_size (int): Spatial size K of the kernels. Defaults to 7.
-    """
-
-    def __init__(self, kernel_size: int = 7):
-        super().__init__()
-        if not isinstance(kernel_size, int) or kernel_size < 1:
-            raise ValueError('InhomogeneousDWConv2d: `kernel_size` must be a positive '
-                             f'int, got {kernel_size!r}')
-        self.kernel_size = kernel_size
-
-    def forward(self, input: Tensor, weight: Tensor) -> Tensor:
-        if weight.dim() == 6 and weight.shape[2] != self.kernel_size:
-            raise ValueError(f'InhomogeneousDWConv2d: expected kernels of size '
-                             f'{self.kernel_size}, got weight shape {tuple(weight.shape)}')
-        return inhomogeneous_dwconv2d(input, weight)
-
-    def extra_repr(self) -> str:
-        return f'kernel_size={self.kernel_size}'

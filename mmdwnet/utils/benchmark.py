@@ -9,7 +9,6 @@ with the allocator's peak statistics.
 import ctypes
 import json
 import os
-import os.path as osp
 import platform
 import statistics
 import subprocess
@@ -22,20 +21,20 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from mmengine.config import Config
 from mmengine.hub import get_config
 from torch import nn
 
-from .complexity import build_task_model
+from .build import build_model
+from .markdown import markdown_table
 
-REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+# the configs of the installed packages (mmengine.hub.get_config paths)
 MODELS = {
-    'dwconv_t': 'configs/mmpretrain/dwconv_t_8xb128_in1k.py',
-    'ddwconv_t': 'configs/mmpretrain/ddwconv_t_8xb128_in1k.py',
-    'iddwconv_t': 'configs/mmpretrain/iddwconv_t_8xb128_in1k.py',
-    'dwconv_b': 'configs/mmpretrain/dwconv_b_8xb128_in1k.py',
-    'ddwconv_b': 'configs/mmpretrain/ddwconv_b_8xb128_in1k.py',
-    'iddwconv_b': 'configs/mmpretrain/iddwconv_b_8xb128_in1k.py',
+    'dwconv_t': 'mmdwnet::mmpretrain/dwconv_t_8xb128_in1k.py',
+    'ddwconv_t': 'mmdwnet::mmpretrain/ddwconv_t_8xb128_in1k.py',
+    'iddwconv_t': 'mmdwnet::mmpretrain/iddwconv_t_8xb128_in1k.py',
+    'dwconv_b': 'mmdwnet::mmpretrain/dwconv_b_8xb128_in1k.py',
+    'ddwconv_b': 'mmdwnet::mmpretrain/ddwconv_b_8xb128_in1k.py',
+    'iddwconv_b': 'mmdwnet::mmpretrain/iddwconv_b_8xb128_in1k.py',
     'swin_t': 'mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py',
     'convnext_t': 'mmpretrain::convnext/convnext-tiny_32xb128_in1k.py',
 }
@@ -45,7 +44,7 @@ BASELINE = 'swin_t'
 
 def is_ours(name: str) -> bool:
     """Whether :data:`MODELS` ``name`` is an mmdwnet model (not a comparison model)."""
-    return '::' not in MODELS[name]
+    return MODELS[name].startswith('mmdwnet::')
 
 
 def build_classifier(name: str) -> nn.Module:
@@ -54,13 +53,11 @@ def build_classifier(name: str) -> nn.Module:
     data preprocessor and batch augmentations play no part)."""
     if name not in MODELS:
         raise ValueError(f'unknown model {name!r}; choose from {sorted(MODELS)}')
-    path = MODELS[name]
-    # 'mmpretrain::...': a config shipped inside an installed OpenMMLab package
-    cfg = Config.fromfile(osp.join(REPO_ROOT, path)) if is_ours(name) else get_config(path)
+    cfg = get_config(MODELS[name])
     if cfg.model.backbone.get('type') == 'SwinTransformer':
         # other input sizes than 224 (no effect at 224, where every map fits the windows)
         cfg.model.backbone.pad_small_map = True
-    return build_task_model(cfg)
+    return build_model(cfg)
 
 
 def inference_model(model: nn.Module, fuse: bool) -> Tuple[nn.Module, bool]:
@@ -208,7 +205,7 @@ def count_model_flops(model: nn.Module, img_size: int, device: str = 'cpu') -> i
         return count_flops(_TensorForward(model, None), (inputs.to(device), ))
 
 
-class Runner:
+class BenchmarkedModel:
     """Timed inference and training steps of one model on a fixed batch."""
 
     def __init__(self, name: str, device: str, batch_size: int, img_size: int, dtype: str,
@@ -265,52 +262,52 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
     (``flops``). For fp16/bf16, also how its logits agree with fp32
     (:func:`precision_agreement`) on 8 natural-looking images, for the model conditioned
     as training would (:func:`trained_like`) and in the timed (folded) form."""
-    runners = []
+    timed = []
     for name in names:
         if progress:
             progress(f'building {name}')
-        runners.append(Runner(name, device, batch_size, img_size, dtype, fuse))
+        timed.append(BenchmarkedModel(name, device, batch_size, img_size, dtype, fuse))
     for i in range(warmup):
-        for r in runners:
+        for m in timed:
             if progress:
-                progress(f'warm-up {i + 1}/{warmup}: {r.name}')
-            r.inference()
-            r.inference(single=True)
+                progress(f'warm-up {i + 1}/{warmup}: {m.name}')
+            m.inference()
+            m.inference(single=True)
             if train:
-                r.train_step()
-    infer = {r.name: [] for r in runners}
-    latency = {r.name: [] for r in runners}
-    step = {r.name: [] for r in runners}
+                m.train_step()
+    infer = {m.name: [] for m in timed}
+    latency = {m.name: [] for m in timed}
+    step = {m.name: [] for m in timed}
     for i in range(repeats):
-        for r in runners:
-            infer[r.name].append(r.inference())
+        for m in timed:
+            infer[m.name].append(m.inference())
             # one image is quick: its median over 3 calls per repeat
-            latency[r.name].append(statistics.median(r.inference(single=True)
+            latency[m.name].append(statistics.median(m.inference(single=True)
                                                      for _ in range(3)))
             if train:
-                step[r.name].append(r.train_step())
+                step[m.name].append(m.train_step())
             if progress:
-                msg = (f'repeat {i + 1}/{repeats}: {r.name} inference {infer[r.name][-1]:.3f} s'
-                       f', batch-1 latency {latency[r.name][-1] * 1e3:.1f} ms')
+                msg = (f'repeat {i + 1}/{repeats}: {m.name} inference {infer[m.name][-1]:.3f} s'
+                       f', batch-1 latency {latency[m.name][-1] * 1e3:.1f} ms')
                 if train:
-                    msg += f', training step {step[r.name][-1]:.3f} s'
+                    msg += f', training step {step[m.name][-1]:.3f} s'
                 progress(msg)
     rows = []
-    for r in runners:
-        seconds = statistics.median(infer[r.name])
+    for m in timed:
+        seconds = statistics.median(infer[m.name])
         rows.append(dict(
-            model=r.name, params=r.params, fused=r.fused,
+            model=m.name, params=m.params, fused=m.fused,
             img_per_s=batch_size / seconds,
-            latency_ms=statistics.median(latency[r.name]) * 1e3,
-            train_step_s=statistics.median(step[r.name]) if train else None,
-            flops=count_model_flops(r.model, img_size, device)))
+            latency_ms=statistics.median(latency[m.name]) * 1e3,
+            train_step_s=statistics.median(step[m.name]) if train else None,
+            flops=count_model_flops(m.model, img_size, device)))
     if dtype != 'fp32':
         from mmdwnet.testing import natural_images
         images = natural_images(8, img_size).to(device)
-        for r, row in zip(runners, rows):
+        for m, row in zip(timed, rows):
             if progress:
-                progress(f'{dtype} against fp32 logits: {r.name}')
-            model = trained_like(deepcopy(r.model), images)
+                progress(f'{dtype} against fp32 logits: {m.name}')
+            model = trained_like(deepcopy(m.model), images)
             row.update(precision_agreement(inference_model(model, fuse)[0], images, dtype))
     return rows
 
@@ -414,11 +411,11 @@ def measure_memory_here(name: str, device: str, batch_size: int, img_size: int, 
                         fuse: bool) -> Dict:
     """Peak memory (MiB above what is allocated before the step) of one inference and
     one training step, in this process."""
-    runner = Runner(name, device, batch_size, img_size, dtype, fuse)
-    runner.inference()
-    runner.train_step()  # optimizer state exists before the measured step
-    return dict(infer_peak_mem_mb=peak_memory_mb(runner.inference, device),
-                peak_mem_mb=peak_memory_mb(runner.train_step, device))
+    model = BenchmarkedModel(name, device, batch_size, img_size, dtype, fuse)
+    model.inference()
+    model.train_step()  # optimizer state exists before the measured step
+    return dict(infer_peak_mem_mb=peak_memory_mb(model.inference, device),
+                peak_mem_mb=peak_memory_mb(model.train_step, device))
 
 
 def measure_memory(name: str, device: str, batch_size: int, img_size: int, dtype: str,
@@ -454,6 +451,9 @@ def machine_description(device: str) -> str:
 
 
 def format_table(rows: List[Dict], baseline: str = BASELINE) -> str:
+    """The rows of :func:`measure_speed` (with :func:`add_ratios`, :func:`add_efficiency`
+    and peak memory where measured) as a Markdown table; '-' where a value was not
+    measured."""
     def num(value, fmt):
         return '-' if value is None else format(value, fmt)
 
@@ -463,26 +463,30 @@ def format_table(rows: List[Dict], baseline: str = BASELINE) -> str:
     def percent(value):
         return '-' if value is None else f'{value:.0%}'
 
-    agreement = any('top1_agreement' in r for r in rows)
-    lines = [f'| model | params | GMACs | img/s | vs {baseline} | GFLOP/s | of peak '
-             f'| batch-1 latency (ms) | train step (s) | train vs {baseline} '
-             '| peak mem train (MiB) | peak mem infer (MiB) | BN folded |'
-             + (' max logit diff vs fp32 | top-1 agreement |' if agreement else ''),
-             '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|'
-             + ('---:|---:|' if agreement else '')]
-    for r in rows:
-        flops = r.get('flops')
-        lines.append(
-            f"| {r['model']} | {r['params'] / 1e6:.1f}M "
-            f"| {'-' if flops is None else format(flops / 1e9, '.2f')} | {r['img_per_s']:.2f} "
-            f"| {ratio(r.get('speedup'))} | {num(r.get('gflops_per_s'), '.0f')} "
-            f"| {percent(r.get('peak_fraction'))} | {num(r.get('latency_ms'), '.1f')} "
-            f"| {num(r.get('train_step_s'), '.3f')} "
-            f"| {ratio(r.get('train_speedup'))} | {num(r.get('peak_mem_mb'), '.0f')} "
-            f"| {num(r.get('infer_peak_mem_mb'), '.0f')} | {'yes' if r['fused'] else 'no'} |"
-            + (f" {num(r.get('max_logit_diff'), '.3f')} (of {num(r.get('logit_range'), '.1f')})"
-               f" | {percent(r.get('top1_agreement'))} |" if agreement else ''))
-    return '\n'.join(lines)
+    columns = [  # (header, alignment, cell of a row)
+        ('model', 'left', lambda r: r['model']),
+        ('params', 'right', lambda r: f"{r['params'] / 1e6:.1f}M"),
+        ('GMACs', 'right', lambda r: num(r.get('flops') and r['flops'] / 1e9, '.2f')),
+        ('img/s', 'right', lambda r: f"{r['img_per_s']:.2f}"),
+        (f'vs {baseline}', 'right', lambda r: ratio(r.get('speedup'))),
+        ('GFLOP/s', 'right', lambda r: num(r.get('gflops_per_s'), '.0f')),
+        ('of peak', 'right', lambda r: percent(r.get('peak_fraction'))),
+        ('batch-1 latency (ms)', 'right', lambda r: num(r.get('latency_ms'), '.1f')),
+        ('train step (s)', 'right', lambda r: num(r.get('train_step_s'), '.3f')),
+        (f'train vs {baseline}', 'right', lambda r: ratio(r.get('train_speedup'))),
+        ('peak mem train (MiB)', 'right', lambda r: num(r.get('peak_mem_mb'), '.0f')),
+        ('peak mem infer (MiB)', 'right', lambda r: num(r.get('infer_peak_mem_mb'), '.0f')),
+        ('BN folded', 'left', lambda r: 'yes' if r['fused'] else 'no'),
+    ]
+    if any('top1_agreement' in r for r in rows):
+        columns += [
+            ('max logit diff vs fp32', 'right', lambda r: f"{num(r.get('max_logit_diff'), '.3f')}"
+             f" (of {num(r.get('logit_range'), '.1f')})"),
+            ('top-1 agreement', 'right', lambda r: percent(r.get('top1_agreement'))),
+        ]
+    return '\n'.join(markdown_table([c[0] for c in columns],
+                                    ([c[2](r) for c in columns] for r in rows),
+                                    [c[1] for c in columns]))
 
 
 def plot(rows: List[Dict], path: str, title: str) -> None:

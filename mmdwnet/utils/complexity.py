@@ -14,16 +14,16 @@ import torch
 from mmengine.analysis import FlopAnalyzer
 from mmengine.analysis.jit_handles import get_shape
 from mmengine.config import Config
-from mmengine.registry import DefaultScope
 from torch import nn
 
-# (height, width) at which the paper reports FLOPs (Tables 2 and 3).
+from .build import build_model, config_task
+
+# (height, width) at which the paper reports FLOPs (Tables 2 and 3), by task.
 PAPER_INPUT_SIZES = {
     'mmpretrain': (224, 224),
     'mmdet': (800, 1280),
     'mmseg': (512, 2048),
 }
-TASKS = tuple(PAPER_INPUT_SIZES)
 
 
 def inhomogeneous_dwconv_flop_jit(inputs, outputs) -> int:
@@ -126,32 +126,6 @@ def _data_samples(task: str, height: int, width: int) -> Optional[list]:
     return None
 
 
-def config_task(cfg: Config) -> str:
-    """The task library of a config: its ``default_scope``."""
-    task = cfg.get('default_scope')
-    if task not in TASKS:
-        raise ValueError(f'config `default_scope` must be one of {TASKS} to count FLOPs, '
-                         f'got {task!r}')
-    return task
-
-
-def build_task_model(cfg: Config) -> nn.Module:
-    """Build ``cfg.model`` with the config's task registry (and the config's top-level
-    ``data_preprocessor``, as the Runner merges it), SyncBN reverted to BN, in eval mode;
-    the backbone's ``init_cfg`` (a Pretrained checkpoint) is not applied."""
-    import importlib
-
-    from mmengine.model import revert_sync_batchnorm
-    task = config_task(cfg)
-    registry = importlib.import_module(f'{task}.registry').MODELS
-    model_cfg = cfg.model.copy()
-    if cfg.get('data_preprocessor') is not None:  # as mmengine's Runner.build_model does
-        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
-    with DefaultScope.overwrite_default_scope(task):
-        model = registry.build(model_cfg)
-    return revert_sync_batchnorm(model).eval()
-
-
 def model_complexity(cfg: Config,
                      input_size: Optional[Tuple[int, int]] = None) -> Dict:
     """Parameters and FLOPs of a config's model for one image.
@@ -170,7 +144,7 @@ def model_complexity(cfg: Config,
     """
     task = config_task(cfg)
     height, width = input_size or PAPER_INPUT_SIZES[task]
-    model = build_task_model(cfg)
+    model = build_model(cfg)
     params = sum(p.numel() for p in model.parameters())
     inputs = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     if task == 'mmdet' and hasattr(model, 'roi_head'):

@@ -9,9 +9,9 @@ import torch
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 
+from .build import config_task
 from .state_dict import state_dict_differences
 
-TASKS = ('mmdet', 'mmseg', 'mmpretrain')
 DATA_HINT = ('generate a small one with `python tools/generate_data.py`, or point the config '
              'elsewhere with --cfg-options {key}.dataset.data_root=PATH')
 
@@ -48,10 +48,10 @@ def load_config(path: str, cfg_options: Optional[Dict] = None) -> Config:
     cfg = Config.fromfile(path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
-    scope = cfg.get('default_scope')
-    if scope not in TASKS:
-        raise LaunchError(f'config {path!r} has default_scope={scope!r}; the tools run '
-                          f'configs of {TASKS} (the task follows from default_scope)')
+    try:
+        config_task(cfg)
+    except ValueError as e:
+        raise LaunchError(f'config {path!r}: {e}') from None
     return cfg
 
 

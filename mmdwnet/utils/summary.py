@@ -1,15 +1,14 @@
 """Build DWNet variants through the OpenMMLab task libraries' registries and describe them."""
-import importlib
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from mmengine.registry import DefaultScope
 from torch import Tensor, nn
 
 from mmdwnet.models.backbones.dwnet import CONV_TYPES, DWNet
+from .build import TASKS, build_model
+from .markdown import markdown_table
 
-SCOPES = ('mmpretrain', 'mmdet', 'mmseg')
 ARCHS = ('tiny', 'base')
 MODEL_NAMES = {'dw': 'DW', 'ddw': 'D-DW', 'iddw': 'I-D-DW'}
 
@@ -32,10 +31,8 @@ def _build_and_run(scope: str, cfg: Dict, arch: str, conv_type: str, image: Tens
                    run: Callable[[nn.Module, Tensor], Sequence[Tensor]]) -> Dict:
     """Build ``cfg`` from the ``MODELS`` registry of ``scope`` (as the default scope), run
     ``image`` through it and describe the result as one row."""
-    registry = importlib.import_module(f'{scope}.registry').MODELS
     start = time.perf_counter()
-    with DefaultScope.overwrite_default_scope(scope):
-        model = registry.build(cfg).eval()
+    model = build_model(cfg, scope)
     with torch.no_grad():
         outs = run(model, image)
     return dict(scope=scope, model=f'{MODEL_NAMES[conv_type]}-{arch[0].upper()}', arch=arch,
@@ -70,7 +67,7 @@ def summarize_classifiers(archs: Sequence[str] = ARCHS,
     return rows
 
 
-def summarize_backbones(scopes: Sequence[str] = SCOPES,
+def summarize_backbones(scopes: Sequence[str] = TASKS,
                         archs: Sequence[str] = ARCHS,
                         conv_types: Sequence[str] = CONV_TYPES,
                         input_size: Tuple[int, int] = (224, 224),
@@ -96,8 +93,8 @@ def summarize_backbones(scopes: Sequence[str] = SCOPES,
 
 def format_table(rows: List[Dict], shapes_title: str = 'output shapes (C, H, W)') -> str:
     """Render rows of :func:`summarize_backbones` as a Markdown table."""
-    lines = [f'| registry | model | params | {shapes_title} |', '|---|---|---:|---|']
-    for r in rows:
-        shapes = ' '.join('x'.join(map(str, s)) for s in r['shapes'])
-        lines.append(f"| {r['scope']} | {r['model']} | {r['params']:,} | {shapes} |")
-    return '\n'.join(lines)
+    return '\n'.join(markdown_table(
+        ['registry', 'model', 'params', shapes_title],
+        ([r['scope'], r['model'], f"{r['params']:,}",
+          ' '.join('x'.join(map(str, s)) for s in r['shapes'])] for r in rows),
+        ['left', 'left', 'right', 'left']))

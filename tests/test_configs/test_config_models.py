@@ -3,8 +3,8 @@ import os
 
 import pytest
 from mmengine.config import Config
-from mmengine.registry import MODELS, init_default_scope
 
+from mmdwnet.utils import build_model
 from mmdwnet.utils.model_zoo import load_models
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -23,7 +23,7 @@ IMAGENET_PARAMS = {
     'dwconv_b': 74_347_112, 'ddwconv_b': 161_597_928, 'iddwconv_b': 80_253_608,
 }
 METAFILE_PARAMS = {m['Config']: m['Metadata']['Parameters']
-                   for m in load_models(os.path.dirname(CONFIG_DIR))}
+                   for m in load_models()}
 # DWNet configs (the Local MLP ablation's dense configs: test_localmlp_dense_config_parameters)
 CONFIGS = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, 'mm*', '*.py'))
                  if 'localmlp' not in os.path.basename(p))
@@ -53,8 +53,7 @@ def test_config_model_parameters(path):
     task = os.path.basename(os.path.dirname(path))
     assert cfg.default_scope == task
     assert cfg.custom_imports == dict(imports=['mmdwnet'], allow_failed_imports=False)
-    init_default_scope(cfg.default_scope)
-    model = MODELS.build(cfg.model)
+    model = build_model(cfg)
     params = sum(p.numel() for p in model.parameters())
     key = _model_key(path)
     backbone = cfg.model.backbone
@@ -81,12 +80,14 @@ LOCALMLP_DENSE = sorted(glob.glob(os.path.join(CONFIG_DIR, 'mm*', '*localmlp*.py
 @pytest.mark.parametrize('path', LOCALMLP_DENSE, ids=lambda p: os.path.basename(p))
 def test_localmlp_dense_config_parameters(path):
     """The Local MLP-T detection and segmentation configs (shared window weights, so any
-    input size) build with the metafile's exact parameter count."""
+    input size) build with the exact parameter count of the models built here, which the
+    metafile records."""
     assert len(LOCALMLP_DENSE) == 2
     cfg = Config.fromfile(path)
-    init_default_scope(cfg.default_scope)
-    model = MODELS.build(cfg.model)
+    model = build_model(cfg)
     params = sum(p.numel() for p in model.parameters())
-    backbone = cfg.model.backbone
-    assert backbone.type == 'LocalMLP' and backbone.share_windows and backbone.arch == 'tiny'
+    backbone = model.backbone
+    assert type(backbone).__name__ == 'LocalMLP' and backbone.share_windows
+    assert cfg.model.backbone.arch == 'tiny'
+    assert params == {'mmdet': 81_615_900, 'mmseg': 55_927_958}[cfg.default_scope]
     assert METAFILE_PARAMS[os.path.relpath(path, os.path.dirname(CONFIG_DIR))] == params

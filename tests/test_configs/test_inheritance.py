@@ -70,5 +70,5 @@ def test_regular_install(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert f'location {site}' in result.stdout
     from mmdwnet.utils.model_zoo import load_models
-    for model in load_models(ROOT):
+    for model in load_models():
         assert f"'{model['Name']}'" in result.stdout, model['Name']

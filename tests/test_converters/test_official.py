@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_demo_matches_in_process, reporting_config
 from mmengine.config import Config
-from mmengine.registry import MODELS, init_default_scope
 from PIL import Image
 
 from mmdwnet.converters import ConversionError, check_fits, convert_official
-from mmdwnet.utils import imagenet_classifier_cfg
+from mmdwnet.utils import build_model, imagenet_classifier_cfg
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 # parameter names and shapes of the reference models (shared/reference/, kept with the tests)
@@ -117,8 +116,7 @@ def test_converted_classifier_matches_reference(name):
     official = synthesise(entry['state_dict'])
     state, info = convert_official({'model': official})
     assert info == dict(kind='cls', arch=arch, conv_type=conv_type)
-    init_default_scope('mmpretrain')
-    model = MODELS.build(imagenet_classifier_cfg(arch, conv_type)).eval()
+    model = build_model(imagenet_classifier_cfg(arch, conv_type))
     check_fits(state, model)
     missing, unexpected = model.load_state_dict(state, strict=True)
     assert not missing and not unexpected
@@ -149,8 +147,7 @@ def test_dense_checkpoints_convert(kind, config, tmp_path):
     `backbone.` and norm0..norm3 (SyncBN), the heads as in mmdet 2.x / mmseg 0.x. Converted
     with the tool, it loads strictly and runs through tools/demo.py (the task inferencer)."""
     cfg = Config.fromfile(osp.join(ROOT, 'configs', config))
-    init_default_scope(cfg.default_scope)
-    model = MODELS.build(cfg.model)
+    model = build_model(cfg)
     conv_type = cfg.model.backbone.conv_type
     shapes = _manifest()[f'{conv_type}net_tiny']['state_dict']
     official = {f'backbone.{k}': v for k, v in synthesise(shapes).items()
@@ -208,9 +205,8 @@ def test_refuses_other_files():
     official = synthesise(shapes)
     official['layers.0.blocks.0.mlp.fc1.weight'] = torch.zeros(10, 96)  # wrong shape
     state, _ = convert_official({'model': official})
-    init_default_scope('mmpretrain')
     with pytest.raises(ConversionError, match='1 differently shaped'):
-        check_fits(state, MODELS.build(imagenet_classifier_cfg('tiny', 'dw')))
+        check_fits(state, build_model(imagenet_classifier_cfg('tiny', 'dw')))
 
 
 @pytest.mark.slow

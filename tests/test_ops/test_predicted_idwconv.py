@@ -45,7 +45,7 @@ def test_chunks_follow_the_budget(monkeypatch):
 def test_the_kernels_are_not_saved_for_backward():
     """Autograd keeps only tensors of the features' or the predictor's size, never the
     (B, G, K, K, H, W) kernels (16x the features at DWNet's settings)."""
-    from mmdwnet.models.backbones.dwnet import InhomogeneousDynamicDWConv
+    from mmdwnet.models.utils import InhomogeneousDynamicDWConv
     conv = InhomogeneousDynamicDWConv(32, kernel_size=7, group_channels=1)  # G*K*K = 1568
     x = torch.randn(2, 32, 14, 14, requires_grad=True)
     saved = []

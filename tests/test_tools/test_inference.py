@@ -8,8 +8,9 @@ import pytest
 import torch
 from helpers import ROOT, assert_demo_matches_in_process, reporting_config
 from mmengine.config import Config
-from mmengine.registry import MODELS, init_default_scope
 from PIL import Image
+
+from mmdwnet.utils import build_model
 
 pytestmark = pytest.mark.slow  # tools in subprocesses
 
@@ -34,8 +35,7 @@ def _dataset_meta(scope):
 @pytest.mark.parametrize('config,image,expected', CASES, ids=lambda c: str(c)[:12])
 def test_demo_tool_runs_the_inferencer(config, image, expected, data_root, tmp_path):
     cfg = Config.fromfile(osp.join(ROOT, 'configs', config))
-    init_default_scope(cfg.default_scope)
-    model = MODELS.build(cfg.model)
+    model = build_model(cfg)
     checkpoint = str(tmp_path / 'model.pth')
     torch.save({'state_dict': model.state_dict(),
                 'meta': dict(dataset_meta=_dataset_meta(cfg.default_scope))}, checkpoint)

@@ -128,8 +128,9 @@ def test_clear_errors_for_missing_things(data_root, tmp_path):
     result = run_tool('train.py', str(bad_scope), check=False)
     assert result.returncode == 1
     results.append(result)
-    assert "has default_scope='mmfoo'; the tools run configs of ('mmdet', 'mmseg', " \
-        "'mmpretrain')" in result.stderr
+    assert (f"config {str(bad_scope)!r}: config `default_scope` must be one of ('mmpretrain', "
+            "'mmdet', 'mmseg') (the library that builds and runs it), got 'mmfoo'"
+            in result.stderr)
 
     missing = str(tmp_path / 'nowhere')
     result = run_tool('train.py', osp.join(ROOT, 'configs', 'mmseg',

@@ -67,12 +67,9 @@ def test_mmpretrain_reparameterize_tool_folds_batchnorm(tmp_path):
     """mmpretrain's stock reparameterize_model.py calls DWNet.switch_to_deploy(); the saved
     checkpoint loads into a deploy=True model that gives the original logits."""
     import torch
-    from mmengine.registry import init_default_scope
-    from mmpretrain.registry import MODELS
 
-    from mmdwnet.utils import imagenet_classifier_cfg
-    init_default_scope('mmpretrain')
-    model = MODELS.build(imagenet_classifier_cfg('tiny', 'ddw')).eval()
+    from mmdwnet.utils import build_model, imagenet_classifier_cfg
+    model = build_model(imagenet_classifier_cfg('tiny', 'ddw'))
     gen = torch.Generator().manual_seed(0)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -88,7 +85,7 @@ def test_mmpretrain_reparameterize_tool_folds_batchnorm(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     cfg = imagenet_classifier_cfg('tiny', 'ddw')
     cfg['backbone']['deploy'] = True
-    deployed = MODELS.build(cfg).eval()
+    deployed = build_model(cfg)
     state = torch.load(tmp_path / 'deploy.pth', weights_only=True)['state_dict']
     deployed.load_state_dict(state, strict=True)
     assert not any(k.endswith('norm1.running_mean') for k in state)

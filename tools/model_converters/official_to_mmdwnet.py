@@ -9,13 +9,10 @@ import os.path as osp
 import sys
 
 import torch
-from mmengine.config import Config
-from mmengine.registry import MODELS, init_default_scope
+from mmengine.hub import get_config
 
-import mmdwnet  # noqa: F401  (registers the models)
 from mmdwnet.converters import ConversionError, check_fits, convert_official, target_config
-
-CONFIG_DIR = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'configs')
+from mmdwnet.utils import build_model
 
 
 def main():
@@ -31,9 +28,7 @@ def main():
     try:
         state, info = convert_official(checkpoint)
         config = target_config(**info)
-        cfg = Config.fromfile(osp.join(CONFIG_DIR, config))
-        init_default_scope(cfg.default_scope)
-        check_fits(state, MODELS.build(cfg.model))
+        check_fits(state, build_model(get_config(f'mmdwnet::{config}')))
     except ConversionError as e:
         sys.exit(f'error: {args.src} is not a checkpoint this converter knows: {e}')
     torch.save({'state_dict': state, 'meta': dict(converted_from=osp.basename(args.src),

@@ -10,7 +10,6 @@ from copy import deepcopy
 from typing import Dict, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks.drop import build_dropout
@@ -20,148 +19,13 @@ from mmengine.model import BaseModule, ModuleList
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmdwnet.models.utils import (ChannelsLastPatchMerging, LinearGELU, bn_affine, fold_bn_after,
-                                  fold_bn_before_linear, is_foldable, missing_pretrained_checkpoint)
-from mmdwnet.ops import DepthwiseConv2d, depthwise_conv2d, predicted_idwconv2d
+from mmdwnet.models.utils import (ChannelSharedDWConv, ChannelsLastPatchMerging, DynamicDWConv,
+                                  InhomogeneousDynamicDWConv, LinearGELU, fold_bn_after,
+                                  fold_bn_before_linear, missing_pretrained_checkpoint)
+from mmdwnet.ops import DepthwiseConv2d
 from mmdwnet.registry import MODELS
 
 CONV_TYPES = ('dw', 'ddw', 'iddw')
-
-
-class DynamicDWConv(BaseModule):
-    """Homogeneous dynamic depth-wise convolution (D-DW-Conv).
-
-    One K x K kernel per channel and sample, predicted from the globally pooled input
-    (pool, 1x1 conv C -> C/r, norm, ReLU, 1x1 conv C/r -> C*K*K) and shared by all
-    positions, plus a learned per-channel bias (zero at start).
-
-    Args:
-        channels (int): Input and output channels C.
-        kernel_size (int): Kernel size K. Defaults to 7.
-        reduction (int): Channel reduction r of the kernel predictor. Defaults to 4.
-        norm_cfg (dict): Norm layer of the kernel predictor. Defaults to ``dict(type='BN')``.
-        init_cfg (dict, optional): Initialization config. Defaults to None.
-    """
-
-    def __init__(self,
-                 channels: int,
-                 kernel_size: int = 7,
-                 reduction: int = 4,
-                 norm_cfg: Dict = dict(type='BN'),
-                 init_cfg: Optional[Dict] = None):
-        super().__init__(init_cfg=init_cfg)
-        self.channels = channels
-        self.kernel_size = kernel_size
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.conv1 = nn.Conv2d(channels, channels // reduction, 1, bias=False)
-        self.norm = build_norm_layer(norm_cfg, channels // reduction)[1]
-        self.act = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(channels // reduction, channels * kernel_size**2, 1)
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, c = x.shape[:2]
-        # the 1x1 convolutions act on pooled (B, C) vectors: run them as matrix products
-        # (same parameters), much faster than convolutions on 1x1 maps, above all backward
-        hidden = F.linear(self.pool(x).flatten(1), self.conv1.weight.flatten(1),
-                          self.conv1.bias)
-        hidden = self.act(self.norm(hidden[:, :, None, None])).flatten(1)
-        weight = F.linear(hidden, self.conv2.weight.flatten(1), self.conv2.bias)
-        weight = weight.reshape(b, c, self.kernel_size, self.kernel_size)
-        return depthwise_conv2d(x, weight, self.bias)
-
-    @torch.no_grad()
-    def switch_to_deploy(self, out_norm: Optional[nn.Module] = None) -> bool:
-        """Fold the predictor's BatchNorm into ``conv1`` and, when given, a BatchNorm
-        applied to this operator's output into the predicted kernels and the bias.
-        Returns whether ``out_norm`` was folded."""
-        fold_bn_after(self, 'conv1', 'norm')
-        if out_norm is None or not is_foldable(out_norm):
-            return False
-        scale, shift = bn_affine(out_norm)
-        per_tap = scale.repeat_interleave(self.kernel_size**2)  # conv2 rows are c*K*K + k
-        self.conv2.weight.mul_(per_tap.view(-1, 1, 1, 1))
-        self.conv2.bias.mul_(per_tap)
-        self.bias.mul_(scale).add_(shift)
-        return True
-
-
-class InhomogeneousDynamicDWConv(BaseModule):
-    """Inhomogeneous dynamic depth-wise convolution (I-D-DW-Conv, "involution").
-
-    A K x K kernel per position and group of ``group_channels`` channels, predicted from
-    the feature at that position (1x1 conv C -> C/r with bias, norm, ReLU, 1x1 conv
-    C/r -> G*K*K), then applied by :func:`mmdwnet.ops.inhomogeneous_dwconv2d`. No bias.
-    Prediction and application are one operator, :func:`mmdwnet.ops.predicted_idwconv2d`,
-    which never stores the large kernel tensor.
-
-    Args:
-        channels (int): Input and output channels C.
-        kernel_size (int): Kernel size K. Defaults to 7.
-        group_channels (int): Channels sharing one predicted kernel; G = C / group_channels.
-        reduction (int): Channel reduction r of the kernel predictor. Defaults to 4.
-        norm_cfg (dict): Norm layer of the kernel predictor. Defaults to ``dict(type='BN')``.
-        init_cfg (dict, optional): Initialization config. Defaults to None.
-    """
-
-    def __init__(self,
-                 channels: int,
-                 kernel_size: int = 7,
-                 group_channels: int = 1,
-                 reduction: int = 4,
-                 norm_cfg: Dict = dict(type='BN'),
-                 init_cfg: Optional[Dict] = None):
-        super().__init__(init_cfg=init_cfg)
-        self.kernel_size = kernel_size
-        self.groups = channels // group_channels
-        self.conv1 = nn.Conv2d(channels, channels // reduction, 1)
-        self.norm = build_norm_layer(norm_cfg, channels // reduction)[1]
-        self.act = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(channels // reduction, self.groups * kernel_size**2, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        hidden = self.act(self.norm(self.conv1(x)))
-        # one operator predicts the (B, G, K, K, H, W) kernels - 16x the size of x at the
-        # paper's settings - a few samples at a time and applies them, and predicts them
-        # again in the backward pass instead of storing them
-        return predicted_idwconv2d(x, hidden, self.conv2.weight.flatten(1), self.conv2.bias,
-                                   self.kernel_size)
-
-    def switch_to_deploy(self) -> None:
-        """Fold the predictor's BatchNorm into ``conv1`` (the output cannot take a
-        per-channel norm: the kernels are shared by the channels of a group)."""
-        fold_bn_after(self, 'conv1', 'norm')
-
-
-class ChannelSharedDWConv(BaseModule):
-    """Static depth-wise convolution whose K x K kernel is shared inside groups of
-    consecutive channels (the paper's Table 4 "sharing across channels and positions",
-    with as many groups as Swin has attention heads); the bias stays per channel.
-
-    Args:
-        channels (int): Input and output channels C.
-        kernel_size (int): Kernel size K.
-        groups (int): Kernels G; each is shared by C / G channels.
-        init_cfg (dict, optional): Initialization config. Defaults to None.
-    """
-
-    def __init__(self, channels: int, kernel_size: int, groups: int,
-                 init_cfg: Optional[Dict] = None):
-        super().__init__(init_cfg=init_cfg)
-        if groups < 1 or channels % groups:
-            raise ValueError(f'ChannelSharedDWConv: `groups` must divide the {channels} '
-                             f'channels, got {groups!r}')
-        self.channels, self.groups = channels, groups
-        self.weight = nn.Parameter(torch.empty(groups, 1, kernel_size, kernel_size))
-        self.bias = nn.Parameter(torch.empty(channels))
-        # nn.Conv2d's default initialisation for a depth-wise kernel (fan-in K*K)
-        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
-        bound = 1 / kernel_size
-        nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight.repeat_interleave(self.channels // self.groups, dim=0)
-        return depthwise_conv2d(x, weight, self.bias)
 
 
 class DWBlock(BaseModule):
@@ -606,45 +470,54 @@ class DWNet(BaseModule):
                               cfg.get('map_location', 'cpu'))
 
     def _load_pretrained(self, path: str, prefix: Optional[str], map_location) -> None:
-        """Copy every tensor the checkpoint and this backbone share, and log exactly which
-        keys were not loaded and why (e.g. an ImageNet classifier's head and final LayerNorm
-        for a detection backbone with BN output norms)."""
-        from mmengine.runner.checkpoint import _load_checkpoint
-        checkpoint = _load_checkpoint(path, map_location=map_location)
-        state = checkpoint.get('state_dict', checkpoint)
-        prefix = prefix or ''
+        """Load the checkpoint's tensors under ``prefix`` with mmengine's loaders, copy
+        those that fit this backbone and log exactly which keys were not loaded and why
+        (e.g. an ImageNet classifier's final LayerNorm for a detection backbone with BN
+        output norms). mmengine's ``load_state_dict`` alone would refuse mis-shaped
+        tensors and load a LayerNorm's weight into a BatchNorm of the same width."""
+        from mmengine.runner.checkpoint import _load_checkpoint, _load_checkpoint_with_prefix
+        if prefix:
+            prefix = prefix if prefix.endswith('.') else prefix + '.'
+            try:
+                state = _load_checkpoint_with_prefix(prefix, path, map_location)
+            except AssertionError:  # mmengine's way of saying that no key has the prefix
+                raise ValueError(f'DWNet: no key of the checkpoint {path} starts with the '
+                                 f'init_cfg `prefix` {prefix!r}') from None
+        else:
+            prefix = ''
+            checkpoint = _load_checkpoint(path, map_location=map_location)
+            state = checkpoint.get('state_dict', checkpoint)
         own = self.state_dict()
-        reasons = {}  # checkpoint key -> why it is not loaded
-        loaded = {}
-        inside = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        for key in state:
-            if not key.startswith(prefix):
-                reasons[key] = f'outside the prefix {prefix!r}'
-        for key, value in inside.items():
+        reasons = {}  # key (without the prefix) -> why it is not loaded
+        for key, value in state.items():
             norm = key.split('.')[0]
             if key not in own:
-                reasons[prefix + key] = 'not a parameter of this backbone'
-            elif re.fullmatch(r'norm\d', norm) and (
-                    {k for k in inside if k.startswith(norm + '.')}
+                continue  # load_state_dict reports it as unexpected
+            if re.fullmatch(r'norm\d', norm) and (
+                    {k for k in state if k.startswith(norm + '.')}
                     != {k for k in own if k.startswith(norm + '.')}):
-                reasons[prefix + key] = (f'{norm} is another kind of norm here '
-                                         f'({type(getattr(self, norm)).__name__})')
+                reasons[key] = (f'{norm} is another kind of norm here '
+                                f'({type(getattr(self, norm)).__name__})')
             elif value.shape != own[key].shape:
-                reasons[prefix + key] = (f'shape {tuple(value.shape)} here '
-                                         f'{tuple(own[key].shape)}')
-            else:
-                loaded[key] = value
-        self.load_state_dict(loaded, strict=False)
+                reasons[key] = (f'shape {tuple(value.shape)} in the checkpoint, '
+                                f'{tuple(own[key].shape)} here')
+        loaded = {k: v for k, v in state.items() if k not in reasons}
+        unexpected = self.load_state_dict(loaded, strict=False).unexpected_keys
+        reasons.update(dict.fromkeys(unexpected, 'not a parameter of this backbone'))
+        # what the checkpoint did not set (load_state_dict's missing_keys leaves out the
+        # BatchNorm counters it fills in itself)
+        missing = sorted(set(own) - set(loaded))
         by_reason = {}
         for key, reason in reasons.items():
-            by_reason.setdefault(reason, []).append(key)
-        lines = [f'DWNet: initialised {len(loaded)} of {len(own)} backbone tensors from '
-                 f'{path} (prefix {prefix!r}).']
+            by_reason.setdefault(reason, []).append(prefix + key)
+        where = f'the keys under the prefix {prefix!r}' if prefix else 'all keys'
+        lines = [f'DWNet: initialised {len(own) - len(missing)} of {len(own)} backbone '
+                 f'tensors from {path} ({where}).']
         lines += [f'  not loaded ({reason}): {", ".join(keys)}'
                   for reason, keys in by_reason.items()]
-        fresh = sorted(set(own) - set(loaded))
-        if fresh:
-            lines.append(f'  kept at initialisation (not in the checkpoint): {", ".join(fresh)}')
+        if missing:
+            lines.append(f'  kept at initialisation (nothing loaded into them): '
+                         f'{", ".join(missing)}')
         print_log('\n'.join(lines), logger='current')
 
     def get_layer_depth(self, param_name: str, prefix: str = ''):

@@ -1,3 +1,4 @@
+from .dynamic_dwconv import ChannelSharedDWConv, DynamicDWConv, InhomogeneousDynamicDWConv
 from .fuse_bn import bn_affine, fold_bn_after, fold_bn_before_linear, is_foldable
 from .linear_gelu import LinearGELU
 from .norm import CenteringCalibratedBN
@@ -5,6 +6,7 @@ from .patch_merging import ChannelsLastPatchMerging
 from .pretrained import missing_pretrained_checkpoint
 
 __all__ = [
+    'DynamicDWConv', 'InhomogeneousDynamicDWConv', 'ChannelSharedDWConv',
     'bn_affine', 'fold_bn_after', 'fold_bn_before_linear', 'is_foldable',
     'CenteringCalibratedBN', 'ChannelsLastPatchMerging', 'LinearGELU',
     'missing_pretrained_checkpoint'

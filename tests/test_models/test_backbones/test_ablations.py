@@ -6,12 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
-from mmpretrain.registry import MODELS
 
 from mmdwnet.models import DWNet
-from mmdwnet.models.backbones.dwnet import ChannelSharedDWConv
-from mmdwnet.models.utils import CenteringCalibratedBN, is_foldable
+from mmdwnet.models.utils import CenteringCalibratedBN, ChannelSharedDWConv, is_foldable
+from mmdwnet.utils import build_model
 from mmdwnet.utils.model_zoo import load_models
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
@@ -31,11 +29,8 @@ ABLATIONS = {
 
 
 def _build(name):
-    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'mmpretrain', 'ablations', f'{name}.py'))
-    init_default_scope('mmpretrain')
-    model_cfg = cfg.model
-    model_cfg.pop('train_cfg', None)
-    return MODELS.build(model_cfg)
+    return build_model(
+        Config.fromfile(osp.join(ROOT, 'configs', 'mmpretrain', 'ablations', f'{name}.py')))
 
 
 @pytest.mark.parametrize('name', list(ABLATIONS))
@@ -140,17 +135,3 @@ def test_local_mlp_window_weights():
     shared = LocalMLP('tiny', share_windows=True, pad_small_map=True, out_indices=(0, 1, 2, 3))
     assert [o.shape[1:] for o in shared(torch.randn(1, 3, 96, 160))] == [
         (96, 24, 40), (192, 12, 20), (384, 6, 10), (768, 3, 5)]
-
-
-@pytest.mark.parametrize('config,scope', [('mmdet/cascade_localmlp_t_3x.py', 'mmdet'),
-                                          ('mmseg/upernet_localmlp_t_512x512_160k_ade20k.py',
-                                           'mmseg')])
-def test_local_mlp_dense_configs_build(config, scope):
-    import importlib
-    cfg = Config.fromfile(osp.join(ROOT, 'configs', config))
-    assert cfg.default_scope == scope
-    init_default_scope(scope)
-    model = importlib.import_module(f'{scope}.registry').MODELS.build(cfg.model)
-    assert type(model.backbone).__name__ == 'LocalMLP' and model.backbone.share_windows
-    params = sum(p.numel() for p in model.parameters())
-    assert params == {'mmdet': 81_615_900, 'mmseg': 55_927_958}[scope]

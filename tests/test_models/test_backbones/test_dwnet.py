@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdwnet.models import DWNet
-from mmdwnet.models.backbones.dwnet import DynamicDWConv, InhomogeneousDynamicDWConv
-from mmdwnet.utils import imagenet_classifier_cfg
+from mmdwnet.models.utils import DynamicDWConv, InhomogeneousDynamicDWConv
+from mmdwnet.utils import build_model, imagenet_classifier_cfg
 
 # exact parameter counts of the reference ImageNet classifiers (SPEC.md section 2)
 CLASSIFIER_PARAMS = {
@@ -26,11 +26,8 @@ def _num_params(model):
 
 @pytest.mark.parametrize('arch,conv_type', list(CLASSIFIER_PARAMS))
 def test_classifier_parameter_parity(arch, conv_type):
-    from mmpretrain.registry import MODELS
-    from mmpretrain.utils import register_all_modules
-    register_all_modules()
     # ImageClassifier(DWNet(arch, conv_type, out_indices=(3,)), GAP, LinearClsHead(1000))
-    model = MODELS.build(imagenet_classifier_cfg(arch, conv_type))
+    model = build_model(imagenet_classifier_cfg(arch, conv_type))
     assert model.backbone.out_indices == (3, ) and model.head.num_classes == 1000
     assert _num_params(model) == CLASSIFIER_PARAMS[(arch, conv_type)]
 
@@ -352,13 +349,44 @@ def test_pretrained_init_with_prefix(tmp_path):
     model.init_weights()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state[f'backbone.{k}'], msg=k)
+    # a prefix no key has: a clear error, not mmengine's bare assertion
+    wrong = DWNet('tiny', 'iddw', init_cfg=dict(
+        type='Pretrained', prefix='encoder', checkpoint=str(tmp_path / 'cls.pth')))
+    with pytest.raises(ValueError, match=r"no key of the checkpoint .*cls\.pth starts with "
+                       r"the init_cfg `prefix` 'encoder\.'"):
+        wrong.init_weights()
+
+
+def test_pretrained_init_without_prefix_logs_what_it_left(tmp_path, monkeypatch):
+    from mmdwnet.models.backbones import dwnet
+    source = DWNet('tiny', 'dw', out_indices=(0, 3))
+    state = {k: v + 1 for k, v in source.state_dict().items() if not k.startswith('norm0')}
+    state['stages.0.blocks.0.pw_conv1.weight'] = torch.zeros(5, 5, 1, 1)  # mis-shaped
+    state['extra.weight'] = torch.zeros(2)
+    torch.save(state, tmp_path / 'plain.pth')  # a bare state dict
+    messages = []
+    monkeypatch.setattr(dwnet, 'print_log', lambda msg, logger=None: messages.append(msg))
+    model = DWNet('tiny', 'dw', out_indices=(0, 3),
+                  init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'plain.pth')))
+    model.init_weights()
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and k != 'stages.0.blocks.0.pw_conv1.weight':
+            assert torch.equal(own[k], v), k
+    lines = messages[0].splitlines()
+    assert lines[0] == (f'DWNet: initialised {len(own) - 3} of {len(own)} backbone tensors '
+                        f"from {tmp_path / 'plain.pth'} (all keys).")
+    assert lines[1:] == [
+        '  not loaded (shape (5, 5, 1, 1) in the checkpoint, (96, 96, 1, 1) here): '
+        'stages.0.blocks.0.pw_conv1.weight',
+        '  not loaded (not a parameter of this backbone): extra.weight',
+        '  kept at initialisation (nothing loaded into them): norm0.bias, norm0.weight, '
+        'stages.0.blocks.0.pw_conv1.weight']
 
 
 def test_imagenet_checkpoint_initialises_a_dense_backbone(tmp_path, monkeypatch):
-    from mmpretrain.registry import MODELS
-
     from mmdwnet.models.backbones import dwnet
-    classifier = MODELS.build(imagenet_classifier_cfg('tiny', 'iddw'))
+    classifier = build_model(imagenet_classifier_cfg('tiny', 'iddw'))
     with torch.no_grad():
         for p in classifier.parameters():
             p.add_(torch.randn_like(p))
@@ -383,8 +411,7 @@ def test_imagenet_checkpoint_initialises_a_dense_backbone(tmp_path, monkeypatch)
     log, = messages
     lines = log.splitlines()
     assert lines[0] == (f'DWNet: initialised {len(copied)} of {len(own)} backbone tensors '
-                        f"from {path} (prefix 'backbone.').")
-    assert "  not loaded (outside the prefix 'backbone.'): head.fc.weight, head.fc.bias" in lines
+                        f"from {path} (the keys under the prefix 'backbone.').")
     assert ('  not loaded (norm3 is another kind of norm here (BatchNorm2d)): '
             'backbone.norm3.weight, backbone.norm3.bias') in lines
     fresh = [ln for ln in lines if ln.startswith('  kept at initialisation')][0]
