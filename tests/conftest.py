@@ -1,16 +1,16 @@
 """Fixtures shared by the tests: generated datasets and a spy on the compiled kernels."""
 import pytest
 
-from mmdwnet.testing import make_ade20k, make_coco, make_imagenet
+from mmdwnet.testing import make_datasets
 
 
 @pytest.fixture(scope='session')
 def data_root(tmp_path_factory):
-    """COCO, ADE20K and ImageNet in their layouts, a few generated images each."""
+    """COCO, ADE20K and ImageNet where the configs look for them under the root, a few
+    generated images each."""
     root = tmp_path_factory.mktemp('data')
-    make_coco(str(root / 'coco'), num_train=2, num_val=2)
-    make_ade20k(str(root / 'ade' / 'ADEChallengeData2016'), num_train=2, num_val=2)
-    make_imagenet(str(root / 'imagenet'), num_train=1, num_val=1)
+    make_datasets(str(root), ('coco', 'ade20k'), num_train=2, num_val=2)
+    make_datasets(str(root), ('imagenet', ), num_train=1, num_val=1)
     return root
 
 

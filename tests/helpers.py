@@ -11,9 +11,11 @@ from mmdwnet.testing import smoke_run_options as overrides  # noqa: F401
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
-def run_tool(tool, *args, check=True):
+def run_tool(tool, *args, check=True, env=None):
+    """Run ``tools/<tool>`` with this Python from the repository root; unless ``check`` is
+    False, a failure raises with the end of its output."""
     result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', tool), *args],
-                            capture_output=True, text=True, cwd=ROOT)
+                            capture_output=True, text=True, cwd=ROOT, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f'{tool} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}')
     return result

@@ -3,10 +3,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
 pytestmark = pytest.mark.slow  # tools in subprocesses
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _install(*args, python=sys.executable):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT, run_tool
 from mmengine.config import Config
 
 from mmdwnet.converters.official import target_config
@@ -18,10 +19,9 @@ from mmdwnet.utils.markdown import replace_section
 from mmdwnet.utils.model_zoo import (ABLATIONS_MARKERS, MODEL_ZOO_MARKERS, input_size, load_models,
                                      render_ablations, render_model_zoo, update_complexity)
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 MODELS = load_models()
 BY_NAME = {m['Name']: m for m in MODELS}
-# GMACs of the reference code's own counter at 224x224 (SPEC.md section 2)
+# GMACs of the reference code's own counter at 224x224 (tests/data/official_dwnet_keys.json)
 REFERENCE_GMACS = {
     'dwconv_t_8xb128_in1k': 3.742, 'ddwconv_t_8xb128_in1k': 3.771,
     'iddwconv_t_8xb128_in1k': 4.389, 'dwconv_b_8xb128_in1k': 12.845,
@@ -152,16 +152,13 @@ def test_pages_are_rendered_from_the_metafiles(tmp_path):
     readme, doc = tmp_path / 'README.md', tmp_path / 'ablations.md'
     readme.write_text(f'# x\n{start}\nold table\n{end}\n')
     doc.write_text(f'# y\n{astart}\nold\n{aend}\nrest\n')
-    tool = [sys.executable, osp.join(ROOT, 'tools', 'model_zoo.py'), 'readme', '--readme',
-            str(readme), '--ablations-doc', str(doc)]
-    result = subprocess.run(tool + ['--check'], capture_output=True, text=True)
+    pages = ['readme', '--readme', str(readme), '--ablations-doc', str(doc)]
+    result = run_tool('model_zoo.py', *pages, '--check', check=False)
     assert result.returncode == 1 and f'{readme} is out of date' in result.stderr
-    result = subprocess.run(tool, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_tool('model_zoo.py', *pages)
     assert readme.read_text() == f'# x\n{start}\n{body}\n{end}\n'
     assert doc.read_text() == f'# y\n{astart}\n{ablations}\n{aend}\nrest\n'
-    result = subprocess.run(tool + ['--check'], capture_output=True, text=True)
-    assert result.returncode == 0 and 'up to date' in result.stdout
+    assert 'up to date' in run_tool('model_zoo.py', *pages, '--check').stdout
 
 
 def test_measure_rewrites_only_changed_numbers(tmp_path):

@@ -1,7 +1,7 @@
 """Generate small COCO, ADE20K and ImageNet datasets in their real formats (no download)."""
 import argparse
 
-from mmdwnet.testing import make_datasets
+from mmdwnet.testing import DATASETS, make_datasets
 
 
 def main():
@@ -9,8 +9,7 @@ def main():
     parser.add_argument('--data-root', default='data',
                         help='where data/coco, data/ade/ADEChallengeData2016 and '
                         'data/imagenet go (default: data)')
-    parser.add_argument('--tasks', nargs='+', default=['coco', 'ade20k', 'imagenet'],
-                        choices=['coco', 'ade20k', 'imagenet'])
+    parser.add_argument('--tasks', nargs='+', default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument('--num-train', type=int,
                         help='training images (per class for ImageNet); default: 16 / 8')
     parser.add_argument('--num-val', type=int,

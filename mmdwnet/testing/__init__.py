@@ -1,9 +1,10 @@
 """For tests, demos and smoke runs (as in mmyolo's ``mmyolo.testing``): generated datasets
 in the COCO, ADE20K and ImageNet layouts, and the ``--cfg-options`` of short CPU runs."""
 from .smoke import smoke_run_options
-from .synthetic import make_ade20k, make_coco, make_datasets, make_imagenet, natural_images
+from .synthetic import (DATASETS, dataset_dir, make_ade20k, make_coco, make_datasets,
+                        make_imagenet, natural_images)
 
 __all__ = [
-    'make_coco', 'make_ade20k', 'make_imagenet', 'make_datasets', 'natural_images',
-    'smoke_run_options'
+    'DATASETS', 'dataset_dir', 'make_coco', 'make_ade20k', 'make_imagenet', 'make_datasets',
+    'natural_images', 'smoke_run_options'
 ]

@@ -1,24 +1,25 @@
 """Command-line overrides for short CPU runs of the real configs on generated data."""
+import os.path as osp
 from typing import List
 
-DATA_DIRS = dict(mmdet='coco/', mmseg='ade/ADEChallengeData2016', mmpretrain='imagenet')
+from .synthetic import dataset_dir
 
 
 def smoke_run_options(task: str, data_root: str) -> List[str]:
     """``--cfg-options`` that run a real config of ``task`` for a few iterations on the
     generated data under ``data_root`` (see :func:`mmdwnet.testing.make_datasets`): data
     roots, small images, a short schedule, no data-loading workers."""
-    if task not in DATA_DIRS:
-        raise ValueError(f'smoke_run_options: `task` must be one of {sorted(DATA_DIRS)}, '
-                         f'got {task!r}')
-    root = f'{data_root}/{DATA_DIRS[task]}'
+    try:
+        root = dataset_dir(data_root, task)
+    except ValueError as e:
+        raise ValueError(f'smoke_run_options: {e}') from None
     options = [
         option for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
         for option in (f'{loader}.dataset.data_root={root}', f'{loader}.num_workers=0',
                        f'{loader}.persistent_workers=False')
     ]
     if task == 'mmdet':
-        ann = f'{root}annotations/instances_val2017.json'
+        ann = osp.join(root, 'annotations', 'instances_val2017.json')
         return options + [
             f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}',
             'train_dataloader.batch_size=2', 'train_cfg.max_epochs=1', 'train_cfg.val_interval=9',

@@ -181,8 +181,25 @@ def natural_images(num: int, size: int = 224, seed: int = 0):
     return torch.from_numpy(batch.astype(np.float32)).permute(0, 3, 1, 2).contiguous()
 
 
+#: The generated datasets, by name: (task library, folder under ``data_root`` where the
+#: configs look for it, maker).
+DATASETS = dict(
+    coco=('mmdet', 'coco', make_coco),
+    ade20k=('mmseg', osp.join('ade', 'ADEChallengeData2016'), make_ade20k),
+    imagenet=('mmpretrain', 'imagenet', make_imagenet))
+
+
+def dataset_dir(data_root: str, task: str) -> str:
+    """Where the generated dataset of ``task`` ('mmdet', 'mmseg', 'mmpretrain') lies under
+    ``data_root``."""
+    dirs = {t: folder for t, folder, _ in DATASETS.values()}
+    if task not in dirs:
+        raise ValueError(f'`task` must be one of {sorted(dirs)}, got {task!r}')
+    return osp.join(data_root, dirs[task])
+
+
 def make_datasets(data_root: str = 'data',
-                  tasks=('coco', 'ade20k', 'imagenet'),
+                  tasks=tuple(DATASETS),
                   num_train: Optional[int] = None,
                   num_val: Optional[int] = None,
                   seed: int = 0,
@@ -190,16 +207,12 @@ def make_datasets(data_root: str = 'data',
     """Write the generated datasets where the configs look for them: ``<data_root>/coco``,
     ``<data_root>/ade/ADEChallengeData2016`` and ``<data_root>/imagenet``. ``num_train`` and
     ``num_val`` (images; per class for ImageNet) replace each maker's defaults."""
-    makers = dict(
-        coco=(make_coco, 'coco'),
-        ade20k=(make_ade20k, osp.join('ade', 'ADEChallengeData2016')),
-        imagenet=(make_imagenet, 'imagenet'))
-    unknown = [t for t in tasks if t not in makers]
+    unknown = [t for t in tasks if t not in DATASETS]
     if unknown:
-        raise ValueError(f'make_datasets: unknown tasks {unknown}; allowed: {sorted(makers)}')
+        raise ValueError(f'make_datasets: unknown tasks {unknown}; allowed: {sorted(DATASETS)}')
     sizes = {k: v for k, v in dict(num_train=num_train, num_val=num_val).items() if v}
     return {
-        task: makers[task][0](osp.join(data_root, makers[task][1]), seed=seed,
-                              progress=progress, **sizes)
-        for task in tasks
+        name: DATASETS[name][2](osp.join(data_root, DATASETS[name][1]), seed=seed,
+                                progress=progress, **sizes)
+        for name in tasks
     }

@@ -2,16 +2,16 @@ import glob
 import os
 
 import pytest
+from helpers import ROOT
 from mmengine.config import Config
 
 from mmdwnet.utils import build_model
 from mmdwnet.utils.model_zoo import load_models
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), 'configs')
+CONFIG_DIR = os.path.join(ROOT, 'configs')
 
 # (task, model) -> parameters in millions: paper Table 3 (COCO, ADE20K; within 1M) and the
-# exact ImageNet classifier counts (SPEC.md section 2)
+# exact ImageNet classifier counts (tests/data/official_dwnet_keys.json)
 PAPER_PARAMS = {
     ('mmdet', 'dwconv_t'): 82, ('mmdet', 'ddwconv_t'): 108, ('mmdet', 'iddwconv_t'): 84,
     ('mmdet', 'dwconv_b'): 132, ('mmdet', 'ddwconv_b'): 219, ('mmdet', 'iddwconv_b'): 137,

@@ -7,10 +7,10 @@ import sysconfig
 import textwrap
 
 import pytest
+from helpers import ROOT
 
 pytestmark = pytest.mark.slow  # tools in subprocesses
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DOWNSTREAM = textwrap.dedent('''
     _base_ = 'mmdwnet::mmdet/cascade_dwconv_t_3x.py'
     model = dict(backbone=dict(conv_type='iddw'))

@@ -3,21 +3,18 @@ converted and compared with an independent re-implementation of the reference fo
 import json
 import math
 import os.path as osp
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_demo_matches_in_process, reporting_config
+from helpers import ROOT, assert_demo_matches_in_process, reporting_config, run_tool
 from mmengine.config import Config
 from PIL import Image
 
 from mmdwnet.converters import ConversionError, check_fits, convert_official
 from mmdwnet.utils import build_model, imagenet_classifier_cfg
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 # parameter names and shapes of the reference models (shared/reference/, kept with the tests)
 MANIFEST = osp.join(ROOT, 'tests', 'data', 'official_dwnet_keys.json')
 VARIANTS = {  # manifest name -> (arch, conv_type)
@@ -167,11 +164,7 @@ def test_dense_checkpoints_convert(kind, config, tmp_path):
 
     src, dst = tmp_path / 'official.pth', tmp_path / 'converted.pth'
     torch.save({'state_dict': official, 'meta': {}}, src)
-    tools = osp.join(ROOT, 'tools')
-    result = subprocess.run([sys.executable, osp.join(tools, 'model_converters',
-                                                      'official_to_mmdwnet.py'), str(src),
-                             str(dst)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_tool('model_converters/official_to_mmdwnet.py', str(src), str(dst))
     converted = torch.load(dst, weights_only=True)['state_dict']
     assert converted.keys() == state.keys()
     assert all(torch.equal(converted[k], state[k]) for k in state)
@@ -182,10 +175,8 @@ def test_dense_checkpoints_convert(kind, config, tmp_path):
     out = tmp_path / 'prediction.png'
     pred = tmp_path / 'prediction.json'
     run_config = reporting_config(osp.join(ROOT, 'configs', config), tmp_path)
-    result = subprocess.run([sys.executable, osp.join(tools, 'demo.py'), str(image),
-                             run_config, str(dst), '--out', str(out), '--score-thr', '0.0',
-                             '--pred-out', str(pred)], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_tool('demo.py', str(image), run_config, str(dst), '--out', str(out),
+                      '--score-thr', '0.0', '--pred-out', str(pred))
     assert 'Traceback' not in result.stderr
     assert np.asarray(Image.open(out)).shape == (240, 320, 3)
     summary = '20 objects scoring at least 0.0' if kind == 'det' else 'classes in the map'
@@ -213,16 +204,15 @@ def test_refuses_other_files():
 def test_converter_tool(tmp_path):
     shapes = _manifest()['ddwnet_tiny']['state_dict']
     torch.save({'model': synthesise(shapes)}, tmp_path / 'dynamic_dwnet_tiny_224.pth')
-    tool = osp.join(ROOT, 'tools', 'model_converters', 'official_to_mmdwnet.py')
-    result = subprocess.run([sys.executable, tool, str(tmp_path / 'dynamic_dwnet_tiny_224.pth'),
-                             str(tmp_path / 'out.pth')], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
+    tool = 'model_converters/official_to_mmdwnet.py'
+    result = run_tool(tool, str(tmp_path / 'dynamic_dwnet_tiny_224.pth'),
+                      str(tmp_path / 'out.pth'))
     assert 'converted cls checkpoint, tiny ddw: 437 tensors' in result.stdout
     converted = torch.load(tmp_path / 'out.pth', weights_only=True)
     assert converted['meta']['config'] == 'mmpretrain/ddwconv_t_8xb128_in1k.py'
     # not a DWNet checkpoint: refused, nothing written
     torch.save({'model': {'fc.weight': torch.zeros(2, 2)}}, tmp_path / 'other.pth')
-    result = subprocess.run([sys.executable, tool, str(tmp_path / 'other.pth'),
-                             str(tmp_path / 'never.pth')], capture_output=True, text=True)
+    result = run_tool(tool, str(tmp_path / 'other.pth'), str(tmp_path / 'never.pth'),
+                      check=False)
     assert result.returncode == 1 and 'is not a checkpoint this converter knows' in result.stderr
     assert not (tmp_path / 'never.pth').exists()

@@ -1,18 +1,15 @@
 """tools/model_converters/resize_kernels.py: 7x7 -> 12x12 kernels for every operator,
 loading strictly into a kernel_size=12 model."""
-import os.path as osp
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_tool
 
 from mmdwnet.converters.resize_kernels import resize_kernels
 from mmdwnet.models import DWNet
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOOL = osp.join(ROOT, 'tools', 'model_converters', 'resize_kernels.py')
+TOOL = 'model_converters/resize_kernels.py'
 ARCH = dict(embed_dims=16, depths=[1, 1, 1, 1], group_channels=[4, 8, 16, 32])
 
 
@@ -48,17 +45,14 @@ def test_tool(tmp_path):
     torch.save({'state_dict': {f'backbone.{k}': v for k, v in
                                DWNet(ARCH, 'dw').state_dict().items()}, 'meta': {}},
                tmp_path / 'src.pth')
-    out = subprocess.run([sys.executable, TOOL, str(tmp_path / 'src.pth'),
-                          str(tmp_path / 'dst.pth'), '--kernel-size', '12'],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = run_tool(TOOL, str(tmp_path / 'src.pth'), str(tmp_path / 'dst.pth'),
+                   '--kernel-size', '12')
     assert 'resized 4 kernel tensors 7x7 -> 12x12' in out.stdout
     saved = torch.load(tmp_path / 'dst.pth', weights_only=True)
     assert saved['state_dict']['backbone.stages.0.blocks.0.dw_conv.weight'].shape == \
         (16, 1, 12, 12)
     assert saved['meta']['kernel_size'] == 12
-    bad = subprocess.run([sys.executable, TOOL, str(tmp_path / 'src.pth'),
-                          str(tmp_path / 'x.pth'), '--kernel-size', '12', '--from-size', '5'],
-                         capture_output=True, text=True)
+    bad = run_tool(TOOL, str(tmp_path / 'src.pth'), str(tmp_path / 'x.pth'), '--kernel-size',
+                   '12', '--from-size', '5', check=False)
     assert bad.returncode == 1 and 'no 5x5 depth-wise kernels' in bad.stderr
     assert not (tmp_path / 'x.pth').exists()

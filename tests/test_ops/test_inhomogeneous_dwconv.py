@@ -6,11 +6,12 @@ import textwrap
 
 import pytest
 import torch
+from helpers import ROOT, run_tool
 from reference import idwconv as reference_idwconv
 
 from mmdwnet.ops import inhomogeneous_dwconv2d
 
-_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TESTS = os.path.join(ROOT, 'tests')
 
 
 def _pair(b, c, g, k, h, w, dtype=torch.float32, seed=0):
@@ -257,15 +258,11 @@ def test_registered_custom_ops_pass_opcheck():
 def test_forward_backward_peak_memory_is_a_fifth_of_unfold():
     """tools/benchmark_op.py's peak-memory measurement (fresh processes) at the stage-1
     shape with B=2: forward + backward within 1/5 of the unfold implementation's."""
-    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), 'tools', 'benchmark_op.py')
     from mmdwnet.utils.benchmark import measurement_env
     peaks = {}
     for impl in ('mmdwnet', 'unfold'):
-        out = subprocess.run([sys.executable, tool, '--peak-of', impl, '--batch-size', '2',
-                              '--threads', '1'], capture_output=True, text=True,
-                             env=measurement_env())
-        assert out.returncode == 0, out.stderr[-2000:]
+        out = run_tool('benchmark_op.py', '--peak-of', impl, '--batch-size', '2', '--threads',
+                       '1', env=measurement_env())
         peaks[impl] = float(out.stdout.strip().splitlines()[-1])
     # the operator needs little more than the gradients themselves: grad of the kernels
     # (2*32*49*56*56 floats = 38.4 MiB) and of the input and the output (2.3 MiB each)

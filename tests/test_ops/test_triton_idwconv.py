@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import ROOT
 
 from mmdwnet.ops import triton_idwconv
 
@@ -58,7 +59,7 @@ _SCRIPT = textwrap.dedent('''
 @pytest.mark.slow
 @needs_triton
 def test_kernels_match_the_reference_in_the_interpreter():
-    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tests_dir = os.path.join(ROOT, 'tests')
     env = dict(os.environ, TRITON_INTERPRET='1')
     result = subprocess.run([sys.executable, '-c', _SCRIPT.format(tests_dir=tests_dir)],
                             capture_output=True, text=True, env=env)

@@ -1,12 +1,10 @@
 """tools/demo.py and the task libraries' inferencers with our configs and checkpoints."""
 import os.path as osp
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, assert_demo_matches_in_process, reporting_config
+from helpers import ROOT, assert_demo_matches_in_process, reporting_config, run_tool
 from mmengine.config import Config
 from PIL import Image
 
@@ -43,10 +41,8 @@ def test_demo_tool_runs_the_inferencer(config, image, expected, data_root, tmp_p
     image = osp.join(str(data_root), image)
     pred = str(tmp_path / 'prediction.json')
     run_config = reporting_config(osp.join(ROOT, 'configs', config), tmp_path)
-    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'demo.py'), image,
-                             run_config, checkpoint, '--out', str(out), '--score-thr', '0.0',
-                             '--pred-out', pred], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_tool('demo.py', image, run_config, checkpoint, '--out', str(out),
+                      '--score-thr', '0.0', '--pred-out', pred)
     assert_demo_matches_in_process(run_config, checkpoint, image, pred)
     assert expected in result.stdout
     if cfg.default_scope == 'mmpretrain':

@@ -5,6 +5,7 @@ import os.path as osp
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ROOT
 from mmengine.config import Config
 
 from mmdwnet.models import DWNet
@@ -12,7 +13,6 @@ from mmdwnet.models.utils import CenteringCalibratedBN, ChannelSharedDWConv, is_
 from mmdwnet.utils import build_model
 from mmdwnet.utils.model_zoo import load_models
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 # config -> (exact parameters of the classifier built here, paper's rounded figure or None)
 ABLATIONS = {
     'dwconv_t_se_8xb128_in1k': (24_450_856, 24e6),

@@ -9,7 +9,7 @@ from mmdwnet.models import DWNet
 from mmdwnet.models.utils import DynamicDWConv, InhomogeneousDynamicDWConv
 from mmdwnet.utils import build_model, imagenet_classifier_cfg
 
-# exact parameter counts of the reference ImageNet classifiers (SPEC.md section 2)
+# exact parameter counts of the authors' ImageNet classifiers (tests/data/official_dwnet_keys.json)
 CLASSIFIER_PARAMS = {
     ('tiny', 'dw'): 24_172_744,
     ('tiny', 'ddw'): 51_131_752,
@@ -74,7 +74,8 @@ def test_dense_output_norms_from_out_norm_cfg():
 
 
 def _reference_stage1_block(block, x):
-    """The block of SPEC.md section 1 written out with functional calls (eval mode)."""
+    """The DWNet block as the authors' code defines it, written out with functional calls
+    (eval mode)."""
 
     def bn(m, t):
         return F.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias, False, 0., m.eps)
