@@ -15,7 +15,37 @@ from mmdwnet.ops import depthwise_conv2d, predicted_idwconv2d
 from .fuse_bn import bn_affine, fold_bn_after, is_foldable
 
 
-class DynamicDWConv(BaseModule):
+class _KernelPredictor(BaseModule):
+    """What the dynamic layers share: the kernels of size K are predicted by 1x1 conv
+    C -> C/r, norm, ReLU, 1x1 conv C/r -> ``kernels * K * K`` (the attribute names are the
+    checkpoints' keys), and the predictor's BatchNorm folds into ``conv1`` for inference.
+
+    Args:
+        channels (int): Input and output channels C.
+        kernels (int): Kernels predicted per sample (or per position).
+        kernel_size (int): Kernel size K.
+        reduction (int): Channel reduction r of the kernel predictor.
+        norm_cfg (dict): Norm layer of the kernel predictor.
+        conv1_bias (bool): Whether the first 1x1 convolution has a bias.
+        init_cfg (dict, optional): Initialization config.
+    """
+
+    def __init__(self, channels: int, kernels: int, kernel_size: int, reduction: int,
+                 norm_cfg: Dict, conv1_bias: bool, init_cfg: Optional[Dict]):
+        super().__init__(init_cfg=init_cfg)
+        self.kernel_size = kernel_size
+        self.conv1 = nn.Conv2d(channels, channels // reduction, 1, bias=conv1_bias)
+        self.norm = build_norm_layer(norm_cfg, channels // reduction)[1]
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels // reduction, kernels * kernel_size**2, 1)
+
+    @torch.no_grad()
+    def switch_to_deploy(self) -> None:
+        """Fold the predictor's BatchNorm into ``conv1``."""
+        fold_bn_after(self, 'conv1', 'norm')
+
+
+class DynamicDWConv(_KernelPredictor):
     """Homogeneous dynamic depth-wise convolution (D-DW-Conv).
 
     One K x K kernel per channel and sample, predicted from the globally pooled input
@@ -36,14 +66,10 @@ class DynamicDWConv(BaseModule):
                  reduction: int = 4,
                  norm_cfg: Dict = dict(type='BN'),
                  init_cfg: Optional[Dict] = None):
-        super().__init__(init_cfg=init_cfg)
+        super().__init__(channels, channels, kernel_size, reduction, norm_cfg,
+                         conv1_bias=False, init_cfg=init_cfg)
         self.channels = channels
-        self.kernel_size = kernel_size
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.conv1 = nn.Conv2d(channels, channels // reduction, 1, bias=False)
-        self.norm = build_norm_layer(norm_cfg, channels // reduction)[1]
-        self.act = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(channels // reduction, channels * kernel_size**2, 1)
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -62,7 +88,7 @@ class DynamicDWConv(BaseModule):
         """Fold the predictor's BatchNorm into ``conv1`` and, when given, a BatchNorm
         applied to this operator's output into the predicted kernels and the bias.
         Returns whether ``out_norm`` was folded."""
-        fold_bn_after(self, 'conv1', 'norm')
+        super().switch_to_deploy()
         if out_norm is None or not is_foldable(out_norm):
             return False
         scale, shift = bn_affine(out_norm)
@@ -73,14 +99,16 @@ class DynamicDWConv(BaseModule):
         return True
 
 
-class InhomogeneousDynamicDWConv(BaseModule):
+class InhomogeneousDynamicDWConv(_KernelPredictor):
     """Inhomogeneous dynamic depth-wise convolution (I-D-DW-Conv, "involution").
 
     A K x K kernel per position and group of ``group_channels`` channels, predicted from
     the feature at that position (1x1 conv C -> C/r with bias, norm, ReLU, 1x1 conv
     C/r -> G*K*K), then applied by :func:`mmdwnet.ops.inhomogeneous_dwconv2d`. No bias.
     Prediction and application are one operator, :func:`mmdwnet.ops.predicted_idwconv2d`,
-    which never stores the large kernel tensor.
+    which never stores the large kernel tensor. Its predictor's BatchNorm folds into
+    ``conv1`` (:meth:`switch_to_deploy`); the output cannot take a per-channel norm, the
+    kernels being shared by the channels of a group.
 
     Args:
         channels (int): Input and output channels C.
@@ -98,13 +126,9 @@ class InhomogeneousDynamicDWConv(BaseModule):
                  reduction: int = 4,
                  norm_cfg: Dict = dict(type='BN'),
                  init_cfg: Optional[Dict] = None):
-        super().__init__(init_cfg=init_cfg)
-        self.kernel_size = kernel_size
+        super().__init__(channels, channels // group_channels, kernel_size, reduction,
+                         norm_cfg, conv1_bias=True, init_cfg=init_cfg)
         self.groups = channels // group_channels
-        self.conv1 = nn.Conv2d(channels, channels // reduction, 1)
-        self.norm = build_norm_layer(norm_cfg, channels // reduction)[1]
-        self.act = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(channels // reduction, self.groups * kernel_size**2, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.act(self.norm(self.conv1(x)))
@@ -113,11 +137,6 @@ class InhomogeneousDynamicDWConv(BaseModule):
         # again in the backward pass instead of storing them
         return predicted_idwconv2d(x, hidden, self.conv2.weight.flatten(1), self.conv2.bias,
                                    self.kernel_size)
-
-    def switch_to_deploy(self) -> None:
-        """Fold the predictor's BatchNorm into ``conv1`` (the output cannot take a
-        per-channel norm: the kernels are shared by the channels of a group)."""
-        fold_bn_after(self, 'conv1', 'norm')
 
 
 class ChannelSharedDWConv(BaseModule):
