@@ -29,6 +29,7 @@ MMENGINE_SPEC='mmengine==0.10.7'
 MMCV_SPEC='mmcv==2.1.0'
 TASK_SPECS=('mmdet==3.3.0' 'mmsegmentation==1.2.2' 'mmpretrain==1.2.0' 'ftfy' 'regex')
 TEST_SPECS=('pytest>=7' 'flake8>=7' 'isort>=5')
+DEPLOY_SPECS=('onnx==1.23.2' 'onnxruntime==1.32.0' 'onnxscript==0.7.2')
 # openmim without its opendatalab -> openxlab dependencies, which pin setuptools~=60.2
 # (below torch 2.13's >=77.0.3) and are not needed by `mim train/test/search`
 MIM_SPECS=('openmim==0.3.9')
@@ -73,7 +74,7 @@ except ImportError:  # a bare venv: pip's own copy
     from pip._vendor.packaging.requirements import Requirement
 root = sys.argv[1]
 bounds = {}
-for fname in ('runtime.txt', 'tests.txt'):
+for fname in ('runtime.txt', 'tests.txt', 'deploy.txt'):
     with open(os.path.join(root, 'requirements', fname)) as f:
         for line in f:
             line = line.split('#')[0].strip()
@@ -108,6 +109,8 @@ for component, dists, probe in [
         ('pytest', ['pytest', 'flake8', 'isort'], lambda: [importlib.import_module(m) for m in
                                                           ('pytest', 'flake8', 'isort')]),
         ('openmim', ['openmim'], lambda: importlib.import_module('mim')),
+        ('onnx', ['onnx', 'onnxruntime', 'onnxscript'],
+         lambda: [importlib.import_module(m) for m in ('onnx', 'onnxruntime', 'onnxscript')]),
         ('mmdwnet', ['mmdwnet'], mmdwnet_here)]:
     try:
         for dist in dists:
@@ -159,6 +162,7 @@ for name in sys.argv[1:]: print(f"{name}=={version(name)}")' "$@"
   [ ${#specs[@]} -eq 0 ] || pip_install "OpenMMLab task libraries" -c "$CONSTRAINTS" "${specs[@]}"
   needs ninja && pip_install "ninja (builds mmdwnet's CPU kernels)" -c "$CONSTRAINTS" ninja
   needs pytest && pip_install "test requirements" -c "$CONSTRAINTS" "${TEST_SPECS[@]}"
+  needs onnx && pip_install "deployment (ONNX, ONNX Runtime)" -c "$CONSTRAINTS" "${DEPLOY_SPECS[@]}"
   if needs openmim; then
     pip_install "mim's requirements" -c "$CONSTRAINTS" "${MIM_DEPS[@]}"
     pip_install "openmim (without openxlab)" -c "$CONSTRAINTS" --no-deps "${MIM_SPECS[@]}"
@@ -181,9 +185,11 @@ if cpu_extension.load() is None:
     sys.exit("[mmdwnet setup] WARNING: compiled CPU kernels unavailable, using the slower "
              "PyTorch fallback: " + str(cpu_extension.error()))') || true
 (cd / && "$PY" -W ignore -c 'import torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, mmdwnet
+import onnx, onnxruntime
 from mmdwnet.ops import triton_idwconv as t
 print("[mmdwnet setup] ready: " + ", ".join(f"{m.__name__} {m.__version__}" for m in
-      (torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, mmdwnet)))
+      (torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, mmdwnet, onnx,
+       onnxruntime)))
 if t.triton is not None:
     print(f"[mmdwnet setup] Triton {t.triton.__version__}: the I-D-DW GPU kernels run on CUDA "
           "and are tested on CPU through its interpreter")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_extension
+from . import cpu_extension, export_form
 from .layout import like_input_layout
 
 __all__ = ['depthwise_conv2d', 'DepthwiseConv2d']
@@ -134,6 +134,8 @@ def depthwise_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         dtype = torch.get_autocast_dtype(input.device.type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
+    if export_form.in_export_mode():
+        return export_form.depthwise_conv_standard(input, weight, bias, shared)
     if _use_compiled(input, weight):
         return _DepthwiseConv2dCPU.apply(input, weight, bias, shared)
     return like_input_layout(_reference(input, weight, bias, shared), input)

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import cpu_extension, triton_idwconv
+from . import cpu_extension, export_form, triton_idwconv
 from .layout import empty_like_layout, like_input_layout
 
 __all__ = ['inhomogeneous_dwconv2d']
@@ -281,6 +281,8 @@ def inhomogeneous_dwconv2d(input: Tensor, weight: Tensor) -> Tensor:
     elif input.dtype != weight.dtype:
         raise TypeError('inhomogeneous_dwconv2d: `input` and `weight` must have the same '
                         f'dtype, got {input.dtype} and {weight.dtype}')
+    if export_form.in_export_mode():
+        return export_form.idwconv_shift_add(input, weight)
     return like_input_layout(_forward(input, weight), input)
 
 

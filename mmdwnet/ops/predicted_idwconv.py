@@ -15,6 +15,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from . import export_form
 from .inhomogeneous_dwconv import _describe, grad_weight_impl, into
 from .layout import empty_like_layout, like_input_layout
 
@@ -184,4 +185,6 @@ def predicted_idwconv2d(input: Tensor, hidden: Tensor, weight: Tensor, bias: Ten
     elif len({t.dtype for t in (input, hidden, weight, bias)}) > 1:
         raise TypeError('predicted_idwconv2d: all operands must have the same dtype, got '
                         f'{input.dtype}, {hidden.dtype}, {weight.dtype} and {bias.dtype}')
+    if export_form.in_export_mode():
+        return export_form.predicted_idwconv_shift_add(input, hidden, weight, bias, kernel_size)
     return _forward(input, hidden, weight, bias, kernel_size)

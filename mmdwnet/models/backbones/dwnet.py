@@ -10,6 +10,7 @@ from copy import deepcopy
 from typing import Dict, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks.drop import build_dropout
@@ -22,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmdwnet.models.utils import (ChannelSharedDWConv, ChannelsLastPatchMerging, DynamicDWConv,
                                   InhomogeneousDynamicDWConv, LinearGELU, fold_bn_after,
                                   fold_bn_before_linear, missing_pretrained_checkpoint)
-from mmdwnet.ops import DepthwiseConv2d
+from mmdwnet.ops import DepthwiseConv2d, in_export_mode
 from mmdwnet.registry import MODELS
 
 CONV_TYPES = ('dw', 'ddw', 'iddw')
@@ -440,14 +441,28 @@ class DWNet(BaseModule):
             raise ValueError(f'DWNet: input must have shape (B, {self.in_channels}, H, W), '
                              f'got {tuple(x.shape)}')
         b = x.shape[0]
-        x, (h, w) = self.patch_embed(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        if in_export_mode():
+            x = self._embed_for_export(x)
+        else:
+            x, (h, w) = self.patch_embed(x)
+            x = x.transpose(1, 2).reshape(b, -1, h, w)
         outs = []
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i in self.out_indices:
                 outs.append(self._apply_norm(getattr(self, f'norm{i}'), x))
         return tuple(outs)
+
+    def _embed_for_export(self, x: Tensor) -> Tensor:
+        """The stem with its 'corner' padding written as ``F.pad`` by ``(-size) % 4``:
+        mmcv's adaptive padding decides in Python whether to pad, which an exporter
+        would fix for the example's size (:func:`mmdwnet.ops.export_mode`)."""
+        stride = self.patch_embed.projection.stride
+        x = F.pad(x, (0, (-x.shape[3]) % stride[1], 0, (-x.shape[2]) % stride[0]))
+        x = self.patch_embed.projection(x)
+        if self.patch_embed.norm is not None:
+            x = self._apply_norm(self.patch_embed.norm, x)
+        return x
 
     @staticmethod
     def _apply_norm(norm: nn.Module, x: Tensor) -> Tensor:

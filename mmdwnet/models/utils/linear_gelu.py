@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmdwnet.ops import in_export_mode
+
 
 def _fused_op():
     """oneDNN's linear + pointwise operator where this torch build has it, else None."""
@@ -34,11 +36,12 @@ class LinearGELU(nn.Linear):
         return fused
 
     def forward(self, x: Tensor) -> Tensor:
-        fused = _fused_op() if x.device.type == 'cpu' and x.numel() else None
-        if (fused is not None
-                and not (torch.is_grad_enabled() and
-                         (x.requires_grad or self.weight.requires_grad))
-                and not torch.jit.is_tracing()):
+        # tracers, compilers and exporters see the standard linear layer and GELU
+        plain = (in_export_mode() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                 or x.device.type != 'cpu')
+        fused = None if plain or not x.numel() else _fused_op()
+        if (fused is not None and not (torch.is_grad_enabled() and
+                                       (x.requires_grad or self.weight.requires_grad))):
             weight, bias = self.weight, self.bias
             if torch.is_autocast_enabled('cpu'):
                 dtype = torch.get_autocast_dtype('cpu')

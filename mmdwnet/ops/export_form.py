@@ -1,0 +1,99 @@
+"""The operators in standard graph operations, for exporting models out of PyTorch.
+
+Inside :func:`export_mode`, :func:`~mmdwnet.ops.inhomogeneous_dwconv2d`,
+:func:`~mmdwnet.ops.predicted_idwconv2d` and :func:`~mmdwnet.ops.depthwise_conv2d` compute
+with the functions below instead of their fast kernels, so that an exporter (ONNX,
+``torch.export``) records only operations every backend has: padding, slicing,
+multiplication, addition, matrix products and convolutions. No ``Unfold``/``Im2Col``: the
+inhomogeneous operator pads the input once and adds up K*K shifted slices, each weighted by
+the matching slice of the kernels, so no tensor larger than the kernels is ever built.
+Outside the context nothing changes: the PyTorch forward keeps its fast kernels, at the
+cost of one flag check per call.
+"""
+import threading
+from contextlib import contextmanager
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    'export_mode', 'in_export_mode', 'same_padding', 'idwconv_shift_add',
+    'predicted_idwconv_shift_add', 'depthwise_conv_standard'
+]
+
+_state = threading.local()
+
+
+@contextmanager
+def export_mode():
+    """Within this context mmdwnet's operators use their export forms."""
+    previous = in_export_mode()
+    _state.active = True
+    try:
+        yield
+    finally:
+        _state.active = previous
+
+
+def in_export_mode() -> bool:
+    return getattr(_state, 'active', False)
+
+
+def same_padding(x: Tensor, kernel_size: int) -> Tensor:
+    """Zero padding that keeps the map size for any K: K // 2 rows (columns) before and
+    K - 1 - K // 2 after, so kernel tap ``i`` reads offset ``i - K // 2``."""
+    before, after = kernel_size // 2, kernel_size - 1 - kernel_size // 2
+    return F.pad(x, (before, after, before, after))
+
+
+def idwconv_shift_add(input: Tensor, weight: Tensor) -> Tensor:
+    """Inhomogeneous dynamic depth-wise convolution as pad, slice, multiply and add.
+
+    Args:
+        input (Tensor): (B, C, H, W).
+        weight (Tensor): Per-position kernels (B, G, K, K, H, W), each shared by the C / G
+            consecutive channels of a group.
+
+    Returns:
+        Tensor: (B, C, H, W).
+    """
+    b, c, h, w = input.shape
+    groups, k = weight.shape[1], weight.shape[2]
+    padded = same_padding(input, k).reshape(b, groups, c // groups, h + k - 1, w + k - 1)
+    out = None
+    for i in range(k):
+        for j in range(k):
+            term = padded[:, :, :, i:i + h, j:j + w] * weight[:, :, i:i + 1, j]
+            out = term if out is None else out + term
+    return out.reshape(b, c, h, w)
+
+
+def predicted_idwconv_shift_add(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
+                                kernel_size: int) -> Tensor:
+    """:func:`~mmdwnet.ops.predicted_idwconv2d`: the kernels predicted by a 1x1
+    convolution of ``hidden`` with ``weight`` (G*K*K, R) and ``bias``, then applied by
+    :func:`idwconv_shift_add`."""
+    b, _, h, w = input.shape
+    kernels = F.conv2d(hidden, weight[:, :, None, None], bias)
+    return idwconv_shift_add(
+        input, kernels.reshape(b, -1, kernel_size, kernel_size, h, w))
+
+
+def depthwise_conv_standard(input: Tensor, weight: Tensor, bias: Optional[Tensor],
+                            shared: bool) -> Tensor:
+    """Depth-wise convolution with 'same' padding: kernels shared by the batch
+    (C, 1, K, K) as one grouped convolution; per-sample kernels (B, C, K, K) as K*K shifted
+    slices weighted and added (a convolution with B*C groups would fix the batch size in
+    the graph, as ONNX's ``group`` is an attribute)."""
+    b, c, h, w = input.shape
+    k = weight.shape[-1]
+    padded = same_padding(input, k)
+    if shared:
+        return F.conv2d(padded, weight, bias, groups=c)
+    out = None
+    for i in range(k):
+        for j in range(k):
+            term = padded[:, :, i:i + h, j:j + w] * weight[:, :, i:i + 1, j:j + 1]
+            out = term if out is None else out + term
+    return out if bias is None else out + bias[:, None, None]
