@@ -1,5 +1,7 @@
-"""Export a config's model out of PyTorch: to ONNX in standard operations only, or to a
-``torch.export`` program; optionally verified against eager PyTorch on the same input.
+"""Export a config's model out of PyTorch to ONNX in standard operations only, optionally
+verified against eager PyTorch (ONNX Runtime on the same input). (``torch.export``
+programs are the next format: with dynamic sizes the trace still takes minutes and adds
+guards, see docs/deployment.md.)
 
 What is exported, by task (the input is the preprocessed image batch, (B, 3, H, W)):
 
@@ -23,7 +25,7 @@ from mmdwnet.ops import export_mode
 from mmdwnet.utils import build_model, config_task
 from mmdwnet.utils.launch import LaunchError, check_checkpoint_matches
 
-FORMATS = ('onnx', 'exported-program')
+FORMATS = ('onnx', )
 #: (height, width) exported by default: the task's test size (mmdet's 1333 padded to 1344)
 DEFAULT_SHAPES = {'mmpretrain': (224, 224), 'mmseg': (512, 512), 'mmdet': (800, 1344)}
 MIN_SIZE = 32  # the backbone's total stride: smaller images leave less than one position
@@ -128,23 +130,10 @@ def _export_onnx(model: nn.Module, example: Tensor, path: str, dynamic: bool,
                           f'{sorted(domains - STANDARD_DOMAINS)}, not only the standard one')
 
 
-def _export_program(model: nn.Module, example: Tensor, path: str, dynamic: bool) -> None:
-    shapes = None
-    if dynamic:
-        dim = torch.export.Dim
-        shapes = {'x': {0: dim('batch', min=1, max=1024), 2: dim.AUTO, 3: dim.AUTO}}
-    with torch.no_grad():
-        program = torch.export.export(model, (example, ), dynamic_shapes=shapes)
-    torch.export.save(program, path)
-
-
 def _run_exported(fmt: str, path: str, x: Tensor) -> Tuple[Tensor, ...]:
-    if fmt == 'onnx':
-        import onnxruntime as ort
-        session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
-        return tuple(torch.from_numpy(o) for o in session.run(None, {'input': x.numpy()}))
-    with torch.no_grad():
-        return _outputs(torch.export.load(path).module()(x))
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    return tuple(torch.from_numpy(o) for o in session.run(None, {'input': x.numpy()}))
 
 
 def verify_export(model: nn.Module, fmt: str, path: str, inputs: Sequence[Tensor]) -> float:
@@ -174,8 +163,7 @@ def export_model(cfg: Config, checkpoint: str, fmt: str, out: str,
     Args:
         cfg (Config): An mmdwnet (or any mmpretrain/mmdet/mmseg) config.
         checkpoint (str): Its weights; they must fit the model exactly.
-        fmt (str): 'onnx' (standard ``ai.onnx`` operations only, run by ONNX Runtime) or
-            'exported-program' (``torch.export.save``).
+        fmt (str): 'onnx' (standard ``ai.onnx`` operations only, run by ONNX Runtime).
         out (str): The file to write; it appears only once the export has succeeded.
         shape (Sequence[int], optional): (H, W) of the example input. Defaults to the
             task's test size (:data:`DEFAULT_SHAPES`).
@@ -192,7 +180,9 @@ def export_model(cfg: Config, checkpoint: str, fmt: str, out: str,
     _check_request(fmt, shape, verify)
     model, task = load_for_export(cfg, checkpoint, progress)
     height, width = shape or DEFAULT_SHAPES[task]
-    example = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    # a dynamic batch is traced at 2 (exporters may fix sizes 0 and 1 of an example)
+    example = torch.randn(2 if dynamic else 1, 3, height, width,
+                          generator=torch.Generator().manual_seed(0))
     out_dir = osp.dirname(osp.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix='.export-', suffix='.tmp')
@@ -201,10 +191,7 @@ def export_model(cfg: Config, checkpoint: str, fmt: str, out: str,
         progress(f'exporting the {task} model to {fmt} at {height}x{width}'
                  + (' with dynamic batch, height and width' if dynamic else ''))
         try:
-            if fmt == 'onnx':
-                _export_onnx(model, example, tmp, dynamic, opset)
-            else:
-                _export_program(model, example, tmp, dynamic)
+            _export_onnx(model, example, tmp, dynamic, opset)
         except ExportError:
             raise
         except Exception as e:  # noqa: BLE001  (any exporter failure: one line, the cause)
@@ -215,7 +202,7 @@ def export_model(cfg: Config, checkpoint: str, fmt: str, out: str,
         if verify:
             inputs = [example]
             if dynamic:
-                inputs.append(torch.randn(2, 3, height + 7, width - 5,
+                inputs.append(torch.randn(3, 3, height + 7, width - 5,
                                           generator=torch.Generator().manual_seed(1)))
             result['max_rel_diff'] = verify_export(model, fmt, tmp, inputs)
             progress(f"verified on {len(inputs)} input(s): largest difference from PyTorch "

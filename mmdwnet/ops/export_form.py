@@ -14,11 +14,12 @@ import threading
 from contextlib import contextmanager
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    'export_mode', 'in_export_mode', 'same_padding', 'idwconv_shift_add',
+    'export_mode', 'in_export_mode', 'tracing_shapes', 'same_padding', 'idwconv_shift_add',
     'predicted_idwconv_shift_add', 'depthwise_conv_standard'
 ]
 
@@ -38,6 +39,13 @@ def export_mode():
 
 def in_export_mode() -> bool:
     return getattr(_state, 'active', False)
+
+
+def tracing_shapes() -> bool:
+    """Whether sizes may be symbolic here (export mode, ``torch.export``,
+    ``torch.compile``): size-dependent padding must then be written as operations, not
+    decided in Python for the example's size."""
+    return in_export_mode() or torch.compiler.is_compiling()
 
 
 def same_padding(x: Tensor, kernel_size: int) -> Tensor:

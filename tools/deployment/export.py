@@ -1,5 +1,5 @@
 """Export a model out of PyTorch: ONNX in standard operations only (ONNX Runtime runs it,
-no plugin), or a torch.export program.
+no plugin).
 
     python tools/deployment/export.py CONFIG CHECKPOINT --format onnx --out model.onnx \
         [--shape H W] [--dynamic] [--verify] [--opset 17]

@@ -23,7 +23,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmdwnet.models.utils import (ChannelSharedDWConv, ChannelsLastPatchMerging, DynamicDWConv,
                                   InhomogeneousDynamicDWConv, LinearGELU, fold_bn_after,
                                   fold_bn_before_linear, missing_pretrained_checkpoint)
-from mmdwnet.ops import DepthwiseConv2d, in_export_mode
+from mmdwnet.ops import DepthwiseConv2d
+from mmdwnet.ops.export_form import tracing_shapes
 from mmdwnet.registry import MODELS
 
 CONV_TYPES = ('dw', 'ddw', 'iddw')
@@ -441,7 +442,7 @@ class DWNet(BaseModule):
             raise ValueError(f'DWNet: input must have shape (B, {self.in_channels}, H, W), '
                              f'got {tuple(x.shape)}')
         b = x.shape[0]
-        if in_export_mode():
+        if tracing_shapes():
             x = self._embed_for_export(x)
         else:
             x, (h, w) = self.patch_embed(x)

@@ -2,7 +2,7 @@ import torch.nn.functional as F
 from mmcv.cnn.bricks.transformer import PatchMerging
 from torch import Tensor
 
-from mmdwnet.ops import in_export_mode
+from mmdwnet.ops.export_form import tracing_shapes
 
 
 class ChannelsLastPatchMerging(PatchMerging):
@@ -39,13 +39,13 @@ class ChannelsLastPatchMerging(PatchMerging):
         out_channels); returns it with its spatial size, as mmcv's module does."""
         b, length, c = x.shape
         h, w = input_size
-        if not in_export_mode() and length != h * w:
+        if not tracing_shapes() and length != h * w:
             raise ValueError(f'ChannelsLastPatchMerging: input of length {length} does '
                              f'not match input_size {tuple(input_size)}')
         x = x.view(b, h, w, c)
         # 'corner' padding: zeros at the bottom and on the right (always written out while
         # exporting, so that the graph pads whatever size it is given)
-        if in_export_mode() or h % 2 or w % 2:
+        if tracing_shapes() or h % 2 or w % 2:
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
             h, w = h + h % 2, w + w % 2
         x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 5, 2, 4)
