@@ -81,7 +81,7 @@ def _check_request(fmt: str, shape: Optional[Sequence[int]], verify: bool) -> No
             isinstance(s, int) and s >= MIN_SIZE for s in shape)):
         raise ExportError(f'--shape {tuple(shape)} must be two integers H W, each at least '
                           f'{MIN_SIZE} (the backbone reduces the image {MIN_SIZE}x)')
-    if verify and fmt == 'onnx':
+    if verify:
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
@@ -130,20 +130,20 @@ def _export_onnx(model: nn.Module, example: Tensor, path: str, dynamic: bool,
                           f'{sorted(domains - STANDARD_DOMAINS)}, not only the standard one')
 
 
-def _run_exported(fmt: str, path: str, x: Tensor) -> Tuple[Tensor, ...]:
+def _run_onnx(path: str, x: Tensor) -> Tuple[Tensor, ...]:
     import onnxruntime as ort
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     return tuple(torch.from_numpy(o) for o in session.run(None, {'input': x.numpy()}))
 
 
-def verify_export(model: nn.Module, fmt: str, path: str, inputs: Sequence[Tensor]) -> float:
-    """The largest difference between the exported model's and eager PyTorch's outputs on
-    ``inputs``, relative to each output's largest magnitude."""
+def verify_export(model: nn.Module, path: str, inputs: Sequence[Tensor]) -> float:
+    """The largest difference between the ONNX file's outputs (in ONNX Runtime) and eager
+    PyTorch's on ``inputs``, relative to each output's largest magnitude."""
     worst = 0.
     for x in inputs:
         with torch.no_grad():
             expected = _outputs(model(x))
-        got = _run_exported(fmt, path, x)
+        got = _run_onnx(path, x)
         if [tuple(g.shape) for g in got] != [tuple(e.shape) for e in expected]:
             raise ExportError(f'the exported model gives outputs of shapes '
                               f'{[tuple(g.shape) for g in got]} for input {tuple(x.shape)}, '
@@ -204,7 +204,7 @@ def export_model(cfg: Config, checkpoint: str, fmt: str, out: str,
             if dynamic:
                 inputs.append(torch.randn(3, 3, height + 7, width - 5,
                                           generator=torch.Generator().manual_seed(1)))
-            result['max_rel_diff'] = verify_export(model, fmt, tmp, inputs)
+            result['max_rel_diff'] = verify_export(model, tmp, inputs)
             progress(f"verified on {len(inputs)} input(s): largest difference from PyTorch "
                      f"{result['max_rel_diff']:.2e} of the output scale")
         os.replace(tmp, out)

@@ -67,7 +67,7 @@ def idwconv_shift_add(input: Tensor, weight: Tensor) -> Tensor:
         Tensor: (B, C, H, W).
     """
     b, c, h, w = input.shape
-    groups, k = weight.shape[1], weight.shape[2]
+    groups, k = weight.shape[1], weight.shape[2]  # kernels of size (H, W) or (1, 1)
     padded = same_padding(input, k).reshape(b, groups, c // groups, h + k - 1, w + k - 1)
     out = None
     for i in range(k):
@@ -91,17 +91,12 @@ def predicted_idwconv_shift_add(input: Tensor, hidden: Tensor, weight: Tensor, b
 def depthwise_conv_standard(input: Tensor, weight: Tensor, bias: Optional[Tensor],
                             shared: bool) -> Tensor:
     """Depth-wise convolution with 'same' padding: kernels shared by the batch
-    (C, 1, K, K) as one grouped convolution; per-sample kernels (B, C, K, K) as K*K shifted
-    slices weighted and added (a convolution with B*C groups would fix the batch size in
-    the graph, as ONNX's ``group`` is an attribute)."""
-    b, c, h, w = input.shape
-    k = weight.shape[-1]
-    padded = same_padding(input, k)
+    (C, 1, K, K) as one grouped convolution; per-sample kernels (B, C, K, K) by
+    :func:`idwconv_shift_add` with one group per channel and the same kernel at every
+    position (a convolution with B*C groups would fix the batch size in the graph, as
+    ONNX's ``group`` is an attribute)."""
     if shared:
-        return F.conv2d(padded, weight, bias, groups=c)
-    out = None
-    for i in range(k):
-        for j in range(k):
-            term = padded[:, :, i:i + h, j:j + w] * weight[:, :, i:i + 1, j:j + 1]
-            out = term if out is None else out + term
+        return F.conv2d(same_padding(input, weight.shape[-1]), weight, bias,
+                        groups=input.shape[1])
+    out = idwconv_shift_add(input, weight[..., None, None])
     return out if bias is None else out + bias[:, None, None]

@@ -28,11 +28,10 @@ def _checkpoint(config, path, seed=0):
 
 
 def test_classifier_exports_and_verifies(tmp_path):
-    fmt = 'onnx'
     cfg, ckpt = _checkpoint('mmpretrain/iddwconv_t_8xb128_in1k.py', tmp_path / 'cls.pth')
-    out = tmp_path / f'model.{fmt}'
+    out = tmp_path / 'model.onnx'
     lines = []
-    result = export_model(cfg, ckpt, fmt, str(out), shape=(64, 64), dynamic=True,
+    result = export_model(cfg, ckpt, 'onnx', str(out), shape=(64, 64), dynamic=True,
                           verify=True, progress=lines.append)
     assert out.exists() and result['task'] == 'mmpretrain'
     assert result['max_rel_diff'] < 1e-4

@@ -53,9 +53,10 @@ def test_export_mode_switches_the_public_operators(monkeypatch):
         with export_mode():
             pass
         assert in_export_mode()
-    # (the predicted form applies its kernels with the plain one)
+    # (the predicted form and the per-sample depth-wise form apply their kernels with the
+    # plain shift-and-add)
     assert calls == ['idwconv_shift_add', 'predicted_idwconv_shift_add', 'idwconv_shift_add',
-                     'depthwise_conv_standard']
+                     'depthwise_conv_standard', 'idwconv_shift_add']
     for a, b in zip(eager, exported):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(RuntimeError), export_mode():
