@@ -17,9 +17,15 @@ does with tcmalloc or jemalloc; otherwise every step pays page faults on its lar
 activations, which add noise of up to half a second per step. ``--malloc default`` keeps
 glibc's defaults. Peak memory is measured in separate processes either way.
 
+``--compile`` and ``--backend onnxruntime`` (CPU, fp32) compare instead how the same models
+run deployed: PyTorch eager, ``torch.compile`` (inductor) and ONNX Runtime, at batch 1 and
+the batch size, each checked against eager first (:mod:`mmdwnet.utils.backend_benchmark`).
+
 Example:
     python tools/benchmark.py dwconv_t ddwconv_t iddwconv_t swin_t convnext_t \\
         --json work_dirs/benchmark.json --plot work_dirs/benchmark.png
+    python tools/benchmark.py dwconv_t ddwconv_t iddwconv_t swin_t convnext_t \\
+        --compile --backend onnxruntime
 """
 import argparse
 import os
@@ -36,10 +42,12 @@ from mmdwnet.utils.benchmark import (DTYPES, MODELS, add_efficiency, add_ratios,
 from mmdwnet.utils.markdown import replace_section, section_markers
 
 
-def readme_markers(dtype: str):
-    """The lines around the tool's section of a page: one section per dtype."""
+def readme_markers(dtype: str, backends: bool = False):
+    """The lines around the tool's section of a page: one section per dtype, and one for
+    the backend comparison."""
     tag = 'benchmark' if dtype == 'fp32' else f'benchmark-{dtype}'
-    return section_markers(tag, 'tools/benchmark.py --readme')
+    return section_markers('benchmark-backends' if backends else tag,
+                           'tools/benchmark.py --readme')
 
 
 def parse_args():
@@ -64,11 +72,16 @@ def parse_args():
                         help='time inference without folding BatchNorms')
     parser.add_argument('--no-train', action='store_true', help='skip the training step')
     parser.add_argument('--no-memory', action='store_true', help='skip peak memory')
+    parser.add_argument('--compile', action='store_true',
+                        help='compare torch.compile (inductor) with eager, batch 1 and '
+                        '--batch-size (inference, CPU fp32)')
+    parser.add_argument('--backend', action='append', default=[], choices=['onnxruntime'],
+                        help='compare ONNX Runtime with eager, batch 1 and --batch-size')
     parser.add_argument('--json', help='write the rows to this JSON file')
     parser.add_argument('--plot', help='write a throughput-vs-parameters chart (PNG)')
     parser.add_argument('--readme', help='write the table into this README between the '
-                        'lines %r and %r (fp32; bf16/fp16: benchmark-DTYPE)'
-                        % readme_markers('fp32'))
+                        'lines %r and %r (fp32; bf16/fp16: benchmark-DTYPE; with '
+                        '--compile/--backend: benchmark-backends)' % readme_markers('fp32'))
     return parser.parse_args()
 
 
@@ -86,6 +99,9 @@ def check_args(args) -> None:
                      f'got {getattr(args, name)}')
     if args.img_size % 32:
         sys.exit(f'error: --img-size must be a multiple of 32, got {args.img_size}')
+    if (args.compile or args.backend) and (args.device != 'cpu' or args.dtype != 'fp32'):
+        sys.exit('error: --compile and --backend compare CPU fp32 inference; got '
+                 f'--device {args.device} --dtype {args.dtype}')
 
 
 def main():
@@ -102,6 +118,8 @@ def main():
             malloc = 'retain'
         else:
             progress('note: the C library is not glibc; --malloc retain has no effect')
+    if args.compile or args.backend:
+        return compare_backends(args, progress)
     fuse = not args.no_fuse
     progress(f'matrix-product peak in {args.dtype}')
     peaks = [matmul_peak_gflops(args.dtype, args.device)]
@@ -154,6 +172,30 @@ def main():
         start, end = readme_markers(args.dtype)
         replace_section(args.readme, body, start, end)
         print(f'{args.readme}: benchmark section updated')
+
+
+def compare_backends(args, progress):
+    from mmdwnet.utils.backend_benchmark import format_backend_table, measure_backends
+    backends = ['eager'] + (['compile'] if args.compile else []) + args.backend
+    batches = sorted({1, args.batch_size})
+    rows = measure_backends(args.models, backends, batches, args.img_size, args.repeats,
+                            args.warmup, progress)
+    header = (f"{machine_description('cpu')} ({isa_summary()}); {args.img_size}x"
+              f"{args.img_size}, fp32, {args.threads} threads, torch {torch.__version__}, "
+              f"BatchNorms folded; median of {args.repeats} interleaved repeats")
+    table = format_backend_table(rows, batches)
+    print(header)
+    print(table)
+    if args.json:
+        os.makedirs(osp.dirname(osp.abspath(args.json)), exist_ok=True)
+        import json
+        with open(args.json, 'w') as f:
+            json.dump(rows, f, indent=2)
+    if args.readme:
+        command = 'python tools/benchmark.py ' + ' '.join(sys.argv[1:])
+        body = '\n'.join([f'Measured with `{command}` on {header}:', '', table])
+        replace_section(args.readme, body, *readme_markers(args.dtype, backends=True))
+        print(f'{args.readme}: backend section updated')
 
 
 if __name__ == '__main__':

@@ -7,7 +7,7 @@ from mmengine.runner import Runner
 
 from mmdwnet.utils.checkpoint import CheckpointError
 from mmdwnet.utils.launch import (LaunchError, adapt_to_device, add_launch_args, check_data,
-                                  prepare_config)
+                                  compile_backbone, prepare_config, take_compile_option)
 
 
 def parse_args():
@@ -39,7 +39,10 @@ def main():
             cfg.resume, cfg.load_from = True, args.resume
         check_data(cfg, ['train_dataloader', 'val_dataloader'])
         adapt_to_device(cfg, args.launcher)
+        compile_options = take_compile_option(cfg)  # the backbone, not all of train_step
         runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+        if compile_options is not None:
+            compile_backbone(runner.model, compile_options)
         runner.train()
     except (LaunchError, CheckpointError) as e:
         sys.exit(f'error: {e}')

@@ -76,6 +76,14 @@ def load():
     return _state['ops']
 
 
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether the compiled kernels can be used (built, or built now). ``torch.compile``
+    and ``torch.export`` call this once while tracing and keep the answer as a constant,
+    instead of tracing into the build and its lock."""
+    return load() is not None
+
+
 def error() -> Optional[str]:
     """Why the extension could not be built, if it was tried and failed."""
     return _state['error']

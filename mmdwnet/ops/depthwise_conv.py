@@ -65,41 +65,64 @@ def _per_sample(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         x, taps, None if bias is None else bias.contiguous(), k)
 
 
-class _DepthwiseConv2dCPU(torch.autograd.Function):
-    """Forward and input gradient are oneDNN's channels-last depth-wise convolutions (fast
-    on CPU; per sample for per-sample kernels, or the compiled kernel on small maps); the
-    kernel gradient, slow in PyTorch, is the compiled kernel."""
+# The channels-last CPU path as custom operators, with fake kernels (output layout =
+# input layout) and autograd registered, so that torch.compile and torch.export keep them
+# whole instead of tracing into the compiled kernels: forward and input gradient are
+# oneDNN's channels-last depth-wise convolutions (per sample for per-sample kernels, or the
+# compiled kernel on small maps); the kernel gradient, slow in PyTorch, is the compiled
+# kernel.
+@torch.library.custom_op('mmdwnet::depthwise_conv2d_cpu', mutates_args=())
+def _forward_cpu(input: Tensor, weight: Tensor, bias: Optional[Tensor], shared: bool) -> Tensor:
+    k, c = weight.shape[-1], input.shape[1]  # input: channels-last (_use_compiled)
+    if shared:
+        out = F.conv2d(input, weight, bias, padding=k // 2, groups=c)
+    else:
+        out = _per_sample(input, weight, bias)
+    return out.contiguous(memory_format=torch.channels_last)  # as the fake kernel says
 
-    @staticmethod
-    def forward(ctx, input: Tensor, weight: Tensor, bias: Optional[Tensor],
-                shared: bool) -> Tensor:
-        k, c = weight.shape[-1], input.shape[1]  # input: channels-last (_use_compiled)
-        ctx.save_for_backward(input, weight)
-        ctx.shared = shared
-        if shared:
-            return F.conv2d(input, weight, bias, padding=k // 2, groups=c)
-        return _per_sample(input, weight, bias)
 
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        x, weight = ctx.saved_tensors
-        k, c = weight.shape[-1], x.shape[1]
-        g = grad_output.contiguous(memory_format=torch.channels_last)
-        grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            # the adjoint of a zero-padded odd-K correlation is the same correlation with
-            # the kernel rotated by 180 degrees
-            flipped = weight.flip(-1, -2)
-            grad_input = (F.conv2d(g, flipped, None, padding=k // 2, groups=c)
-                          if ctx.shared else _per_sample(g, flipped, None))
-        if ctx.needs_input_grad[1]:
-            per_sample = cpu_extension.load().depthwise_conv2d_weight_grad(g, x, k)
-            if ctx.shared:
-                per_sample = per_sample.sum(0, keepdim=True)
-            grad_weight = per_sample.transpose(1, 2).reshape(weight.shape)
-        if ctx.needs_input_grad[2]:  # False without a bias
-            grad_bias = g.sum((0, 2, 3))
-        return grad_input, grad_weight, grad_bias, None
+@_forward_cpu.register_fake
+def _(input: Tensor, weight: Tensor, bias: Optional[Tensor], shared: bool) -> Tensor:
+    return torch.empty_like(input, memory_format=torch.channels_last)
+
+
+@torch.library.custom_op('mmdwnet::depthwise_conv2d_cpu_grad_weight', mutates_args=())
+def _grad_weight_cpu(grad_output: Tensor, input: Tensor, weight: Tensor,
+                     shared: bool) -> Tensor:
+    per_sample = cpu_extension.load().depthwise_conv2d_weight_grad(
+        grad_output, input, weight.shape[-1])
+    if shared:
+        per_sample = per_sample.sum(0, keepdim=True)
+    return per_sample.transpose(1, 2).reshape(weight.shape).contiguous()
+
+
+@_grad_weight_cpu.register_fake
+def _(grad_output: Tensor, input: Tensor, weight: Tensor, shared: bool) -> Tensor:
+    return weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, weight, _, shared = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.shared = shared
+
+
+def _backward_cpu(ctx, grad_output: Tensor):
+    x, weight = ctx.saved_tensors
+    g = grad_output.contiguous(memory_format=torch.channels_last)
+    grad_input = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        # the adjoint of a zero-padded odd-K correlation is the same correlation with the
+        # kernel rotated by 180 degrees
+        grad_input = _forward_cpu(g, weight.flip(-1, -2), None, ctx.shared)
+    if ctx.needs_input_grad[1]:
+        grad_weight = _grad_weight_cpu(g, x, weight, ctx.shared)
+    if ctx.needs_input_grad[2]:  # False without a bias
+        grad_bias = g.sum((0, 2, 3))
+    return grad_input, grad_weight, grad_bias, None
+
+
+_forward_cpu.register_autograd(_backward_cpu, setup_context=_setup_context)
 
 
 def _use_compiled(input: Tensor, weight: Tensor) -> bool:
@@ -108,7 +131,7 @@ def _use_compiled(input: Tensor, weight: Tensor) -> bool:
             and weight.shape[-1] == weight.shape[-2]
             and input.is_contiguous(memory_format=torch.channels_last)
             # tracers (FLOP counting) see the standard convolution
-            and not torch.jit.is_tracing() and cpu_extension.load() is not None)
+            and not torch.jit.is_tracing() and cpu_extension.available())
 
 
 def depthwise_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -137,7 +160,7 @@ def depthwise_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     if export_form.in_export_mode():
         return export_form.depthwise_conv_standard(input, weight, bias, shared)
     if _use_compiled(input, weight):
-        return _DepthwiseConv2dCPU.apply(input, weight, bias, shared)
+        return _forward_cpu(input, weight, bias, shared)
     return like_input_layout(_reference(input, weight, bias, shared), input)
 
 

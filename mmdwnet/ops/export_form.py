@@ -16,11 +16,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     'export_mode', 'in_export_mode', 'tracing_shapes', 'same_padding', 'idwconv_shift_add',
-    'predicted_idwconv_shift_add', 'depthwise_conv_standard'
+    'predicted_idwconv_shift_add', 'depthwise_conv_standard', 'adaptive_avg_pool2d_standard',
+    'ExportableAdaptiveAvgPool2d'
 ]
 
 _state = threading.local()
@@ -100,3 +101,37 @@ def depthwise_conv_standard(input: Tensor, weight: Tensor, bias: Optional[Tensor
                         groups=input.shape[1])
     out = idwconv_shift_add(input, weight[..., None, None])
     return out if bias is None else out + bias[:, None, None]
+
+
+def _pooling_matrix(length, size: int, like: Tensor) -> Tensor:
+    """(size, length): row i averages the input positions [floor(i * L / S),
+    ceil((i + 1) * L / S)), PyTorch's adaptive pooling bins."""
+    i = torch.arange(size, device=like.device)
+    start = torch.div(i * length, size, rounding_mode='floor')
+    end = torch.div((i + 1) * length + size - 1, size, rounding_mode='floor')
+    j = torch.arange(length, device=like.device)
+    inside = (j[None] >= start[:, None]) & (j[None] < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
+def adaptive_avg_pool2d_standard(input: Tensor, output_size) -> Tensor:
+    """``F.adaptive_avg_pool2d`` as two matrix products with averaging matrices built from
+    the input's size in the graph (ONNX has no adaptive pooling: its exporter handles only
+    sizes known at export time that the output size divides)."""
+    out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
+    h, w = input.shape[-2:]
+    out_h, out_w = out_h or h, out_w or w  # None keeps that size
+    rows = _pooling_matrix(h, out_h, input)
+    cols = _pooling_matrix(w, out_w, input)
+    return torch.matmul(torch.matmul(rows, input), cols.transpose(0, 1))
+
+
+class ExportableAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` that uses :func:`adaptive_avg_pool2d_standard` in export
+    mode (swapped in by :func:`mmdwnet.apis.export.load_for_export`, e.g. for UPerNet's
+    pyramid pooling)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if in_export_mode() and self.output_size not in (1, (1, 1)):
+            return adaptive_avg_pool2d_standard(input, self.output_size)
+        return super().forward(input)  # output size 1: ONNX's GlobalAveragePool

@@ -129,6 +129,42 @@ def adapt_to_device(cfg: Config, launcher: str = 'none') -> None:
             torch.distributed.init_process_group(backend='gloo')
 
 
+def take_compile_option(cfg: Config) -> Optional[Dict]:
+    """Remove mmengine's ``compile`` option (``True`` or a dict of ``torch.compile``
+    arguments) from ``cfg`` and return it as a dict, or None when it is unset or False.
+
+    mmengine compiles the whole ``train_step``: data preprocessing, batch augmentations,
+    loss and optimizer step. With torch 2.13, dynamo stops at the optimizer step
+    (mmengine's parameter groups: ``'UserDefinedDictVariable' object has no attribute
+    'items'``) and inductor at mmpretrain's Mixup/CutMix (its ``randperm`` pattern:
+    ``Not all inputs to pattern found in match.kwargs``). :func:`compile_backbone`
+    compiles the backbone instead: all of DWNet's operators, and state-dict keys
+    unchanged."""
+    option = cfg.pop('compile', None)
+    if option is None or option is False:
+        return None
+    if option is True:
+        return {}
+    if not isinstance(option, dict):
+        raise LaunchError(f'compile must be True, False or a dict of torch.compile '
+                          f'arguments, got {option!r}')
+    return dict(option)
+
+
+def compile_backbone(model: torch.nn.Module, options: Dict) -> None:
+    """``torch.compile`` the backbone of ``model`` (unwrapped from DDP if need be) in place,
+    with ``options`` (see :func:`take_compile_option`)."""
+    from mmengine.model import is_model_wrapper
+    model = model.module if is_model_wrapper(model) else model
+    backbone = getattr(model, 'backbone', None)
+    if backbone is None:
+        raise LaunchError(f'compile: {type(model).__name__} has no backbone to compile')
+    backbone.compile(**options)  # in place: no '_orig_mod.' in checkpoints
+    print_log(f'compiled the backbone ({type(backbone).__name__}) with torch.compile('
+              f'{", ".join(f"{k}={v!r}" for k, v in options.items())}); the first '
+              'iterations are slow while it compiles', logger='current')
+
+
 def enable_visualization(cfg: Config, show_dir: str) -> None:
     """Save the visualised test predictions under ``show_dir`` with each task's own hook; a
     relative ``show_dir`` is inside the work dir (mmdet adds its timestamped folder)."""

@@ -27,24 +27,13 @@ def _checkpoint(config, path, seed=0):
     return cfg, str(path)
 
 
-def test_classifier_exports_and_verifies(tmp_path):
-    cfg, ckpt = _checkpoint('mmpretrain/iddwconv_t_8xb128_in1k.py', tmp_path / 'cls.pth')
-    out = tmp_path / 'model.onnx'
-    lines = []
-    result = export_model(cfg, ckpt, 'onnx', str(out), shape=(64, 64), dynamic=True,
-                          verify=True, progress=lines.append)
-    assert out.exists() and result['task'] == 'mmpretrain'
-    assert result['max_rel_diff'] < 1e-4
-    assert any('folded the backbone' in line for line in lines)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.export-')] == []
-
-
 def test_bad_requests_are_refused_and_leave_nothing(tmp_path):
     cfg, ckpt = _checkpoint('mmpretrain/dwconv_t_8xb128_in1k.py', tmp_path / 'cls.pth')
     _, other = _checkpoint('mmpretrain/ddwconv_t_8xb128_in1k.py', tmp_path / 'other.pth')
     out = str(tmp_path / 'never.onnx')
     cases = [
-        (dict(fmt='tflite'), r"--format 'tflite' is not one of \('onnx',\)"),
+        (dict(fmt='tflite'),
+         r"--format 'tflite' is not one of \('onnx', 'exported-program'\)"),
         (dict(fmt='onnx', shape=(0, 64)), r'--shape \(0, 64\) must be two integers H W'),
         (dict(fmt='onnx', shape=(16, 64)), 'each at least 32'),
         (dict(fmt='onnx', checkpoint=other), 'does not fit the model of this config'),
@@ -65,7 +54,7 @@ def test_tool(tmp_path):
     result = run_tool('deployment/export.py', config, ckpt, '--out', str(out), '--format',
                       'tflite', check=False)
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
-        "error: --format 'tflite' is not one of ('onnx',)")
+        "error: --format 'tflite' is not one of ('onnx', 'exported-program')")
     result = run_tool('deployment/export.py', config, ckpt, '--out', str(out), '--format',
                       'onnx', '--shape', '64', '96', '--verify')
     assert 'folded the backbone' in result.stdout and out.exists()

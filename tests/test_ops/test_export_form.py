@@ -62,3 +62,18 @@ def test_export_mode_switches_the_public_operators(monkeypatch):
     with pytest.raises(RuntimeError), export_mode():
         raise RuntimeError
     assert not in_export_mode()
+
+
+@pytest.mark.parametrize('h,w', [(2, 2), (7, 5), (13, 31), (1, 3)])
+@pytest.mark.parametrize('size', [1, 2, 3, 6, (2, 5), (None, 3)])
+def test_adaptive_pooling_form_matches_pytorch(h, w, size):
+    """UPerNet's pyramid pooling (1, 2, 3, 6) as averaging-matrix products: PyTorch's bins,
+    for maps larger and smaller than the output, any size."""
+    import torch.nn.functional as F
+
+    from mmdwnet.ops.export_form import ExportableAdaptiveAvgPool2d, adaptive_avg_pool2d_standard
+    x = _randn(2, 3, h, w)
+    expected = F.adaptive_avg_pool2d(x, size)
+    torch.testing.assert_close(adaptive_avg_pool2d_standard(x, size), expected)
+    with export_mode():
+        torch.testing.assert_close(ExportableAdaptiveAvgPool2d(size)(x), expected)

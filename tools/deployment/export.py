@@ -1,8 +1,10 @@
 """Export a model out of PyTorch: ONNX in standard operations only (ONNX Runtime runs it,
-no plugin).
+no plugin), or a torch.export program (torch.export.save; load it after `import mmdwnet`).
 
     python tools/deployment/export.py CONFIG CHECKPOINT --format onnx --out model.onnx \
         [--shape H W] [--dynamic] [--verify] [--opset 17]
+    python tools/deployment/export.py CONFIG CHECKPOINT --format exported-program \
+        --out model.pt2 [--shape H W] [--dynamic] [--verify]
 
 Classification exports the logits, segmentation the per-pixel logits at the input size,
 detection the backbone and neck's feature maps. The input is the preprocessed image batch.
@@ -27,7 +29,7 @@ def main():
                         help='batch, height and width as dynamic axes')
     parser.add_argument('--verify', action='store_true',
                         help='run the exported model and compare it with PyTorch')
-    parser.add_argument('--opset', type=int, default=17, help='ONNX opset (default: 17)')
+    parser.add_argument('--opset', type=int, default=17, help='ONNX opset (default: 17; onnx only)')
     args = parser.parse_args()
     try:
         cfg = load_config(args.config)

@@ -455,11 +455,13 @@ class DWNet(BaseModule):
         return tuple(outs)
 
     def _embed_for_export(self, x: Tensor) -> Tensor:
-        """The stem with its 'corner' padding written as ``F.pad`` by ``(-size) % 4``:
-        mmcv's adaptive padding decides in Python whether to pad, which an exporter
-        would fix for the example's size (:func:`mmdwnet.ops.export_mode`)."""
-        stride = self.patch_embed.projection.stride
-        x = F.pad(x, (0, (-x.shape[3]) % stride[1], 0, (-x.shape[2]) % stride[0]))
+        """The stem with its 'corner' padding written into the graph: mmcv's adaptive
+        padding decides in Python whether to pad, which an exporter would fix for the
+        example's size (:func:`mmdwnet.ops.export_mode`). The padded size is written as
+        ``stride * ceil(size / stride)`` so that symbolic shapes stay provably divisible
+        (``torch.export`` adds no guards)."""
+        (sh, sw), (h, w) = self.patch_embed.projection.stride, x.shape[2:]
+        x = F.pad(x, (0, sw * ((w + sw - 1) // sw) - w, 0, sh * ((h + sh - 1) // sh) - h))
         x = self.patch_embed.projection(x)
         if self.patch_embed.norm is not None:
             x = self._apply_norm(self.patch_embed.norm, x)

@@ -45,10 +45,12 @@ class ChannelsLastPatchMerging(PatchMerging):
         x = x.view(b, h, w, c)
         # 'corner' padding: zeros at the bottom and on the right (always written out while
         # exporting, so that the graph pads whatever size it is given)
+        # (the padded size as 2 * ceil(size / 2), so that symbolic shapes stay provably
+        # even and torch.export adds no guards)
+        out_h, out_w = (h + 1) // 2, (w + 1) // 2
         if tracing_shapes() or h % 2 or w % 2:
-            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
-            h, w = h + h % 2, w + w % 2
-        x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 5, 2, 4)
-        x = x.reshape(b, (h // 2) * (w // 2), 4 * c)
+            x = F.pad(x, (0, 0, 0, 2 * out_w - w, 0, 2 * out_h - h))
+        x = x.view(b, out_h, 2, out_w, 2, c).permute(0, 1, 3, 5, 2, 4)
+        x = x.reshape(b, out_h * out_w, 4 * c)
         x = self.norm(x) if self.norm else x
-        return self.reduction(x), (h // 2, w // 2)
+        return self.reduction(x), (out_h, out_w)
