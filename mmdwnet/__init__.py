@@ -1,7 +1,9 @@
 from . import models  # noqa: F401  (registers the models)
+from .utils import amp_hint
 from .utils.checkpoint import register_checkpoint_types
 from .version import __version__
 
 register_checkpoint_types()
+amp_hint.install()
 
 __all__ = ['__version__']
