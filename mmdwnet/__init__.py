@@ -1,9 +1,10 @@
 from . import models  # noqa: F401  (registers the models)
 from .utils import amp_hint
-from .utils.checkpoint import register_checkpoint_types
+from .utils.checkpoint import register_atomic_local_backend, register_checkpoint_types
 from .version import __version__
 
 register_checkpoint_types()
+register_atomic_local_backend()
 amp_hint.install()
 
 __all__ = ['__version__']
