@@ -55,6 +55,7 @@ setup(
     cmdclass={'build_py': build_py_with_pth},
     install_requires=parse_requirements('runtime.txt'),
     extras_require={'tests': parse_requirements('tests.txt'),
-                    'deploy': parse_requirements('deploy.txt')},
+                    'deploy': parse_requirements('deploy.txt'),
+                    'analysis': parse_requirements('analysis.txt')},
     zip_safe=False,
 )

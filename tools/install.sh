@@ -30,6 +30,8 @@ MMCV_SPEC='mmcv==2.1.0'
 TASK_SPECS=('mmdet==3.3.0' 'mmsegmentation==1.2.2' 'mmpretrain==1.2.0' 'ftfy' 'regex')
 TEST_SPECS=('pytest>=7' 'flake8>=7' 'isort>=5')
 DEPLOY_SPECS=('onnx==1.23.2' 'onnxruntime==1.32.0' 'onnxscript==0.7.2')
+# MMPretrain's tools/visualization/vis_cam.py: 1.5 dropped the `use_cuda` argument it passes
+ANALYSIS_SPECS=('grad-cam==1.4.8')
 # openmim without its opendatalab -> openxlab dependencies, which pin setuptools~=60.2
 # (below torch 2.13's >=77.0.3) and are not needed by `mim train/test/search`
 MIM_SPECS=('openmim==0.3.9')
@@ -74,7 +76,7 @@ except ImportError:  # a bare venv: pip's own copy
     from pip._vendor.packaging.requirements import Requirement
 root = sys.argv[1]
 bounds = {}
-for fname in ('runtime.txt', 'tests.txt', 'deploy.txt'):
+for fname in ('runtime.txt', 'tests.txt', 'deploy.txt', 'analysis.txt'):
     with open(os.path.join(root, 'requirements', fname)) as f:
         for line in f:
             line = line.split('#')[0].strip()
@@ -111,6 +113,7 @@ for component, dists, probe in [
         ('openmim', ['openmim'], lambda: importlib.import_module('mim')),
         ('onnx', ['onnx', 'onnxruntime', 'onnxscript'],
          lambda: [importlib.import_module(m) for m in ('onnx', 'onnxruntime', 'onnxscript')]),
+        ('grad-cam', ['grad-cam'], lambda: importlib.import_module('pytorch_grad_cam')),
         ('mmdwnet', ['mmdwnet'], mmdwnet_here)]:
     try:
         for dist in dists:
@@ -163,6 +166,7 @@ for name in sys.argv[1:]: print(f"{name}=={version(name)}")' "$@"
   needs ninja && pip_install "ninja (builds mmdwnet's CPU kernels)" -c "$CONSTRAINTS" ninja
   needs pytest && pip_install "test requirements" -c "$CONSTRAINTS" "${TEST_SPECS[@]}"
   needs onnx && pip_install "deployment (ONNX, ONNX Runtime)" -c "$CONSTRAINTS" "${DEPLOY_SPECS[@]}"
+  needs grad-cam && pip_install "CAM visualisation (grad-cam)" -c "$CONSTRAINTS" "${ANALYSIS_SPECS[@]}"
   if needs openmim; then
     pip_install "mim's requirements" -c "$CONSTRAINTS" "${MIM_DEPS[@]}"
     pip_install "openmim (without openxlab)" -c "$CONSTRAINTS" --no-deps "${MIM_SPECS[@]}"

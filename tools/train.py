@@ -7,7 +7,8 @@ from mmengine.runner import Runner
 
 from mmdwnet.utils.checkpoint import CheckpointError
 from mmdwnet.utils.launch import (LaunchError, adapt_to_device, add_launch_args, check_data,
-                                  compile_backbone, prepare_config, take_compile_option)
+                                  compile_backbone, prepare_config, resume_checkpoint,
+                                  take_compile_option)
 
 
 def parse_args():
@@ -33,10 +34,12 @@ def main():
             cfg.optim_wrapper.loss_scale = 'dynamic'
         if args.auto_scale_lr:
             cfg.auto_scale_lr.enable = True
-        if args.resume == 'auto':
-            cfg.resume, cfg.load_from = True, None
-        elif args.resume is not None:
-            cfg.resume, cfg.load_from = True, args.resume
+        if args.resume is not None:
+            # --resume alone: last_checkpoint, or the newest intact checkpoint if that one
+            # was cut short; a given path must be readable
+            cfg.resume = True
+            cfg.load_from = resume_checkpoint(
+                cfg.work_dir, None if args.resume == 'auto' else args.resume)
         check_data(cfg, ['train_dataloader', 'val_dataloader'])
         adapt_to_device(cfg, args.launcher)
         compile_options = take_compile_option(cfg)  # the backbone, not all of train_step

@@ -7,13 +7,22 @@ fail. :func:`register_checkpoint_types` (run by ``import mmdwnet``) allows exact
 and keeps ``weights_only=True``; it also makes HistoryBuffer stop pickling its statistics
 functions, which would need ``builtins.getattr`` - a door to arbitrary code that no
 allow-list should open. Unreadable files raise :class:`CheckpointError` naming the file.
+
+Local files written through mmengine's file backends (Runner checkpoints among them) are
+written atomically (:class:`AtomicLocalBackend`), and :func:`newest_readable_checkpoint`
+finds where a resume can start when the newest checkpoint was cut short anyway.
 """
+import glob
+import os
 import os.path as osp
 import pickle
+import tempfile
 import zipfile
+from typing import Iterable, Optional, Union
 
 import numpy as np
 import torch
+from mmengine.fileio import LocalBackend
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner import CheckpointLoader
 
@@ -67,3 +76,69 @@ def register_checkpoint_types() -> None:
     HistoryBuffer.__getstate__ = _history_buffer_state
     torch.serialization.add_safe_globals(checkpoint_safe_globals())
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
+
+
+class AtomicLocalBackend(LocalBackend):
+    """mmengine's local file backend, writing atomically: into a temporary file in the same
+    directory, flushed and fsynced, then renamed over the target. A process killed while
+    saving (preemption, OOM kill, full disk) leaves the previous file or the new one,
+    never a partial one; and the Runner's ``last_checkpoint``, written after the save
+    returns, only ever names complete files. The bytes are those mmengine writes."""
+
+    def put(self, obj: bytes, filepath: Union[str, os.PathLike]) -> None:
+        self._write_atomically(obj, filepath, 'wb')
+
+    def put_text(self, obj: str, filepath: Union[str, os.PathLike],
+                 encoding: str = 'utf-8') -> None:
+        self._write_atomically(obj.encode(encoding), filepath, 'wb')
+
+    @staticmethod
+    def _write_atomically(data: bytes, filepath, mode: str) -> None:
+        filepath = str(filepath)
+        directory = osp.dirname(osp.abspath(filepath))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{osp.basename(filepath)}.',
+                                   suffix='.tmp')
+        try:
+            with os.fdopen(fd, mode) as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, filepath)
+        except BaseException:
+            if osp.exists(tmp):
+                os.remove(tmp)
+            raise
+
+
+def register_atomic_local_backend() -> None:
+    """Make :class:`AtomicLocalBackend` mmengine's backend for local paths (and drop any
+    cached instance of the plain one)."""
+    from mmengine.fileio import io as mmengine_io
+    from mmengine.fileio import register_backend
+    register_backend('local', AtomicLocalBackend, force=True, prefixes='')
+    for key, backend in list(mmengine_io.backend_instances.items()):
+        if type(backend) is LocalBackend:
+            del mmengine_io.backend_instances[key]
+
+
+def is_readable_checkpoint(filename: str) -> bool:
+    """Whether ``filename`` is a complete ``torch.save`` archive: its zip directory reads
+    and every member's CRC matches (a truncated or damaged file fails; no unpickling)."""
+    try:
+        with zipfile.ZipFile(filename) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
+
+
+def newest_readable_checkpoint(work_dir: str, exclude: Iterable[str] = ()) -> Optional[str]:
+    """The most recently written ``*.pth`` in ``work_dir`` that
+    :func:`is_readable_checkpoint` accepts, other than ``exclude``; None if there is none."""
+    excluded = {osp.abspath(p) for p in exclude}
+    candidates = [p for p in glob.glob(osp.join(work_dir, '*.pth'))
+                  if osp.abspath(p) not in excluded]
+    for path in sorted(candidates, key=osp.getmtime, reverse=True):
+        if is_readable_checkpoint(path):
+            return path
+    return None

@@ -1,6 +1,7 @@
 """What ``tools/train.py`` and ``tools/test.py`` do before handing a config to mmengine's
 Runner: load it, check the task and the data, and adapt it to the machine."""
 import argparse
+import logging
 import os
 import os.path as osp
 from typing import Dict, Iterable, Optional
@@ -163,6 +164,42 @@ def compile_backbone(model: torch.nn.Module, options: Dict) -> None:
     print_log(f'compiled the backbone ({type(backbone).__name__}) with torch.compile('
               f'{", ".join(f"{k}={v!r}" for k, v in options.items())}); the first '
               'iterations are slow while it compiles', logger='current')
+
+
+def resume_checkpoint(work_dir: str, path: Optional[str] = None) -> Optional[str]:
+    """The checkpoint a ``--resume`` run starts from.
+
+    Without ``path`` (``--resume`` alone): the one the work dir's ``last_checkpoint``
+    names, or, if that one is truncated or damaged (a job killed while saving), the newest
+    intact checkpoint in the work dir, with a warning naming both; None where there is no
+    ``last_checkpoint`` (training starts afresh, as mmengine does). With ``path``: that
+    file, and a :class:`LaunchError` naming the newest intact checkpoint beside it if it
+    cannot be read.
+    """
+    from mmengine.runner import find_latest_checkpoint
+
+    from .checkpoint import is_readable_checkpoint, newest_readable_checkpoint
+    if path is not None:
+        if osp.isfile(path) and not is_readable_checkpoint(path):
+            folder = osp.dirname(osp.abspath(path))
+            intact = newest_readable_checkpoint(folder, exclude=[path])
+            raise LaunchError(
+                f'checkpoint {path} is corrupt or truncated and cannot be read; ' +
+                (f'the newest intact checkpoint beside it is {intact}: resume with '
+                 f'--resume {intact}' if intact else f'{folder} holds no intact checkpoint'))
+        return path
+    latest = find_latest_checkpoint(work_dir) if osp.isdir(work_dir) else None
+    if latest is None or is_readable_checkpoint(latest):
+        return latest
+    intact = newest_readable_checkpoint(work_dir, exclude=[latest])
+    if intact is None:
+        raise LaunchError(f'the newest checkpoint {latest} (named by {work_dir}/last_checkpoint'
+                          f') is corrupt or truncated, and {work_dir} holds no intact '
+                          'checkpoint to resume from')
+    print_log(f'the newest checkpoint {latest} is corrupt or truncated (a run killed while '
+              f'saving?); resuming from the newest intact one, {intact}', logger='current',
+              level=logging.WARNING)
+    return intact
 
 
 def enable_visualization(cfg: Config, show_dir: str) -> None:

@@ -219,10 +219,13 @@ def render_ablations(models: List[Dict], page_dir: str = 'docs') -> str:
     """The ablation table of docs/ablations.md (Markdown) from the ablation metafile
     entries, with links from a page in ``page_dir``."""
     lines = [
-        'Generated from `configs/mmpretrain/ablations/metafile.yml` by '
-        '`python tools/model_zoo.py readme`; params and FLOPs counted here (at the input '
+        'Generated from the ablation entries of `configs/*/metafile.yml` (ImageNet: '
+        '`configs/mmpretrain/ablations/metafile.yml`) by `python tools/model_zoo.py '
+        'readme`; params and FLOPs counted here (at the input '
         'size of each config: 224, 384, 1280x800 or 2048x512), top-1 from the paper '
         '(ImageNet-1K).', ''
     ]
-    return '\n'.join(lines + _table(list(filter(is_ablation, models)), ABLATION_COLUMNS,
-                                    page_dir))
+    # ImageNet ablations first, then the dense ones (in the mmdet and mmseg metafiles)
+    ablations = sorted(filter(is_ablation, models),
+                       key=lambda m: not m['Config'].startswith('configs/mmpretrain/'))
+    return '\n'.join(lines + _table(ablations, ABLATION_COLUMNS, page_dir))

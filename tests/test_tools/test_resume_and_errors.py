@@ -34,8 +34,10 @@ model = dict(backbone=dict(drop_path_rate=0.0), train_cfg=None)
 
 
 def test_resume_after_the_process_is_killed(data_root, tmp_path):
-    """A run killed after its second of four epochs, resumed with --resume, ends on the
-    weights and AdamW moments of an uninterrupted run."""
+    """A run killed after its second of four epochs, its newest checkpoint then cut short
+    (as by a kill while saving), resumed with --resume: it goes back to the checkpoint
+    before, with a warning naming both, and ends on the weights and AdamW moments of an
+    uninterrupted run."""
     config = tmp_path / 'deterministic.py'
     config.write_text(f'_base_ = {CLS_CONFIG!r}\n{_DETERMINISTIC}')
     config = str(config)
@@ -52,13 +54,21 @@ def test_resume_after_the_process_is_killed(data_root, tmp_path):
     proc.kill()
     proc.wait()
     assert not osp.exists(osp.join(work_dir, 'epoch_4.pth')), 'was not stopped part way'
-    stopped_at = open(last).read().strip()
+    newest = open(last).read().strip()
+    # ... and as if killed while saving that newest checkpoint: cut to half its size
+    with open(newest, 'rb') as f:
+        data = f.read()
+    with open(newest, 'wb') as f:
+        f.write(data[:len(data) // 2])
+    epoch = int(osp.basename(newest)[len('epoch_'):-len('.pth')])
+    previous = osp.join(work_dir, f'epoch_{epoch - 1}.pth')
 
     resumed = run_tool('train.py', config, '--work-dir', work_dir, '--resume',
                        '--cfg-options', *_cls_options(data_root, 4))
     log = resumed.stdout + resumed.stderr
-    assert f'Load checkpoint from {stopped_at}' in log or stopped_at in log
-    assert 'resumed epoch: ' in log
+    assert (f'the newest checkpoint {newest} is corrupt or truncated (a run killed while '
+            f'saving?); resuming from the newest intact one, {previous}') in log
+    assert f'resumed epoch: {epoch - 1}' in log
     final = torch.load(osp.join(work_dir, 'epoch_4.pth'), weights_only=True)
     assert final['meta']['epoch'] == 4 and final['meta']['iter'] == 8
     # AdamW and the schedulers carried on from the checkpoint: 8 steps, not 8 - resumed
@@ -105,6 +115,8 @@ def test_corrupt_checkpoint_is_named(data_root, tmp_path):
     result = run_tool('train.py', CLS_CONFIG, '--work-dir', work_dir, '--resume', truncated,
                       '--cfg-options', *_cls_options(data_root, 3), check=False)
     assert result.returncode == 1 and f'checkpoint {truncated} is corrupt' in result.stderr
+    assert f'the newest intact checkpoint beside it is {good}: resume with --resume {good}' \
+        in result.stderr
 
     # a checkpoint of another architecture
     other = osp.join(ROOT, 'configs', 'mmpretrain', 'ddwconv_t_8xb128_in1k.py')

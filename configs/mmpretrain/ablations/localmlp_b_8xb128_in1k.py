@@ -11,3 +11,8 @@ val_dataloader = dict(batch_size=128)
 test_dataloader = val_dataloader
 optim_wrapper = dict(paramwise_cfg=dict(custom_keys={'.mixing': dict(decay_mult=0.0)}))
 auto_scale_lr = dict(base_batch_size=1024)
+
+# the inherited visualizer carries mmengine's `_scope_`, which mmpretrain's
+# tools/visualization/browse_dataset.py passes on to UniversalVisualizer (a TypeError)
+visualizer = dict(_delete_=True, type='UniversalVisualizer',
+                  vis_backends=[dict(type='LocalVisBackend')])

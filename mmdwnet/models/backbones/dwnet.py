@@ -45,6 +45,8 @@ class DWBlock(BaseModule):
         mlp_ratio (float): Hidden width of the FFN relative to C. Defaults to 4.
         drop_path_rate (float): Stochastic depth rate of both halves. Defaults to 0.
         norm_cfg (dict): Norm layers of the block. Defaults to ``dict(type='BN')``.
+        predictor_norm_cfg (dict, optional): Norm layer of the dynamic kernel predictor
+            (``'ddw'``, ``'iddw'``). Defaults to None (``norm_cfg``).
         act_cfg (dict): Activation of the FFN. Defaults to ``dict(type='GELU')``.
         with_cp (bool): Use gradient checkpointing. Defaults to False.
         se_ratio (int, optional): Ablation (Table 15): a squeeze-and-excitation layer
@@ -66,6 +68,7 @@ class DWBlock(BaseModule):
                  mlp_ratio: float = 4.,
                  drop_path_rate: float = 0.,
                  norm_cfg: Dict = dict(type='BN'),
+                 predictor_norm_cfg: Optional[Dict] = None,
                  act_cfg: Dict = dict(type='GELU'),
                  with_cp: bool = False,
                  se_ratio: Optional[int] = None,
@@ -84,10 +87,11 @@ class DWBlock(BaseModule):
         elif conv_type == 'dw':
             self.dw_conv = DepthwiseConv2d(embed_dims, kernel_size)
         elif conv_type == 'ddw':
-            self.dw_conv = DynamicDWConv(embed_dims, kernel_size, norm_cfg=norm_cfg)
+            self.dw_conv = DynamicDWConv(embed_dims, kernel_size,
+                                         norm_cfg=predictor_norm_cfg or norm_cfg)
         elif conv_type == 'iddw':
             self.dw_conv = InhomogeneousDynamicDWConv(
-                embed_dims, kernel_size, group_channels, norm_cfg=norm_cfg)
+                embed_dims, kernel_size, group_channels, norm_cfg=predictor_norm_cfg or norm_cfg)
         else:
             raise ValueError(f'DWBlock: `conv_type` must be one of {CONV_TYPES}, '
                              f'got {conv_type!r}')
@@ -228,6 +232,11 @@ class DWNet(BaseModule):
         out_indices (Sequence[int] | int): Stages whose outputs are returned.
             Defaults to (3, ), the last stage.
         norm_cfg (dict): Norm layers inside the blocks. Defaults to ``dict(type='BN')``.
+        predictor_norm_cfg (dict, optional): Norm layer of the dynamic kernel predictors
+            (``'ddw'``, ``'iddw'``), if other than ``norm_cfg``. The D-DW predictor
+            normalises one pooled vector per image, so a BatchNorm there needs 2+ images
+            per device in training; ``dict(type='GN', num_groups=1)`` needs no batch.
+            Defaults to None (``norm_cfg``, as in the paper).
         out_norm_cfg (dict, optional): Norm layer applied to each output (``norm{i}``);
             LayerNorm as in the ImageNet models, BN/SyncBN for dense prediction, None for
             no norm. Defaults to ``dict(type='LN')``.
@@ -280,6 +289,7 @@ class DWNet(BaseModule):
                  drop_path_rate: float = 0.,
                  out_indices: Union[int, Sequence[int]] = (3, ),
                  norm_cfg: Dict = dict(type='BN'),
+                 predictor_norm_cfg: Optional[Dict] = None,
                  out_norm_cfg: Optional[Dict] = dict(type='LN'),
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
@@ -340,6 +350,7 @@ class DWNet(BaseModule):
                 group_channels=arch['group_channels'][i],
                 mlp_ratio=mlp_ratio,
                 norm_cfg=norm_cfg,
+                predictor_norm_cfg=predictor_norm_cfg,
                 with_cp=with_cp,
                 se_ratio=se_ratio,
                 extra_dw=extra_dw,
@@ -441,7 +452,14 @@ class DWNet(BaseModule):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f'DWNet: input must have shape (B, {self.in_channels}, H, W), '
                              f'got {tuple(x.shape)}')
+        if not x.is_floating_point():
+            raise TypeError(f'DWNet: input must be a floating-point tensor, got dtype '
+                            f'{x.dtype}; normalise the images first, e.g. '
+                            '(x.float() - mean) / std (the data preprocessors of the configs '
+                            'do this)')
         b = x.shape[0]
+        if b == 0 and not tracing_shapes():  # no images: empty maps of the output sizes
+            return self._empty_outputs(x)
         if tracing_shapes():
             x = self._embed_for_export(x)
         else:
@@ -452,6 +470,16 @@ class DWNet(BaseModule):
             x = stage(x)
             if i in self.out_indices:
                 outs.append(self._apply_norm(getattr(self, f'norm{i}'), x))
+        return tuple(outs)
+
+    def _empty_outputs(self, x: Tensor) -> tuple:
+        h, w = (x.shape[2] + 3) // 4, (x.shape[3] + 3) // 4  # the stem pads to 4*ceil
+        outs = []
+        for i, channels in enumerate(self.channels):
+            if i > 0:
+                h, w = (h + 1) // 2, (w + 1) // 2  # patch merging pads to 2*ceil
+            if i in self.out_indices:
+                outs.append(x.new_zeros(0, channels, h, w))
         return tuple(outs)
 
     def _embed_for_export(self, x: Tensor) -> Tensor:

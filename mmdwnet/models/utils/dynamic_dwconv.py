@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdwnet.ops import depthwise_conv2d, predicted_idwconv2d
 from .fuse_bn import bn_affine, fold_bn_after, is_foldable
@@ -43,6 +44,24 @@ class _KernelPredictor(BaseModule):
     def switch_to_deploy(self) -> None:
         """Fold the predictor's BatchNorm into ``conv1``."""
         fold_bn_after(self, 'conv1', 'norm')
+
+    def _normalise(self, hidden: Tensor) -> Tensor:
+        """``self.norm`` on the (B, C/r, H, W) predictor activations (H = W = 1 for D-DW),
+        with a clear error where a training BatchNorm would see one value per channel."""
+        if (self.norm.training and hidden.shape[0] * hidden.shape[2] * hidden.shape[3] == 1
+                and isinstance(self.norm, _BatchNorm)
+                and not isinstance(self.norm, nn.SyncBatchNorm)):
+            what = ('one pooled vector per image' if isinstance(self, DynamicDWConv) else
+                    'one vector per position')
+            raise ValueError(
+                f'{type(self).__name__}: the kernel predictor normalises {what} with '
+                f'{type(self.norm).__name__}, which in training mode needs more than one '
+                f'value per channel, and got a batch of 1 (predictor input '
+                f'{tuple(hidden.shape)}). Use 2 or more images per device, SyncBN across '
+                "devices (norm_cfg=dict(type='SyncBN')), norm_eval=True to keep the "
+                'BatchNorms in eval mode, or a predictor norm that needs no batch: '
+                "DWNet(predictor_norm_cfg=dict(type='GN', num_groups=1))")
+        return self.norm(hidden)
 
 
 class DynamicDWConv(_KernelPredictor):
@@ -78,7 +97,7 @@ class DynamicDWConv(_KernelPredictor):
         # (same parameters), much faster than convolutions on 1x1 maps, above all backward
         hidden = F.linear(self.pool(x).flatten(1), self.conv1.weight.flatten(1),
                           self.conv1.bias)
-        hidden = self.act(self.norm(hidden[:, :, None, None])).flatten(1)
+        hidden = self.act(self._normalise(hidden[:, :, None, None])).flatten(1)
         weight = F.linear(hidden, self.conv2.weight.flatten(1), self.conv2.bias)
         weight = weight.reshape(b, c, self.kernel_size, self.kernel_size)
         return depthwise_conv2d(x, weight, self.bias)
@@ -131,7 +150,7 @@ class InhomogeneousDynamicDWConv(_KernelPredictor):
         self.groups = channels // group_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        hidden = self.act(self.norm(self.conv1(x)))
+        hidden = self.act(self._normalise(self.conv1(x)))
         # one operator predicts the (B, G, K, K, H, W) kernels - 16x the size of x at the
         # paper's settings - a few samples at a time and applies them, and predicts them
         # again in the backward pass instead of storing them

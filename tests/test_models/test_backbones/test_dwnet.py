@@ -512,6 +512,39 @@ def test_bad_inputs():
         model(torch.randn(1, 3, 64, 64).numpy())
     gray = DWNet('tiny', in_channels=1).eval()
     assert gray(torch.randn(1, 1, 32, 32))[0].shape == (1, 768, 1, 1)
+    with pytest.raises(TypeError, match=r'floating-point tensor, got dtype torch.uint8; '
+                       r'normalise the images first'):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize('size', [(64, 64), (97, 131), (33, 40)])
+def test_empty_batch_gives_empty_outputs(size):
+    """(0, 3, H, W) gives (0, C_i, H_i, W_i) maps, the sizes one image gets."""
+    model = DWNet('tiny', 'iddw', out_indices=(0, 1, 2, 3)).eval()
+    empty = model(torch.randn(0, 3, *size))
+    with torch.no_grad():
+        one = model(torch.randn(1, 3, *size))
+    assert [tuple(e.shape) for e in empty] == [(0, ) + tuple(o.shape[1:]) for o in one]
+
+
+def test_ddw_batch_of_one_in_training():
+    """D-DW's predictor BatchNorm sees one pooled vector per image: a batch of 1 in training
+    is a clear error naming the remedies; each remedy works; the predictor norm is
+    configurable apart from the block norms."""
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"DynamicDWConv: the kernel predictor normalises one "
+                       r"pooled vector per image with BatchNorm2d.*batch of 1.*2 or more "
+                       r"images per device.*SyncBN.*norm_eval=True.*predictor_norm_cfg"):
+        DWNet('tiny', 'ddw').train()(x)
+    gn = DWNet('tiny', 'ddw', predictor_norm_cfg=dict(type='GN', num_groups=1)).train()
+    assert gn(x)[0].shape == (1, 768, 2, 2)
+    block = gn.stages[0].blocks[0]
+    assert isinstance(block.dw_conv.norm, torch.nn.GroupNorm)
+    assert isinstance(block.norm1, _BatchNorm) and isinstance(block.norm2, _BatchNorm)
+    assert DWNet('tiny', 'ddw', norm_eval=True).train()(x)[0].shape == (1, 768, 2, 2)
+    assert DWNet('tiny', 'ddw').train()(torch.randn(2, 3, 64, 64))[0].shape == (2, 768, 2, 2)
+    # the default keeps the checkpoints' keys
+    assert 'stages.0.blocks.0.dw_conv.norm.running_mean' in DWNet('tiny', 'ddw').state_dict()
 
 
 @pytest.mark.parametrize('conv_type', ['dw', 'ddw', 'iddw'])
