@@ -28,7 +28,7 @@ SETUPTOOLS_SPEC='setuptools>=77.0.3,<81'
 MMENGINE_SPEC='mmengine==0.10.7'
 MMCV_SPEC='mmcv==2.1.0'
 TASK_SPECS=('mmdet==3.3.0' 'mmsegmentation==1.2.2' 'mmpretrain==1.2.0' 'ftfy' 'regex')
-TEST_SPECS=('pytest>=7' 'flake8>=7' 'isort>=5')
+TEST_SPECS=('pytest>=7.3' 'pytest-xdist>=3' 'flake8>=7' 'isort>=5')
 DEPLOY_SPECS=('onnx==1.23.2' 'onnxruntime==1.32.0' 'onnxscript==0.7.2')
 # MMPretrain's tools/visualization/vis_cam.py: 1.5 dropped the `use_cuda` argument it passes
 ANALYSIS_SPECS=('grad-cam==1.4.8')
@@ -108,8 +108,8 @@ for component, dists, probe in [
         ('ftfy', ['ftfy'], lambda: importlib.import_module('ftfy')),
         ('regex', ['regex'], lambda: importlib.import_module('regex')),
         ('ninja', ['ninja'], lambda: importlib.import_module('ninja')),
-        ('pytest', ['pytest', 'flake8', 'isort'], lambda: [importlib.import_module(m) for m in
-                                                          ('pytest', 'flake8', 'isort')]),
+        ('pytest', ['pytest', 'pytest-xdist', 'flake8', 'isort'],
+         lambda: [importlib.import_module(m) for m in ('pytest', 'xdist', 'flake8', 'isort')]),
         ('openmim', ['openmim'], lambda: importlib.import_module('mim')),
         ('onnx', ['onnx', 'onnxruntime', 'onnxscript'],
          lambda: [importlib.import_module(m) for m in ('onnx', 'onnxruntime', 'onnxscript')]),
@@ -208,6 +208,8 @@ cmd="${1:-}"; [ $# -eq 0 ] || shift
 case "$cmd" in
   "") ;;
   demo) cd "$ROOT" && exec "$PY" demo/quickstart.py "$@" ;;
-  test) cd "$ROOT" && exec "$PY" -m pytest tests "$@" ;;
+  # one pytest worker per core, at most 4 (each holds full-size models); -n in ARGS overrides
+  test) cd "$ROOT" && workers=$(( $(nproc) < 4 ? $(nproc) : 4 )) \
+          && exec "$PY" -m pytest tests -n "$workers" "$@" ;;
   lint) cd "$ROOT" && "$PY" -m flake8 "$@" && exec "$PY" -m isort --check-only --diff mmdwnet tools tests configs demo setup.py ;;
 esac

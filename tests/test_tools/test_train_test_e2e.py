@@ -76,6 +76,9 @@ def test_train_then_test(task, conv, length, falls_by, data_root, tmp_path):
         f'default_hooks.checkpoint.interval={length}']
     # tools/test.py evaluates below: no validation at the end of training
     train_options = options + ['train_cfg.val_begin=1000000']
+    compiled = (task, conv) == ('mmpretrain', 'iddwconv')
+    if compiled:  # mmengine's `compile` option (aot_eager: inductor's C++ takes minutes here)
+        train_options.append('compile.backend=aot_eager')
     initial = initial_checkpoint(config, options, tmp_path / 'initial.pth')
     run_config = config if falls_by is None else _learning_config(task, config, tmp_path)
     train = run_tool('train.py', run_config, '--work-dir', work_dir, '--cfg-options',
@@ -83,6 +86,9 @@ def test_train_then_test(task, conv, length, falls_by, data_root, tmp_path):
     # no ImageNet checkpoint at the config's default path: random init with a warning
     if task != 'mmpretrain':
         assert 'starts from random initialisation' in train.stdout + train.stderr
+    if compiled:
+        assert "compiled the backbone (DWNet) with torch.compile(backend='aot_eager')" in \
+            train.stdout + train.stderr
     checkpoint = osp.join(work_dir, ckpt_pattern.format(length))
     losses = assert_trained(work_dir, checkpoint, initial, falls_by, min_iters=length)
     print(f'{task} {conv}: losses {[round(v, 3) for v in losses]}')
