@@ -210,6 +210,6 @@ case "$cmd" in
   demo) cd "$ROOT" && exec "$PY" demo/quickstart.py "$@" ;;
   # one pytest worker per core, at most 4 (each holds full-size models); -n in ARGS overrides
   test) cd "$ROOT" && workers=$(( $(nproc) < 4 ? $(nproc) : 4 )) \
-          && exec "$PY" -m pytest tests -n "$workers" "$@" ;;
+          && exec "$PY" -m pytest tests -n "$workers" --dist worksteal "$@" ;;
   lint) cd "$ROOT" && "$PY" -m flake8 "$@" && exec "$PY" -m isort --check-only --diff mmdwnet tools tests configs demo setup.py ;;
 esac

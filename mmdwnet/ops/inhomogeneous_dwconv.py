@@ -113,13 +113,16 @@ def _compiled(t: Tensor):
 _triton_failed = []
 
 
-def _triton(fn, *args):
-    """Run a Triton kernel of :mod:`triton_idwconv` when it applies (CUDA tensors); None
-    if it does not or fails (with a one-time warning), so the caller falls back."""
+def triton_or_none(op, *args):
+    """``op(*args)``, a Triton operator of :mod:`triton_idwconv`, where the Triton kernels
+    apply to ``args[0]`` (CUDA tensors); None where they do not, or (eagerly) where they
+    fail, with a one-time warning, so that the caller falls back to the other kernels."""
     if _triton_failed or not triton_idwconv.available(args[0]):
         return None
+    if torch.compiler.is_compiling():  # traced into the graph; nothing runs here
+        return op(*args)
     try:
-        return fn(*args)
+        return op(*args)
     except torch.OutOfMemoryError:  # the PyTorch path needs more memory, not less
         raise
     except Exception as e:  # e.g. no compiler for the GPU: keep working, say so once
@@ -129,22 +132,22 @@ def _triton(fn, *args):
         return None
 
 
-def _kernel(triton_fn, cpu_name: str, *args):
-    """``triton_fn(*args)`` (CUDA) or the compiled CPU kernel ``cpu_name``, or None where
-    neither applies and the PyTorch implementation runs."""
-    out = _triton(triton_fn, *args)
-    ops = _compiled(args[0]) if out is None else None
-    if ops is not None:  # feature maps may be channels-last, the kernels are contiguous
-        out = getattr(ops, cpu_name)(*(
-            a.contiguous() if isinstance(a, Tensor) and a.dim() == 6 else a for a in args))
-    return out
+def _kernel(cpu_name: str, *args):
+    """The compiled CPU kernel ``cpu_name`` applied to ``args``, or None where it does not
+    apply and the PyTorch implementation runs."""
+    ops = _compiled(args[0])
+    if ops is None:
+        return None
+    # feature maps may be channels-last, the kernels are contiguous
+    return getattr(ops, cpu_name)(*(
+        a.contiguous() if isinstance(a, Tensor) and a.dim() == 6 else a for a in args))
 
 
 def forward_impl(input: Tensor, weight: Tensor) -> Tensor:
     """The forward pass on the fastest path that applies (no autograd), in the memory
     format of ``input`` (the compiled kernels read and write channels-last maps as they
     are; the other paths compute in NCHW)."""
-    out = _kernel(triton_idwconv.forward, 'inhomogeneous_dwconv2d', input, weight)
+    out = _kernel('inhomogeneous_dwconv2d', input, weight)
     if out is None:
         out = _shift_accumulate(input, weight, transposed=False)
     return like_input_layout(out, input)
@@ -153,8 +156,7 @@ def forward_impl(input: Tensor, weight: Tensor) -> Tensor:
 def grad_input_impl(grad_output: Tensor, weight: Tensor) -> Tensor:
     """The gradient w.r.t. the input (no autograd), in the memory format of
     ``grad_output``."""
-    out = _kernel(triton_idwconv.grad_input, 'inhomogeneous_dwconv2d_grad_input',
-                  grad_output, weight)
+    out = _kernel('inhomogeneous_dwconv2d_grad_input', grad_output, weight)
     if out is None:
         out = _shift_accumulate(grad_output, weight, transposed=True)
     return like_input_layout(out, grad_output)
@@ -203,8 +205,8 @@ def _grad_weight(grad_output: Tensor, input: Tensor, groups: int,
 def grad_weight_impl(grad_output: Tensor, input: Tensor, groups: int,
                      kernel_size: int) -> Tensor:
     """The gradient w.r.t. the (B, G, K, K, H, W) kernels (no autograd)."""
-    out = _kernel(triton_idwconv.weight_grad, 'inhomogeneous_dwconv2d_grad_weight',
-                  grad_output, input, groups, kernel_size)
+    out = _kernel('inhomogeneous_dwconv2d_grad_weight', grad_output, input, groups,
+                  kernel_size)
     if out is not None:
         return out
     b, c, height, width = input.shape
@@ -283,7 +285,10 @@ def inhomogeneous_dwconv2d(input: Tensor, weight: Tensor) -> Tensor:
                         f'dtype, got {input.dtype} and {weight.dtype}')
     if export_form.in_export_mode():
         return export_form.idwconv_shift_add(input, weight)
-    return like_input_layout(_forward(input, weight), input)
+    out = triton_or_none(getattr(triton_idwconv, 'idwconv2d_op', None), input, weight, False)
+    if out is None:
+        out = _forward(input, weight)
+    return like_input_layout(out, input)
 
 
 def _describe(x) -> str:

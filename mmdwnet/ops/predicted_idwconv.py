@@ -9,14 +9,18 @@ backward pass predicts them again from the small ``hidden`` map (C / 4 channels 
 instead of saving them. Autograd then stores only ``x`` and ``hidden``, which the layers
 around the operator keep anyway; the extra work is one more 1x1 convolution per chunk,
 a matrix product with an inner size of C / 4.
+
+On CUDA the same operator is a ``torch.library.triton_op`` (prediction by batched matrix
+products, application and gradients by the Triton kernels of
+:mod:`mmdwnet.ops.triton_idwconv`), so that ``torch.compile`` sees the kernels.
 """
 from typing import Tuple
 
 import torch
 from torch import Tensor
 
-from . import export_form
-from .inhomogeneous_dwconv import _describe, grad_weight_impl, into
+from . import export_form, triton_idwconv
+from .inhomogeneous_dwconv import _describe, grad_weight_impl, into, triton_or_none
 from .layout import empty_like_layout, like_input_layout
 
 __all__ = ['predicted_idwconv2d']
@@ -146,6 +150,68 @@ def _backward(ctx, grad_output: Tensor):
 _forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _predict_batched(hidden: Tensor, weight: Tensor, bias: Tensor, kernel_size: int,
+                     groups: int) -> Tensor:
+    """Contiguous (b, G, K, K, H, W) kernels from the (b, R, H, W) map, one batched
+    product (the GPU form of :func:`_predict`)."""
+    b, r, h, w = hidden.shape
+    out = torch.baddbmm(bias[None, :, None], weight.expand(b, -1, -1),
+                        hidden.reshape(b, r, h * w))
+    return out.view(b, groups, kernel_size, kernel_size, h, w)
+
+
+if triton_idwconv.triton is not None:
+
+    @torch.library.triton_op('mmdwnet::predicted_idwconv2d_triton', mutates_args=())
+    def _triton_forward(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
+                        kernel_size: int) -> Tensor:
+        groups = weight.shape[0] // kernel_size**2
+        input = input.contiguous()
+        out = torch.empty_like(input)
+        for i, j in _chunks(input, weight.shape[0]):
+            kernels = _predict_batched(hidden[i:j], weight, bias, kernel_size, groups)
+            triton_idwconv.launch(input, kernels, out, i)
+        return out
+
+    @torch.library.triton_op('mmdwnet::predicted_idwconv2d_backward_triton',
+                             mutates_args=())
+    def _triton_backward(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Tensor,
+                         bias: Tensor,
+                         kernel_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        groups = weight.shape[0] // kernel_size**2
+        grad_output, input = grad_output.contiguous(), input.contiguous()
+        b, r, h, w = hidden.shape
+        grad_input = torch.empty_like(input)
+        grad_hidden, grad_weight_bias = [], []
+        for i, j in _chunks(input, 2 * weight.shape[0]):  # kernels and their gradient
+            hid = hidden[i:j]
+            kernels = _predict_batched(hid, weight, bias, kernel_size, groups)
+            triton_idwconv.launch(grad_output, kernels, grad_input, i, transposed=True)
+            grad_kernels = torch.empty_like(kernels)
+            triton_idwconv.launch_weight_grad(grad_output, input, grad_kernels, i)
+            grad_kernels = grad_kernels.view(j - i, -1, h * w)
+            grad_hidden.append(torch.matmul(weight.t(), grad_kernels))
+            # weight and bias gradients as one product: the bias sees an extra row of ones
+            hid = torch.cat([hid.reshape(j - i, r, h * w), hid.new_ones(j - i, 1, h * w)], 1)
+            grad_weight_bias.append(
+                torch.bmm(grad_kernels, hid.transpose(1, 2)).sum(0, dtype=torch.float32))
+        grad_hidden = torch.cat(grad_hidden).view(b, r, h, w)
+        grad_weight_bias = torch.stack(grad_weight_bias).sum(0)
+        return (grad_input, grad_hidden, grad_weight_bias[:, :r].to(weight.dtype, copy=True),
+                grad_weight_bias[:, r].to(bias.dtype, copy=True))
+
+    def _triton_backward_formula(ctx, grad_output: Tensor):
+        input, hidden, weight, bias = ctx.saved_tensors
+        grads = _triton_backward(grad_output, input, hidden, weight, bias, ctx.kernel_size)
+        grad_input, grad_hidden = (like_input_layout(g, t)
+                                   for g, t in zip(grads[:2], (input, hidden)))
+        return grad_input, grad_hidden, grads[2], grads[3], None
+
+    _triton_forward.register_autograd(_triton_backward_formula, setup_context=_setup_context)
+else:  # pragma: no cover - torch builds without Triton
+    _triton_forward = None
+
+
 def predicted_idwconv2d(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
                         kernel_size: int) -> Tensor:
     """Inhomogeneous dynamic depth-wise convolution whose kernels a 1x1 convolution
@@ -187,4 +253,7 @@ def predicted_idwconv2d(input: Tensor, hidden: Tensor, weight: Tensor, bias: Ten
                         f'{input.dtype}, {hidden.dtype}, {weight.dtype} and {bias.dtype}')
     if export_form.in_export_mode():
         return export_form.predicted_idwconv_shift_add(input, hidden, weight, bias, kernel_size)
+    out = triton_or_none(_triton_forward, input, hidden, weight, bias, kernel_size)
+    if out is not None:
+        return like_input_layout(out, input)
     return _forward(input, hidden, weight, bias, kernel_size)

@@ -10,6 +10,12 @@ Used automatically for CUDA tensors when Triton is importable (it ships with the
 of torch); ``MMDWNET_TRITON=0`` or any failure falls back to the PyTorch implementation.
 The kernels are checked against that implementation on CPU through Triton's interpreter
 (``TRITON_INTERPRET=1``), so CI without a GPU still tests their logic.
+
+The operators that launch them are registered with ``torch.library.triton_op`` and launch
+through ``torch.library.wrap_triton``: eagerly they run the kernels directly, while
+``torch.compile`` (AOT autograd) decomposes them into the kernels themselves, so that Inductor
+sees and schedules the Triton code instead of an opaque call (``torch.export`` keeps them as
+named operators, as PyTorch intends for exported programs).
 """
 import os
 
@@ -25,9 +31,16 @@ except ImportError:  # pragma: no cover - CPU-only torch builds
 BLOCK = 128
 
 
+@torch.compiler.assume_constant_result
+def enabled() -> bool:
+    """Whether Triton is importable and not switched off (``MMDWNET_TRITON=0``); tracers
+    keep the answer as a constant."""
+    return triton is not None and os.environ.get('MMDWNET_TRITON', '1') != '0'
+
+
 def available(t: Tensor) -> bool:
     """Whether the Triton kernels run for tensor ``t``."""
-    return triton is not None and t.is_cuda and os.environ.get('MMDWNET_TRITON', '1') != '0'
+    return t.is_cuda and enabled()
 
 
 def shipped_with_torch() -> bool:
@@ -53,8 +66,9 @@ def shipped_with_torch() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _forward_kernel(x_ptr, w_ptr, y_ptr, H, W, CPG: tl.constexpr, K: tl.constexpr,
-                        TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr):
+    def _forward_kernel(x_ptr, w_ptr, y_ptr, H, W, PLANE0, CPG: tl.constexpr,
+                        K: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr):
+        # (sample, group) plane ``bg`` of the kernels is plane ``PLANE0 + bg`` of the maps
         bg = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         plane = H * W
@@ -62,9 +76,9 @@ if triton is not None:
         h = offs // W
         w = offs % W
         pad = K // 2
-        x_base = x_ptr + bg.to(tl.int64) * CPG * plane
+        x_base = x_ptr + (bg.to(tl.int64) + PLANE0) * CPG * plane
         w_base = w_ptr + bg.to(tl.int64) * K * K * plane
-        y_base = y_ptr + bg.to(tl.int64) * CPG * plane
+        y_base = y_ptr + (bg.to(tl.int64) + PLANE0) * CPG * plane
         for c in tl.static_range(CPG):
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for i in tl.static_range(K):
@@ -86,8 +100,8 @@ if triton is not None:
             tl.store(y_base + c * plane + offs, acc.to(y_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _weight_grad_kernel(gy_ptr, x_ptr, gw_ptr, H, W, CPG: tl.constexpr, K: tl.constexpr,
-                            BLOCK: tl.constexpr):
+    def _weight_grad_kernel(gy_ptr, x_ptr, gw_ptr, H, W, PLANE0, CPG: tl.constexpr,
+                            K: tl.constexpr, BLOCK: tl.constexpr):
         bg = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         plane = H * W
@@ -95,8 +109,8 @@ if triton is not None:
         h = offs // W
         w = offs % W
         pad = K // 2
-        x_base = x_ptr + bg.to(tl.int64) * CPG * plane
-        gy_base = gy_ptr + bg.to(tl.int64) * CPG * plane
+        x_base = x_ptr + (bg.to(tl.int64) + PLANE0) * CPG * plane
+        gy_base = gy_ptr + (bg.to(tl.int64) + PLANE0) * CPG * plane
         gw_base = gw_ptr + bg.to(tl.int64) * K * K * plane
         for i in tl.static_range(K):
             for j in tl.static_range(K):
@@ -116,15 +130,36 @@ def _grid(b: int, groups: int, h: int, w: int):
     return (b * groups, triton.cdiv(h * w, BLOCK))
 
 
+def launch(src: Tensor, kernels: Tensor, out: Tensor, sample0: int = 0,
+           transposed: bool = False) -> None:
+    """Write samples ``sample0 .. sample0 + len(kernels)`` of ``out`` from those of ``src``
+    (contiguous (B, C, H, W) maps) and the contiguous (b, G, K, K, H, W) ``kernels``:
+    the operator, or with ``transposed`` its input gradient. Launched through
+    ``wrap_triton``, so that inside a ``triton_op`` the compiler sees the kernel."""
+    b, groups, k = kernels.shape[:3]
+    c, h, w = src.shape[1:]
+    kernel = torch.library.wrap_triton(_forward_kernel)
+    kernel[_grid(b, groups, h, w)](src, kernels, out, h, w, sample0 * groups,
+                                   CPG=c // groups, K=k, TRANSPOSED=transposed, BLOCK=BLOCK)
+
+
+def launch_weight_grad(grad_output: Tensor, input: Tensor, out: Tensor,
+                       sample0: int = 0) -> None:
+    """Write ``out`` (contiguous (b, G, K, K, H, W)), the kernel gradient of samples
+    ``sample0 .. sample0 + b`` of the contiguous maps ``grad_output`` and ``input``."""
+    b, groups, k = out.shape[:3]
+    c, h, w = input.shape[1:]
+    kernel = torch.library.wrap_triton(_weight_grad_kernel)
+    kernel[_grid(b, groups, h, w)](grad_output, input, out, h, w, sample0 * groups,
+                                   CPG=c // groups, K=k, BLOCK=BLOCK)
+
+
 def forward(input: Tensor, weight: Tensor, transposed: bool = False) -> Tensor:
     """``transposed=False``: the operator; ``True``: its input gradient, with ``input``
     the output gradient."""
     input, weight = input.contiguous(), weight.contiguous()
-    b, c, h, w = input.shape
-    groups, k = weight.shape[1], weight.shape[2]
     out = torch.empty_like(input)
-    _forward_kernel[_grid(b, groups, h, w)](input, weight, out, h, w, CPG=c // groups, K=k,
-                                            TRANSPOSED=transposed, BLOCK=BLOCK)
+    launch(input, weight, out, transposed=transposed)
     return out
 
 
@@ -136,6 +171,40 @@ def weight_grad(grad_output: Tensor, input: Tensor, groups: int, kernel_size: in
     grad_output, input = grad_output.contiguous(), input.contiguous()
     b, c, h, w = input.shape
     out = input.new_empty(b, groups, kernel_size, kernel_size, h, w)
-    _weight_grad_kernel[_grid(b, groups, h, w)](grad_output, input, out, h, w,
-                                                CPG=c // groups, K=kernel_size, BLOCK=BLOCK)
+    launch_weight_grad(grad_output, input, out)
     return out
+
+
+if triton is not None:
+    # Operators whose bodies the compiler can trace down to the kernel launches. Eagerly
+    # (and for CPU tensors under TRITON_INTERPRET=1, which the tests use) they simply run.
+
+    @torch.library.triton_op('mmdwnet::inhomogeneous_dwconv2d_triton', mutates_args=())
+    def idwconv2d_op(input: Tensor, weight: Tensor, transposed: bool) -> Tensor:
+        return forward(input, weight, transposed)
+
+    @torch.library.triton_op('mmdwnet::inhomogeneous_dwconv2d_grad_weight_triton',
+                             mutates_args=())
+    def idwconv2d_grad_weight_op(grad_output: Tensor, input: Tensor, groups: int,
+                                 kernel_size: int) -> Tensor:
+        return weight_grad(grad_output, input, groups, kernel_size)
+
+    def _setup_context(ctx, inputs, output) -> None:
+        input, weight, transposed = inputs
+        ctx.save_for_backward(input, weight)
+        ctx.transposed = transposed
+
+    def _backward(ctx, grad_output: Tensor):
+        if ctx.transposed:  # only backward passes call it: this is a double backward
+            raise NotImplementedError('mmdwnet: the I-D-DW operator has no second '
+                                      'derivative (double backward)')
+        input, weight = ctx.saved_tensors
+        grad_input = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_input = idwconv2d_op(grad_output, weight, True)
+        if ctx.needs_input_grad[1]:
+            grad_weight = idwconv2d_grad_weight_op(grad_output, input, weight.shape[1],
+                                                   weight.shape[2])
+        return grad_input, grad_weight, None
+
+    idwconv2d_op.register_autograd(_backward, setup_context=_setup_context)

@@ -52,6 +52,31 @@ _SCRIPT = textwrap.dedent('''
             assert ours.dtype == dtype and ours.shape == ref.shape, name
             err = (ours.double() - ref).abs().max().item() / ref.abs().max().item()
             assert err < tol, (name, k, dtype, err)
+
+    # the operators the compiler sees (triton_op), with their autograd, against the PyTorch
+    # implementation; tiny chunk budgets make the fused operator work a sample at a time
+    from mmdwnet.ops import predicted_idwconv
+    from mmdwnet.ops.inhomogeneous_dwconv import _forward as pytorch_idwconv
+    b, c, g, k, h, w, r = 3, 8, 2, 3, 6, 5, 4
+    x = torch.randn(b, c, h, w, requires_grad=True)
+    wt = torch.randn(b, g, k, k, h, w, requires_grad=True)
+    hid = torch.randn(b, r, h, w, requires_grad=True)
+    pw = torch.randn(g * k * k, r, requires_grad=True)
+    pb = torch.randn(g * k * k, requires_grad=True)
+    gy = torch.randn(b, c, h, w)
+    predicted_idwconv.CHUNK_BYTES_OTHER = predicted_idwconv.CHUNK_BYTES['cpu'] = \
+        2 * g * k * k * h * w * 4
+    assert len(predicted_idwconv._chunks(x, g * k * k)) == 2
+    for ours, theirs, inputs in [
+            (lambda *a: triton_idwconv.idwconv2d_op(*a, False), pytorch_idwconv, (x, wt)),
+            (lambda *a: predicted_idwconv._triton_forward(*a, k),
+             lambda *a: predicted_idwconv._forward(*a, k), (x, hid, pw, pb))]:
+        results = []
+        for fn in (ours, theirs):
+            y = fn(*inputs)
+            results.append((y, *torch.autograd.grad(y, inputs, gy)))
+        for a, b_ in zip(*results):
+            torch.testing.assert_close(a, b_, atol=1e-4, rtol=1e-4)
     print('OK')
 ''')
 
@@ -67,6 +92,71 @@ def test_kernels_match_the_reference_in_the_interpreter():
         result.stderr[-3000:]
 
 
+def _aot_graph(fn, *args):
+    """The forward graph AOT autograd hands a compiler backend (Inductor) for ``fn`` on
+    ``args``, traced with fake tensors (which may claim CUDA without a GPU)."""
+    from torch._functorch.aot_autograd import aot_function
+    graphs = []
+    traced = aot_function(fn, fw_compiler=lambda gm, _: graphs.append(gm) or gm)
+    with torch.no_grad():
+        traced(*args)
+    return graphs[0]
+
+
+def _calls(gm):
+    """The kernels (by name) and operators a graph calls."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    names = []
+    for node in gm.graph.nodes:
+        if node.op != 'call_function':
+            continue
+        if 'triton_kernel_wrapper' in str(node.target):
+            names.append(kernel_side_table.get_kernel(node.kwargs['kernel_idx']).fn.__name__)
+        else:
+            names.append(str(node.target))
+    return names
+
+
+@needs_triton
+def test_compiler_sees_the_triton_kernels_on_cuda(caplog):
+    """On CUDA the I-D-DW operators are ``triton_op``s: what torch.compile hands Inductor
+    contains the Triton kernels themselves, not an opaque call. Traced with fake CUDA
+    tensors (no GPU needed; without a GPU Triton cannot analyse which arguments a kernel
+    writes and assumes all, which changes nothing here)."""
+    import logging
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mmdwnet.models import DWNet
+    from mmdwnet.ops import inhomogeneous_dwconv2d, predicted_idwconv
+    caplog.set_level(logging.ERROR, logger='torch._higher_order_ops.triton_kernel_wrap')
+    model = DWNet(arch='tiny', conv_type='iddw').eval()
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    mode = FakeTensorMode()
+    with mode:
+        state = {name: torch.empty(t.shape, dtype=t.dtype, device='cuda')
+                 for name, t in state.items()}
+        image = torch.empty(1, 3, 64, 64, device='cuda')
+        x, gy = torch.empty(2, 8, 6, 5, device='cuda'), torch.empty(2, 8, 6, 5, device='cuda')
+        hidden = torch.empty(2, 4, 6, 5, device='cuda')
+        weight, bias = torch.empty(18, 4, device='cuda'), torch.empty(18, device='cuda')
+        kernels = torch.empty(2, 2, 3, 3, 6, 5, device='cuda')
+        # the whole I-D-DW-T backbone: one kernel launch per block (2 + 2 + 6 + 2)
+        calls = _calls(_aot_graph(
+            lambda s, x: torch.func.functional_call(model, s, (x, )), state, image))
+        assert calls.count('_forward_kernel') == 12, calls
+        assert not [c for c in calls if 'mmdwnet' in c], calls
+        # the fused operator's backward: kernel prediction, input and kernel gradients
+        calls = _calls(_aot_graph(
+            lambda *a: predicted_idwconv._triton_backward(*a, 3), gy, x, hidden, weight,
+            bias))
+        assert {'aten.baddbmm.default', '_forward_kernel', '_weight_grad_kernel'} <= set(
+            calls), calls
+        # the stand-alone operator
+        calls = _calls(_aot_graph(inhomogeneous_dwconv2d, x, kernels))
+        assert '_forward_kernel' in calls and not [c for c in calls if 'mmdwnet' in c], calls
+
+
 @needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (run on the '
                     "`device` machine: tools/gpu_tests.sh)")
@@ -77,11 +167,13 @@ def test_cuda_dispatch_uses_triton_and_matches_pytorch(monkeypatch):
     # no earlier failure may send this test to the fallback, and none it causes may leak
     monkeypatch.setattr(op, '_triton_failed', [])
     calls = []
-    for name in ('forward', 'grad_input', 'weight_grad'):
+    for name in ('launch', 'launch_weight_grad'):
         kernel = getattr(triton_idwconv, name)
-        # the real grad_input calls forward(..., transposed=True): keywords pass through
-        monkeypatch.setattr(triton_idwconv, name,
-                            lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+        monkeypatch.setattr(
+            triton_idwconv, name,
+            lambda *a, _k=kernel, _n=name, **kw: calls.append(
+                'grad_input' if kw.get('transposed') or (len(a) > 4 and a[4]) else _n)
+            or _k(*a, **kw))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 96, 56, 56, generator=gen).cuda().requires_grad_()
     w = torch.randn(2, 32, 7, 7, 56, 56, generator=gen).cuda().requires_grad_()
@@ -92,10 +184,29 @@ def test_cuda_dispatch_uses_triton_and_matches_pytorch(monkeypatch):
         y = inhomogeneous_dwconv2d(x, w)
         results.append((y, *torch.autograd.grad(y, (x, w), gy)))
         if flag == '1':  # the Triton kernels ran, and none failed into the fallback
-            assert {'forward', 'grad_input', 'weight_grad'} <= set(calls), calls
+            assert {'launch', 'grad_input', 'launch_weight_grad'} <= set(calls), calls
             assert not op._triton_failed, op._triton_failed
             calls.clear()
         else:  # MMDWNET_TRITON=0: the PyTorch implementation, no Triton kernel
             assert not calls, calls
     for triton_out, torch_out in zip(*results):
         torch.testing.assert_close(triton_out, torch_out, atol=1e-3, rtol=1e-3)
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (run on the '
+                    "`device` machine: tools/gpu_tests.sh)")
+def test_inductor_compiles_the_triton_operators_on_cuda():
+    """torch.compile (Inductor) of the fused operator, forward and backward, on the GPU:
+    the same outputs and gradients as eager."""
+    from mmdwnet.ops import predicted_idwconv2d
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(*shape, generator=gen).cuda().requires_grad_()
+              for shape in [(2, 64, 28, 28), (2, 16, 28, 28), (2 * 49, 16), (2 * 49, )]]
+    gy = torch.randn(2, 64, 28, 28, generator=gen).cuda()
+    results = []
+    for fn in (predicted_idwconv2d, torch.compile(predicted_idwconv2d, fullgraph=True)):
+        y = fn(*inputs, 7)
+        results.append((y, *torch.autograd.grad(y, inputs, gy)))
+    for compiled, eager in zip(results[1], results[0]):
+        torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)
