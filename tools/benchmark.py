@@ -156,6 +156,15 @@ def main():
     if malloc == 'retain':
         header += '; glibc malloc keeping freed memory (--malloc retain)'
     table = format_table(rows)
+    report(args, header, table, rows, readme_markers(args.dtype), 'benchmark')
+    if args.plot:
+        os.makedirs(osp.dirname(osp.abspath(args.plot)), exist_ok=True)
+        plot(rows, args.plot, header)
+
+
+def report(args, header, table, rows, markers, section):
+    """Print the table; write ``--json`` and the ``--readme`` section between
+    ``markers``."""
     print(header)
     print(table)
     if args.json:
@@ -163,15 +172,11 @@ def main():
         import json
         with open(args.json, 'w') as f:
             json.dump(rows, f, indent=2)
-    if args.plot:
-        os.makedirs(osp.dirname(osp.abspath(args.plot)), exist_ok=True)
-        plot(rows, args.plot, header)
     if args.readme:
         command = 'python tools/benchmark.py ' + ' '.join(sys.argv[1:])
         body = '\n'.join([f'Measured with `{command}` on {header}:', '', table])
-        start, end = readme_markers(args.dtype)
-        replace_section(args.readme, body, start, end)
-        print(f'{args.readme}: benchmark section updated')
+        replace_section(args.readme, body, *markers)
+        print(f'{args.readme}: {section} section updated')
 
 
 def compare_backends(args, progress):
@@ -184,18 +189,7 @@ def compare_backends(args, progress):
               f"{args.img_size}, fp32, {args.threads} threads, torch {torch.__version__}, "
               f"BatchNorms folded; median of {args.repeats} interleaved repeats")
     table = format_backend_table(rows, batches)
-    print(header)
-    print(table)
-    if args.json:
-        os.makedirs(osp.dirname(osp.abspath(args.json)), exist_ok=True)
-        import json
-        with open(args.json, 'w') as f:
-            json.dump(rows, f, indent=2)
-    if args.readme:
-        command = 'python tools/benchmark.py ' + ' '.join(sys.argv[1:])
-        body = '\n'.join([f'Measured with `{command}` on {header}:', '', table])
-        replace_section(args.readme, body, *readme_markers(args.dtype, backends=True))
-        print(f'{args.readme}: backend section updated')
+    report(args, header, table, rows, readme_markers(args.dtype, backends=True), 'backend')
 
 
 if __name__ == '__main__':
