@@ -17,7 +17,8 @@ output and the shifted input (no padding, no unfold), so the forward pass alloca
 and, for float16/bfloat16, float32 buffers for a sixteenth of it at a time. The backward pass
 is written out by hand for the same reason. The three pieces are registered with
 ``torch.library.custom_op`` so that tracers, ``torch.compile`` and FLOP counters see one named
-operator.
+operator; on CUDA the Triton operators (``torch.library.triton_op``) take their place, whose
+kernels ``torch.compile`` sees.
 """
 import warnings
 from typing import Optional, Tuple
