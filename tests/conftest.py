@@ -13,8 +13,8 @@ from mmdwnet.testing import make_datasets
 def _share_cores():
     """Under pytest-xdist each worker gets its share of the cores for torch's threads, and
     so do the tools it runs in subprocesses (through OMP_NUM_THREADS): with every worker
-    using all cores the threads wait for each other, and the suite ran 18 instead of about
-    14 minutes on 2 cores."""
+    using all cores the threads wait for each other, and the suite ran 18 instead of 12
+    minutes on 2 cores."""
     workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
     if workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)

@@ -46,8 +46,6 @@ def test_get_model_builds_the_config(name):
 
 
 def test_get_model_pretrained_and_inference(checkpoint, tmp_path):
-    from mmengine.registry import init_default_scope
-    init_default_scope('mmpretrain')  # as in a fresh session (other tests leave mmseg's)
     path, trained = checkpoint
     model = get_model('dwconv_t_8xb128_in1k', pretrained=path)
     for key, value in trained.state_dict().items():

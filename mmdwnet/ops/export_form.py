@@ -128,7 +128,7 @@ def adaptive_avg_pool2d_standard(input: Tensor, output_size) -> Tensor:
 
 class ExportableAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
     """``nn.AdaptiveAvgPool2d`` that uses :func:`adaptive_avg_pool2d_standard` in export
-    mode (swapped in by :func:`mmdwnet.apis.export.load_for_export`, e.g. for UPerNet's
+    mode (swapped in by :func:`mmdwnet.apis.export.prepare_for_export`, e.g. for UPerNet's
     pyramid pooling)."""
 
     def forward(self, input: Tensor) -> Tensor:

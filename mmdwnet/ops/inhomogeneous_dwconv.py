@@ -286,7 +286,7 @@ def inhomogeneous_dwconv2d(input: Tensor, weight: Tensor) -> Tensor:
                         f'dtype, got {input.dtype} and {weight.dtype}')
     if export_form.in_export_mode():
         return export_form.idwconv_shift_add(input, weight)
-    out = triton_or_none(getattr(triton_idwconv, 'idwconv2d_op', None), input, weight, False)
+    out = triton_or_none(triton_idwconv.idwconv2d_op, input, weight)
     if out is None:
         out = _forward(input, weight)
     return like_input_layout(out, input)

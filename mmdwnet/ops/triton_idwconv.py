@@ -180,8 +180,13 @@ if triton is not None:
     # (and for CPU tensors under TRITON_INTERPRET=1, which the tests use) they simply run.
 
     @torch.library.triton_op('mmdwnet::inhomogeneous_dwconv2d_triton', mutates_args=())
-    def idwconv2d_op(input: Tensor, weight: Tensor, transposed: bool) -> Tensor:
-        return forward(input, weight, transposed)
+    def idwconv2d_op(input: Tensor, weight: Tensor) -> Tensor:
+        return forward(input, weight)
+
+    @torch.library.triton_op('mmdwnet::inhomogeneous_dwconv2d_grad_input_triton',
+                             mutates_args=())
+    def idwconv2d_grad_input_op(grad_output: Tensor, weight: Tensor) -> Tensor:
+        return grad_input(grad_output, weight)
 
     @torch.library.triton_op('mmdwnet::inhomogeneous_dwconv2d_grad_weight_triton',
                              mutates_args=())
@@ -190,21 +195,18 @@ if triton is not None:
         return weight_grad(grad_output, input, groups, kernel_size)
 
     def _setup_context(ctx, inputs, output) -> None:
-        input, weight, transposed = inputs
-        ctx.save_for_backward(input, weight)
-        ctx.transposed = transposed
+        ctx.save_for_backward(*inputs)
 
     def _backward(ctx, grad_output: Tensor):
-        if ctx.transposed:  # only backward passes call it: this is a double backward
-            raise NotImplementedError('mmdwnet: the I-D-DW operator has no second '
-                                      'derivative (double backward)')
         input, weight = ctx.saved_tensors
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_input = idwconv2d_op(grad_output, weight, True)
+            grad_input = idwconv2d_grad_input_op(grad_output, weight)
         if ctx.needs_input_grad[1]:
             grad_weight = idwconv2d_grad_weight_op(grad_output, input, weight.shape[1],
                                                    weight.shape[2])
-        return grad_input, grad_weight, None
+        return grad_input, grad_weight
 
     idwconv2d_op.register_autograd(_backward, setup_context=_setup_context)
+else:  # pragma: no cover - torch builds without Triton
+    idwconv2d_op = None

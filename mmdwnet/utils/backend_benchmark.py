@@ -25,59 +25,37 @@ BACKENDS = ('eager', 'compile', 'onnxruntime')
 AGREEMENT = 1e-3
 
 
-class _Compiled:
+class _TorchRunner:
+    """``fn`` (the model, or the model compiled) in inference mode."""
 
-    def __init__(self, model: nn.Module, example: torch.Tensor):
-        self.fn = torch.compile(model, dynamic=False)
-        with torch.inference_mode():
-            self.fn(example)  # compile now, not in the first timed repeat
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.fn = fn
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self.fn(x)
 
 
-class _OnnxRuntime:
-
-    def __init__(self, model: nn.Module, example: torch.Tensor, threads: int):
-        import onnxruntime as ort
-
-        from mmdwnet.apis.export import _export_onnx
-        fd, path = tempfile.mkstemp(suffix='.onnx')
-        os.close(fd)
-        try:
-            _export_onnx(model, example, path, dynamic=False, opset=17)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            # ONNX Runtime's threads spin for a while after each run by default, taking
-            # the cores from the PyTorch run timed next: eager DW-T at batch 1 measured
-            # 108 ms after ONNX Runtime runs against 58 ms alone (2 cores)
-            options.add_session_config_entry('session.intra_op.allow_spinning', '0')
-            self.session = ort.InferenceSession(path, options,
-                                                providers=['CPUExecutionProvider'])
-        finally:
-            os.remove(path)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {'input': x.numpy()})[0])
-
-
-class _Eager:
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.model(x)
+def _onnx_runner(model: nn.Module, example: torch.Tensor, threads: int):
+    from mmdwnet.apis.export import _export_onnx, _load_onnx
+    fd, path = tempfile.mkstemp(suffix='.onnx')
+    os.close(fd)
+    try:
+        _export_onnx(model, example, path, dynamic=False, opset=17)
+        run = _load_onnx(path, threads)
+    finally:
+        os.remove(path)
+    return lambda x: run(x)[0]
 
 
 def _make_runner(backend: str, model: nn.Module, example: torch.Tensor, threads: int):
     if backend == 'eager':
-        return _Eager(model)
+        return _TorchRunner(model)
     if backend == 'compile':
-        return _Compiled(model, example)
-    return _OnnxRuntime(model, example, threads)
+        run = _TorchRunner(torch.compile(model, dynamic=False))
+        run(example)  # compile now, not in the first timed repeat
+        return run
+    return _onnx_runner(model, example, threads)
 
 
 def measure_backends(names: Sequence[str], backends: Sequence[str] = BACKENDS,

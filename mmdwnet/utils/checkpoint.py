@@ -86,21 +86,21 @@ class AtomicLocalBackend(LocalBackend):
     returns, only ever names complete files. The bytes are those mmengine writes."""
 
     def put(self, obj: bytes, filepath: Union[str, os.PathLike]) -> None:
-        self._write_atomically(obj, filepath, 'wb')
+        self._write_atomically(obj, filepath)
 
     def put_text(self, obj: str, filepath: Union[str, os.PathLike],
                  encoding: str = 'utf-8') -> None:
-        self._write_atomically(obj.encode(encoding), filepath, 'wb')
+        self._write_atomically(obj.encode(encoding), filepath)
 
     @staticmethod
-    def _write_atomically(data: bytes, filepath, mode: str) -> None:
+    def _write_atomically(data: bytes, filepath) -> None:
         filepath = str(filepath)
         directory = osp.dirname(osp.abspath(filepath))
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{osp.basename(filepath)}.',
                                    suffix='.tmp')
         try:
-            with os.fdopen(fd, mode) as f:
+            with os.fdopen(fd, 'wb') as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

@@ -54,7 +54,7 @@ _SCRIPT = textwrap.dedent('''
             assert err < tol, (name, k, dtype, err)
 
     # the operators the compiler sees (triton_op), with their autograd, against the PyTorch
-    # implementation; tiny chunk budgets make the fused operator work a sample at a time
+    # implementation; a tiny chunk budget splits the fused operator's batch in two
     from mmdwnet.ops import predicted_idwconv
     from mmdwnet.ops.inhomogeneous_dwconv import _forward as pytorch_idwconv
     b, c, g, k, h, w, r = 3, 8, 2, 3, 6, 5, 4
@@ -68,7 +68,7 @@ _SCRIPT = textwrap.dedent('''
         2 * g * k * k * h * w * 4
     assert len(predicted_idwconv._chunks(x, g * k * k)) == 2
     for ours, theirs, inputs in [
-            (lambda *a: triton_idwconv.idwconv2d_op(*a, False), pytorch_idwconv, (x, wt)),
+            (triton_idwconv.idwconv2d_op, pytorch_idwconv, (x, wt)),
             (lambda *a: predicted_idwconv._triton_forward(*a, k),
              lambda *a: predicted_idwconv._forward(*a, k), (x, hid, pw, pb))]:
         results = []
@@ -172,8 +172,7 @@ def test_cuda_dispatch_uses_triton_and_matches_pytorch(monkeypatch):
         monkeypatch.setattr(
             triton_idwconv, name,
             lambda *a, _k=kernel, _n=name, **kw: calls.append(
-                'grad_input' if kw.get('transposed') or (len(a) > 4 and a[4]) else _n)
-            or _k(*a, **kw))
+                'grad_input' if kw.get('transposed') else _n) or _k(*a, **kw))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 96, 56, 56, generator=gen).cuda().requires_grad_()
     w = torch.randn(2, 32, 7, 7, 56, 56, generator=gen).cuda().requires_grad_()
