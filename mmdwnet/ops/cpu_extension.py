@@ -6,8 +6,9 @@ Compiled on first use with ``torch.utils.cpp_extension.load`` (ninja and a C++ c
 into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``), which takes about 30 s on 2 cores once per machine and
 source version; later processes load the cached library in milliseconds. The build is
-specialised to the CPU's vector width (AVX2 / AVX-512, or portable), and is named after it so
-machines sharing a cache do not share a wrong build. If it cannot be built (no compiler),
+specialised to the CPU's vector width (AVX2 / AVX-512, or portable) and, where the CPU has
+AVX-512 BF16, to its bfloat16 dot products; it is named after its target so that machines
+sharing a cache do not share a wrong build. If it cannot be built (no compiler),
 a warning says why and the operator runs its PyTorch implementation.
 Set ``MMDWNET_CPU_EXTENSION=0`` to use the PyTorch implementation deliberately.
 """
@@ -28,10 +29,22 @@ _lock = threading.Lock()
 _state = {'tried': False, 'ops': None, 'error': None}
 
 
+def cpu_flags() -> set:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return set(next(line for line in f if line.startswith('flags')).split(':')[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
 def _arch_flags():
     capability = torch.backends.cpu.get_cpu_capability()  # 'AVX512', 'AVX2', 'DEFAULT', ...
     if capability == 'AVX512':
-        return 'avx512', ['-mavx512f', '-mavx512bw', '-mavx512vl', '-mavx2', '-mfma']
+        flags = ['-mavx512f', '-mavx512bw', '-mavx512vl', '-mavx2', '-mfma']
+        if 'avx512_bf16' in cpu_flags():  # bfloat16 dot products (VDPBF16PS)
+            return 'avx512bf16', flags + ['-mavx512bf16']
+        return 'avx512', flags
     if capability == 'AVX2':
         return 'avx2', ['-mavx2', '-mfma']
     return 'generic', []

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from mmengine.hub import get_config
 from torch import nn
 
+from ..ops.cpu_extension import cpu_flags
 from .build import build_model
 from .markdown import markdown_table
 
@@ -141,15 +142,6 @@ ISA_FLAGS = {
 }
 # a dtype is native on a CPU with any of these flags (otherwise oneDNN emulates it)
 NATIVE_FLAGS = {'bf16': ('avx512_bf16', 'amx_bf16'), 'fp16': ('avx512_fp16', 'amx_fp16')}
-
-
-def cpu_flags() -> set:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            return set(next(line for line in f if line.startswith('flags')).split(':')[1].split())
-    except (OSError, StopIteration):
-        return set()
 
 
 def cpu_model() -> str:

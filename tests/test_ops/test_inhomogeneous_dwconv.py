@@ -74,9 +74,12 @@ def test_gradcheck_float64(shape, cpu_path):
 # even K: 4, and the 12 x 12 kernels of the 384 fine-tuning (maps smaller than the kernel
 # too); odd K: 7 with the maps of stage 4 and a non-square map
 @pytest.mark.parametrize('shape', [(2, 8, 4, 4, 9, 10), (1, 6, 3, 12, 14, 13),
-                                   (2, 4, 2, 12, 5, 7), (2, 12, 4, 7, 7, 7), (1, 4, 4, 7, 3, 9)])
+                                   (2, 4, 2, 12, 5, 7), (2, 12, 4, 7, 7, 7), (1, 4, 4, 7, 3, 9),
+                                   (1, 32, 2, 7, 100, 64)])
 def test_every_kernel_size_matches_the_reference(shape, cpu_path):
-    """Forward and both gradients against the unfold reference, even K included."""
+    """Forward and both gradients against the unfold reference, even K included. The last
+    shape is too large for one output tile of the compiled gathers (16 channels per group
+    of 64 columns: tiles of 48 rows), so tiles of 48, 48 and 4 rows meet."""
     b, c, g, k, h, w = shape
     x, weight = _pair(b, c, g, k, h, w, dtype=torch.float64)
     grad = torch.randn(b, c, h, w, dtype=torch.float64)
@@ -273,10 +276,12 @@ def test_forward_backward_peak_memory_is_a_fifth_of_unfold():
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('layout', ['nchw', 'channels_last'])
 @pytest.mark.parametrize('k', [7, 12, 5])
-def test_compiled_low_precision_kernels(dtype, layout, k, compiled_ops):
+@pytest.mark.parametrize('groups', [8, 6])
+def test_compiled_low_precision_kernels(dtype, layout, k, groups, compiled_ops):
     """The compiled kernels take float16/bfloat16 operands (NCHW or channels-last) as they
-    are, sum in float32 and round once; a spy shows that they, not the fallback, ran."""
-    x, weight = _pair(2, 24, 8, k, 9, 10, dtype=torch.float64)  # 3 channels per group
+    are, sum in float32 and round once; a spy shows that they, not the fallback, ran. With
+    AVX-512 BF16, bfloat16 pairs taps (even and odd K) and channels (3 and 4 per group)."""
+    x, weight = _pair(2, 24, groups, k, 9, 10, dtype=torch.float64)
     x, weight = x.to(dtype), weight.to(dtype)
     if layout == 'channels_last':
         x = x.contiguous(memory_format=torch.channels_last)
@@ -294,3 +299,15 @@ def test_compiled_low_precision_kernels(dtype, layout, k, compiled_ops):
         scale = want.abs().max().item()
         torch.testing.assert_close(got.double(), want, rtol=2 * eps, atol=2 * eps * scale)
     assert compiled_ops.ran(dtype) == _CPU_OPS, compiled_ops.calls
+
+
+def test_bfloat16_dot_products_where_the_cpu_has_them():
+    """The CPU kernels are built for AVX-512 BF16 (bfloat16 pairs of taps and channels in
+    VDPBF16PS) exactly where the CPU has it; the bfloat16 tests above then check that
+    path."""
+    from mmdwnet.ops import cpu_extension
+    ops = cpu_extension.load()
+    assert ops is not None, cpu_extension.error()
+    has = (torch.backends.cpu.get_cpu_capability() == 'AVX512'
+           and 'avx512_bf16' in cpu_extension.cpu_flags())
+    assert ops.bf16_dot_products() == has

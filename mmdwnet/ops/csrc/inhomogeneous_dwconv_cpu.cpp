@@ -282,6 +282,13 @@ inline typename Vec<acc_t>::type load_n(const T* p, int64_t n) {
   return v;
 }
 
+// Rows of the output tile of the gathers below, whose rows hold `row_size` floats: the
+// whole map where the tile fits in 192 KiB (half of L2 on current CPUs), so that each kernel
+// map streams through once from top to bottom; at least 8 rows.
+inline int64_t tile_rows(int64_t height, int64_t row_size) {
+  return std::max<int64_t>(8, std::min<int64_t>(height, (48 << 10) / row_size));
+}
+
 // The forward pass and the input gradient, both as gathers over the K*K taps:
 //   forward:    out[c, h, w] = sum_{i,j} w_ij[h, w] * x[c, h + dy_i, w + dx_j]
 //   transposed: out[c, h, w] = sum_{i,j} (w_ij * g_c)[h - dy_i, w - dx_j]
@@ -299,12 +306,13 @@ void gather_blocked(const scalar_t* src, const Layout& in, const scalar_t* weigh
                     int64_t groups, int64_t height, int64_t width) {
   using acc_t = acc_type<scalar_t>;
   using vec = typename Vec<acc_t>::type;
-  constexpr int64_t V = Vec<acc_t>::size, R = 8;
+  constexpr int64_t V = Vec<acc_t>::size;
   const int64_t cpg = channels / groups, plane = height * width, top = K / 2;
   const int64_t before = transposed ? K - 1 - top : top;  // zero rows/columns before the map
   // padded rows: one vector past the last column, so that every load stays inside
   const int64_t ph = height + K - 1, pw = width + K - 1 + V;
   const int64_t tw = (width + V - 1) / V * V;  // tile row: whole vectors
+  const int64_t R = tile_rows(height, cpg * tw);
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> padded(cpg * ph * pw, acc_t(0)), tile(cpg * R * tw);
     std::vector<acc_t> rows(transposed ? K * pw : 0, acc_t(0));
@@ -327,25 +335,37 @@ void gather_blocked(const scalar_t* src, const Layout& in, const scalar_t* weigh
             const scalar_t* wrow = wt + i * K * plane + (transposed ? h - shift : h) * width;
             if constexpr (transposed) {
               for (int64_t j = 0; j < K; ++j) {
-                widen(wrow + j * plane, rows.data() + j * pw + before, width);
+                const scalar_t* p = wrow + j * plane;
+                for (int64_t w = 0; w < width; w += 64 / sizeof(scalar_t)) {
+                  __builtin_prefetch(p + 2 * width + w);  // two rows ahead in this kernel map
+                }
+                widen(p, rows.data() + j * pw + before, width);
               }
             }
             for (int64_t w0 = 0; w0 < width; w0 += V) {
               vec wv[K];
+              const int64_t n = std::min(V, width - w0);
+#pragma GCC unroll 16
               for (int64_t j = 0; j < K; ++j) {
                 if constexpr (transposed) {
                   wv[j] = load<acc_t>(rows.data() + j * pw + w0 + K - 1 - j);
                 } else {
-                  wv[j] = load_n<acc_t>(wrow + j * plane + w0, std::min(V, width - w0));
+                  const scalar_t* p = wrow + j * plane + w0;
+                  __builtin_prefetch(p + 2 * width);  // two rows ahead in this kernel map
+                  wv[j] = n == V ? load<acc_t>(p) : load_n<acc_t>(p, n);
                 }
               }
               for (int64_t c = 0; c < cpg; ++c) {
                 acc_t* t = tile.data() + (c * R + h - h0) * tw + w0;
                 const acc_t* x = padded.data() + (c * ph + h + src_row) * pw + w0;
-                vec a = load<acc_t>(t);
+                // two partial sums: half the length of the dependent chain of FMAs
+                vec a = load<acc_t>(t), b = {};
+#pragma GCC unroll 16
                 for (int64_t j = 0; j < K; ++j) {
-                  a += wv[j] * load<acc_t>(x + (transposed ? K - 1 - j : j));
+                  const vec p = wv[j] * load<acc_t>(x + (transposed ? K - 1 - j : j));
+                  if (j % 2) b += p; else a += p;
                 }
+                a += b;
                 std::memcpy(t, &a, sizeof(a));
               }
             }
@@ -407,10 +427,15 @@ void weight_gradient_blocked(const scalar_t* grad_out, const Layout& lg, const s
               // lanes past the row's end read the next row: their sums are not stored
               const vec g = load<acc_t>(gp + c * plane);
               const acc_t* row = xp + c * ph * pw;
+#pragma GCC unroll 16
               for (int64_t j = 0; j < K; ++j) acc[j] += g * load<acc_t>(row + j);
             }
-            for (int64_t j = 0; j < K; ++j) {
-              store<scalar_t, acc_t>(gw + (i * K + j) * plane + h * width + w0, acc[j], n);
+            scalar_t* dst = gw + i * K * plane + h * width + w0;
+            if (n == V) {
+#pragma GCC unroll 16
+              for (int64_t j = 0; j < K; ++j) store<scalar_t, acc_t>(dst + j * plane, acc[j], V);
+            } else {
+              for (int64_t j = 0; j < K; ++j) store<scalar_t, acc_t>(dst + j * plane, acc[j], n);
             }
           }
         }
@@ -418,6 +443,277 @@ void weight_gradient_blocked(const scalar_t* grad_out, const Layout& lg, const s
     }
   });
 }
+
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+// bfloat16 on CPUs with AVX-512 BF16. VDPBF16PS multiplies two pairs of bfloat16 values
+// exactly and adds both products to a float32 lane: two taps (or two channels) in one
+// instruction, where the widened path above needs two FMAs and two loads of widened
+// operands. The operands are arranged in pairs, one pair per 32-bit lane:
+//   forward / input gradient: the source plane as (x[q], x[q + 1]) (two neighbouring
+//     taps of a kernel row) and the kernel maps of taps j, j + 1 interleaved as they
+//     stream; an odd last tap takes the widened path (an FMA),
+//   kernel gradient: two channels of the group, (x_c[q], x_c+1[q]) and
+//     (g_c[p], g_c+1[p]); an odd last channel takes the FMA.
+// Sums stay in float32 and are rounded once, as above; only the order of the additions
+// differs.
+#include <immintrin.h>
+#define MMDWNET_BF16_DOT 1
+
+namespace bf16dot {
+
+constexpr int64_t V = 8;  // float32 lanes, one pair of bfloat16 each
+
+inline uint16_t bits(c10::BFloat16 v) { return v.x; }
+
+// 8 bfloat16 values at p, the lanes from n on zero
+inline __m128i load8(const uint16_t* p, int64_t n) {
+  if (n >= V) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1), p);
+}
+
+// lane k: (a[k], b[k]), a in the low half
+inline __m256bh interleave(__m128i a, __m128i b) {
+  return (__m256bh)_mm256_set_m128i(_mm_unpackhi_epi16(a, b), _mm_unpacklo_epi16(a, b));
+}
+
+inline __m256 widen8(__m128i a) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16));
+}
+
+inline __m256i load_pairs(const uint32_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+// the first value of each pair, as float32
+inline __m256 first_of_pairs(__m256i pairs) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+}
+
+// The group's `planes` channel planes of `src` (layout `in`) as bfloat16 bits in
+// zero-bordered planes of padded_h x padded_w, the map starting at row/column `top`.
+inline void pad_bits(const c10::BFloat16* src, const Layout& in, uint16_t* dst,
+                     int64_t planes, int64_t height, int64_t width, int64_t top,
+                     int64_t padded_h, int64_t padded_w) {
+  for (int64_t c = 0; c < planes; ++c) {
+    for (int64_t h = 0; h < height; ++h) {
+      const c10::BFloat16* row = src + c * in.c + h * in.h;
+      uint16_t* out = dst + (c * padded_h + h + top) * padded_w + top;
+      for (int64_t w = 0; w < width; ++w) out[w] = bits(row[w * in.w]);
+    }
+  }
+}
+
+// pairs[q] = (plane[q], plane[q + 1]) over n positions of a row (plane has n + 1)
+inline void neighbour_pairs(const uint16_t* plane, uint32_t* pairs, int64_t n) {
+  for (int64_t q = 0; q < n; ++q) {
+    pairs[q] = plane[q] | static_cast<uint32_t>(plane[q + 1]) << 16;
+  }
+}
+
+// pairs[q] = (a[q], b[q]); b == nullptr pairs with zero
+inline void channel_pairs(const uint16_t* a, const uint16_t* b, uint32_t* pairs, int64_t n) {
+  for (int64_t q = 0; q < n; ++q) pairs[q] = a[q] | static_cast<uint32_t>(b[q]) << 16;
+}
+
+inline float as_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline void store_bf16(c10::BFloat16* p, __m256 v, int64_t n) {
+  typename Vec<float>::type u;
+  std::memcpy(&u, &v, sizeof(u));
+  store<c10::BFloat16, float>(p, u, n);
+}
+
+// gather_blocked for bfloat16 (same tiles, same order of the loops), taps in pairs
+template <int64_t K, bool transposed>
+void gather(const c10::BFloat16* src, const Layout& in, const c10::BFloat16* weight,
+            c10::BFloat16* out, const Layout& lo, int64_t batch, int64_t channels,
+            int64_t groups, int64_t height, int64_t width) {
+  constexpr int64_t P = K / 2;  // tap pairs; an odd K leaves tap K - 1
+  const int64_t cpg = channels / groups, plane = height * width, top = K / 2;
+  const int64_t before = transposed ? K - 1 - top : top;
+  const int64_t ph = height + K - 1, pw = width + K - 1 + V;
+  const int64_t tw = (width + V - 1) / V * V;
+  const int64_t R = tile_rows(height, cpg * tw);
+  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> padded(cpg * ph * (pw + 1), 0);
+    std::vector<uint32_t> pairs(cpg * ph * pw);
+    std::vector<float> tile(cpg * R * tw);
+    std::vector<uint16_t> rows(transposed ? K * pw : 0, 0);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t n_ = bg / groups, g_ = bg % groups;
+      pad_bits(src + in.group(n_, g_, cpg), in, padded.data(), cpg, height, width, before, ph,
+               pw + 1);
+      for (int64_t r = 0; r < cpg * ph; ++r) {
+        neighbour_pairs(padded.data() + r * (pw + 1), pairs.data() + r * pw, pw);
+      }
+      const uint16_t* wt = reinterpret_cast<const uint16_t*>(weight + bg * K * K * plane);
+      c10::BFloat16* o = out + lo.group(n_, g_, cpg);
+      for (int64_t h0 = 0; h0 < height; h0 += R) {
+        const int64_t h1 = std::min(height, h0 + R);
+        std::fill(tile.begin(), tile.end(), 0.f);
+        for (int64_t i = 0; i < K; ++i) {
+          const int64_t shift = transposed ? i - top : top - i;
+          const int64_t r0 = std::max(h0, shift), r1 = std::min(h1, height + shift);
+          const int64_t src_row = transposed ? K - 1 - i : i;
+          for (int64_t h = r0; h < r1; ++h) {
+            const uint16_t* wrow = wt + i * K * plane + (transposed ? h - shift : h) * width;
+            if constexpr (transposed) {  // the K kernel rows, zero-bordered
+              for (int64_t j = 0; j < K; ++j) {
+                const uint16_t* p = wrow + j * plane;
+                for (int64_t w = 0; w < width; w += 32) __builtin_prefetch(p + 2 * width + w);
+                std::memcpy(rows.data() + j * pw + before, p, width * sizeof(uint16_t));
+              }
+            }
+            for (int64_t w0 = 0; w0 < width; w0 += V) {
+              const int64_t n = std::min(V, width - w0);
+              __m256bh wp[P > 0 ? P : 1];
+              __m256 wl = _mm256_setzero_ps();
+#pragma GCC unroll 16
+              for (int64_t m = 0; m < P; ++m) {
+                const int64_t j = 2 * m;
+                if constexpr (transposed) {  // lane q: taps j + 1 at s, j at s + 1
+                  const uint16_t* r = rows.data() + w0 + K - 2 - j;
+                  wp[m] = interleave(load8(r + (j + 1) * pw, V), load8(r + j * pw + 1, V));
+                } else {
+                  const uint16_t* p = wrow + j * plane + w0;
+                  __builtin_prefetch(p + 2 * width);
+                  __builtin_prefetch(p + plane + 2 * width);
+                  wp[m] = interleave(load8(p, n), load8(p + plane, n));
+                }
+              }
+              if constexpr (K % 2 == 1) {
+                if constexpr (transposed) {
+                  wl = widen8(load8(rows.data() + (K - 1) * pw + w0, V));
+                } else {
+                  const uint16_t* p = wrow + (K - 1) * plane + w0;
+                  __builtin_prefetch(p + 2 * width);
+                  wl = widen8(load8(p, n));
+                }
+              }
+              for (int64_t c = 0; c < cpg; ++c) {
+                float* t = tile.data() + (c * R + h - h0) * tw + w0;
+                const uint32_t* x = pairs.data() + (c * ph + h + src_row) * pw + w0;
+                __m256 a = _mm256_loadu_ps(t), b = _mm256_setzero_ps();
+#pragma GCC unroll 16
+                for (int64_t m = 0; m < P; ++m) {
+                  // forward: (x[q + j], x[q + j + 1]); transposed: (g[s], g[s + 1])
+                  const __m256i xs = load_pairs(x + (transposed ? K - 2 - 2 * m : 2 * m));
+                  if (m % 2) {
+                    b = _mm256_dpbf16_ps(b, wp[m], (__m256bh)xs);
+                  } else {
+                    a = _mm256_dpbf16_ps(a, wp[m], (__m256bh)xs);
+                  }
+                }
+                if constexpr (K % 2 == 1) {
+                  const __m256i xs = load_pairs(x + (transposed ? 0 : K - 1));
+                  b = _mm256_fmadd_ps(wl, first_of_pairs(xs), b);
+                }
+                _mm256_storeu_ps(t, _mm256_add_ps(a, b));
+              }
+            }
+          }
+        }
+        for (int64_t c = 0; c < cpg; ++c) {
+          for (int64_t h = h0; h < h1; ++h) {
+            const float* t = tile.data() + (c * R + h - h0) * tw;
+            c10::BFloat16* orow = o + c * lo.c + h * lo.h;
+            for (int64_t w0 = 0; w0 < width; w0 += V) {
+              const int64_t n = std::min(V, width - w0);
+              if (lo.w == 1) {
+                store_bf16(orow + w0, _mm256_loadu_ps(t + w0), n);
+              } else {
+                for (int64_t k = 0; k < n; ++k) orow[(w0 + k) * lo.w] = t[w0 + k];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// weight_gradient_blocked for bfloat16, the group's channels in pairs
+template <int64_t K>
+void weight_gradient(const c10::BFloat16* grad_out, const Layout& lg,
+                     const c10::BFloat16* input, const Layout& lx, c10::BFloat16* grad_weight,
+                     int64_t batch, int64_t channels, int64_t groups, int64_t height,
+                     int64_t width) {
+  const int64_t cpg = channels / groups, plane = height * width, top = K / 2;
+  const int64_t ph = height + K - 1, pw = width + K - 1 + V;
+  const int64_t npairs = cpg / 2;  // an odd last channel is widened instead
+  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> padded(cpg * ph * pw, 0), go(cpg * plane, 0);
+    std::vector<uint32_t> xpairs(npairs * ph * pw), gpairs(npairs * plane + V, 0);
+    std::vector<float> xlast(cpg % 2 ? ph * pw : 0), glast(cpg % 2 ? plane + V : 0, 0.f);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t n_ = bg / groups, g_ = bg % groups;
+      pad_bits(input + lx.group(n_, g_, cpg), lx, padded.data(), cpg, height, width, top, ph,
+               pw);
+      pad_bits(grad_out + lg.group(n_, g_, cpg), lg, go.data(), cpg, height, width, 0, height,
+               width);
+      for (int64_t m = 0; m < npairs; ++m) {
+        channel_pairs(padded.data() + 2 * m * ph * pw, padded.data() + (2 * m + 1) * ph * pw,
+                      xpairs.data() + m * ph * pw, ph * pw);
+        channel_pairs(go.data() + 2 * m * plane, go.data() + (2 * m + 1) * plane,
+                      gpairs.data() + m * plane, plane);
+      }
+      if (cpg % 2) {
+        const uint16_t* xl = padded.data() + (cpg - 1) * ph * pw;
+        const uint16_t* gl = go.data() + (cpg - 1) * plane;
+        for (int64_t q = 0; q < ph * pw; ++q) xlast[q] = as_float(xl[q]);
+        for (int64_t q = 0; q < plane; ++q) glast[q] = as_float(gl[q]);
+      }
+      c10::BFloat16* gw = grad_weight + bg * K * K * plane;
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t h0 = std::max<int64_t>(0, top - i);
+        const int64_t h1 = std::min<int64_t>(height, height + top - i);
+        for (int64_t h = 0; h < height; ++h) {
+          if (h < h0 || h >= h1) {  // the tap row lies outside the map: no gradient
+            for (int64_t j = 0; j < K; ++j) {
+              std::fill(gw + (i * K + j) * plane + h * width,
+                        gw + (i * K + j) * plane + (h + 1) * width, c10::BFloat16(0.f));
+            }
+            continue;
+          }
+          for (int64_t w0 = 0; w0 < width; w0 += V) {
+            const int64_t n = std::min(V, width - w0);
+            __m256 acc[K];
+#pragma GCC unroll 16
+            for (int64_t j = 0; j < K; ++j) acc[j] = _mm256_setzero_ps();
+            for (int64_t m = 0; m < npairs; ++m) {
+              // lanes past the row's end read the next row: their sums are not stored
+              const __m256bh g = (__m256bh)load_pairs(gpairs.data() + m * plane + h * width + w0);
+              const uint32_t* row = xpairs.data() + (m * ph + h + i) * pw + w0;
+#pragma GCC unroll 16
+              for (int64_t j = 0; j < K; ++j) {
+                acc[j] = _mm256_dpbf16_ps(acc[j], g, (__m256bh)load_pairs(row + j));
+              }
+            }
+            if (cpg % 2) {
+              const __m256 g = _mm256_loadu_ps(glast.data() + h * width + w0);
+              const float* row = xlast.data() + (h + i) * pw + w0;
+#pragma GCC unroll 16
+              for (int64_t j = 0; j < K; ++j) {
+                acc[j] = _mm256_fmadd_ps(g, _mm256_loadu_ps(row + j), acc[j]);
+              }
+            }
+            c10::BFloat16* dst = gw + i * K * plane + h * width + w0;
+#pragma GCC unroll 16
+            for (int64_t j = 0; j < K; ++j) store_bf16(dst + j * plane, acc[j], n);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace bf16dot
+#endif  // AVX-512 BF16
 
 // Runs `fn.template operator()<K>()` for the kernel sizes with a blocked kernel; false
 // for the others, which take the plain loops.
@@ -463,6 +759,16 @@ void forward_or_grad_input_into(const at::Tensor& src_, const at::Tensor& weight
     const bool done = with_blocked_size(k, [&](auto size) {
       constexpr int64_t K = decltype(size)::value;
       scalar_t* y = out.data_ptr<scalar_t>();
+#ifdef MMDWNET_BF16_DOT
+      if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+        if (transposed) {
+          bf16dot::gather<K, true>(x, in, wt, y, lo, b, c, g, h, w);
+        } else {
+          bf16dot::gather<K, false>(x, in, wt, y, lo, b, c, g, h, w);
+        }
+        return;
+      }
+#endif
       if (transposed) {
         gather_blocked<scalar_t, K, true>(x, in, wt, y, lo, b, c, g, h, w);
       } else {
@@ -524,6 +830,12 @@ at::Tensor grad_weight(const at::Tensor& grad_output_, const at::Tensor& input_,
     scalar_t* gw = out.data_ptr<scalar_t>();
     const Layout lg(grad_output), lx(input);
     const bool done = with_blocked_size(kernel, [&](auto size) {
+#ifdef MMDWNET_BF16_DOT
+      if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+        bf16dot::weight_gradient<decltype(size)::value>(go, lg, x, lx, gw, b, c, groups, h, w);
+        return;
+      }
+#endif
       weight_gradient_blocked<scalar_t, decltype(size)::value>(go, lg, x, lx, gw, b, c, groups,
                                                                h, w);
     });
@@ -536,9 +848,19 @@ at::Tensor grad_weight(const at::Tensor& grad_output_, const at::Tensor& input_,
   return out;
 }
 
+// whether bfloat16 operands take the AVX-512 BF16 dot products (the build's target has them)
+bool bf16_dot_products() {
+#ifdef MMDWNET_BF16_DOT
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmdwnet_cpu, m) {
+  m.def("bf16_dot_products() -> bool", &bf16_dot_products);
   m.def("inhomogeneous_dwconv2d(Tensor input, Tensor weight) -> Tensor", &forward);
   m.def("inhomogeneous_dwconv2d_into(Tensor input, Tensor weight, Tensor(a!) out) -> ()",
         &forward_into);
