@@ -289,6 +289,28 @@ inline int64_t tile_rows(int64_t height, int64_t row_size) {
   return std::max<int64_t>(8, std::min<int64_t>(height, (48 << 10) / row_size));
 }
 
+// The loop nest the two gathers share: output tiles of R rows; in each, for every kernel
+// row i, the output rows h whose source row (h + dy_i, or h - dy_i) lies in the map.
+// Calls begin() before a tile, row(h0, i, h, src_row, kernel_row) for each such pair -
+// h0 the tile's first row, src_row the padded source row of output row h for kernel row i
+// (tap j then reads column offset j, or K - 1 - j), kernel_row the row of the kernel maps
+// it reads - and end(h0, h1) after the tile.
+template <int64_t K, bool transposed, typename Begin, typename Row, typename End>
+inline void for_each_tile_row(int64_t height, int64_t R, Begin&& begin, Row&& row, End&& end) {
+  constexpr int64_t top = K / 2;
+  for (int64_t h0 = 0; h0 < height; h0 += R) {
+    const int64_t h1 = std::min(height, h0 + R);
+    begin();
+    for (int64_t i = 0; i < K; ++i) {
+      const int64_t shift = transposed ? i - top : top - i;
+      const int64_t r0 = std::max(h0, shift), r1 = std::min(h1, height + shift);
+      const int64_t src_row = transposed ? K - 1 - i : i;
+      for (int64_t h = r0; h < r1; ++h) row(h0, i, h, src_row, transposed ? h - shift : h);
+    }
+    end(h0, h1);
+  }
+}
+
 // The forward pass and the input gradient, both as gathers over the K*K taps:
 //   forward:    out[c, h, w] = sum_{i,j} w_ij[h, w] * x[c, h + dy_i, w + dx_j]
 //   transposed: out[c, h, w] = sum_{i,j} (w_ij * g_c)[h - dy_i, w - dx_j]
@@ -322,17 +344,10 @@ void gather_blocked(const scalar_t* src, const Layout& in, const scalar_t* weigh
                  ph, pw);
       const scalar_t* wt = weight + bg * K * K * plane;
       scalar_t* o = out + lo.group(n_, g_, cpg);
-      for (int64_t h0 = 0; h0 < height; h0 += R) {
-        const int64_t h1 = std::min(height, h0 + R);
-        std::fill(tile.begin(), tile.end(), acc_t(0));
-        for (int64_t i = 0; i < K; ++i) {
-          // output rows whose source row (h + dy_i, or h - dy_i) lies in the map
-          const int64_t shift = transposed ? i - top : top - i;
-          const int64_t r0 = std::max(h0, shift), r1 = std::min(h1, height + shift);
-          // padded source row of output row h, and the column offset of tap j
-          const int64_t src_row = transposed ? K - 1 - i : i;
-          for (int64_t h = r0; h < r1; ++h) {
-            const scalar_t* wrow = wt + i * K * plane + (transposed ? h - shift : h) * width;
+      for_each_tile_row<K, transposed>(
+          height, R, [&] { std::fill(tile.begin(), tile.end(), acc_t(0)); },
+          [&](int64_t h0, int64_t i, int64_t h, int64_t src_row, int64_t kernel_row) {
+            const scalar_t* wrow = wt + i * K * plane + kernel_row * width;
             if constexpr (transposed) {
               for (int64_t j = 0; j < K; ++j) {
                 const scalar_t* p = wrow + j * plane;
@@ -369,19 +384,19 @@ void gather_blocked(const scalar_t* src, const Layout& in, const scalar_t* weigh
                 std::memcpy(t, &a, sizeof(a));
               }
             }
-          }
-        }
-        for (int64_t c = 0; c < cpg; ++c) {
-          for (int64_t h = h0; h < h1; ++h) {
-            const acc_t* t = tile.data() + (c * R + h - h0) * tw;
-            scalar_t* orow = o + c * lo.c + h * lo.h;
-            for (int64_t w0 = 0; w0 < width; w0 += V) {
-              store_strided<scalar_t, acc_t>(orow + w0 * lo.w, lo.w, load<acc_t>(t + w0),
-                                             std::min(V, width - w0));
+          },
+          [&](int64_t h0, int64_t h1) {
+            for (int64_t c = 0; c < cpg; ++c) {
+              for (int64_t h = h0; h < h1; ++h) {
+                const acc_t* t = tile.data() + (c * R + h - h0) * tw;
+                scalar_t* orow = o + c * lo.c + h * lo.h;
+                for (int64_t w0 = 0; w0 < width; w0 += V) {
+                  store_strided<scalar_t, acc_t>(orow + w0 * lo.w, lo.w, load<acc_t>(t + w0),
+                                                 std::min(V, width - w0));
+                }
+              }
             }
-          }
-        }
-      }
+          });
     }
   });
 }
@@ -553,15 +568,10 @@ void gather(const c10::BFloat16* src, const Layout& in, const c10::BFloat16* wei
       }
       const uint16_t* wt = reinterpret_cast<const uint16_t*>(weight + bg * K * K * plane);
       c10::BFloat16* o = out + lo.group(n_, g_, cpg);
-      for (int64_t h0 = 0; h0 < height; h0 += R) {
-        const int64_t h1 = std::min(height, h0 + R);
-        std::fill(tile.begin(), tile.end(), 0.f);
-        for (int64_t i = 0; i < K; ++i) {
-          const int64_t shift = transposed ? i - top : top - i;
-          const int64_t r0 = std::max(h0, shift), r1 = std::min(h1, height + shift);
-          const int64_t src_row = transposed ? K - 1 - i : i;
-          for (int64_t h = r0; h < r1; ++h) {
-            const uint16_t* wrow = wt + i * K * plane + (transposed ? h - shift : h) * width;
+      for_each_tile_row<K, transposed>(
+          height, R, [&] { std::fill(tile.begin(), tile.end(), 0.f); },
+          [&](int64_t h0, int64_t i, int64_t h, int64_t src_row, int64_t kernel_row) {
+            const uint16_t* wrow = wt + i * K * plane + kernel_row * width;
             if constexpr (transposed) {  // the K kernel rows, zero-bordered
               for (int64_t j = 0; j < K; ++j) {
                 const uint16_t* p = wrow + j * plane;
@@ -616,23 +626,23 @@ void gather(const c10::BFloat16* src, const Layout& in, const c10::BFloat16* wei
                 _mm256_storeu_ps(t, _mm256_add_ps(a, b));
               }
             }
-          }
-        }
-        for (int64_t c = 0; c < cpg; ++c) {
-          for (int64_t h = h0; h < h1; ++h) {
-            const float* t = tile.data() + (c * R + h - h0) * tw;
-            c10::BFloat16* orow = o + c * lo.c + h * lo.h;
-            for (int64_t w0 = 0; w0 < width; w0 += V) {
-              const int64_t n = std::min(V, width - w0);
-              if (lo.w == 1) {
-                store_bf16(orow + w0, _mm256_loadu_ps(t + w0), n);
-              } else {
-                for (int64_t k = 0; k < n; ++k) orow[(w0 + k) * lo.w] = t[w0 + k];
+          },
+          [&](int64_t h0, int64_t h1) {
+            for (int64_t c = 0; c < cpg; ++c) {
+              for (int64_t h = h0; h < h1; ++h) {
+                const float* t = tile.data() + (c * R + h - h0) * tw;
+                c10::BFloat16* orow = o + c * lo.c + h * lo.h;
+                for (int64_t w0 = 0; w0 < width; w0 += V) {
+                  const int64_t n = std::min(V, width - w0);
+                  if (lo.w == 1) {
+                    store_bf16(orow + w0, _mm256_loadu_ps(t + w0), n);
+                  } else {
+                    for (int64_t k = 0; k < n; ++k) orow[(w0 + k) * lo.w] = t[w0 + k];
+                  }
+                }
               }
             }
-          }
-        }
-      }
+          });
     }
   });
 }
