@@ -276,12 +276,14 @@ def test_forward_backward_peak_memory_is_a_fifth_of_unfold():
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('layout', ['nchw', 'channels_last'])
 @pytest.mark.parametrize('k', [7, 12, 5])
-@pytest.mark.parametrize('groups', [8, 6])
-def test_compiled_low_precision_kernels(dtype, layout, k, groups, compiled_ops):
+@pytest.mark.parametrize('shape', [(2, 24, 8, 9, 10), (2, 24, 6, 9, 10), (1, 32, 1, 60, 32)])
+def test_compiled_low_precision_kernels(dtype, layout, k, shape, compiled_ops):
     """The compiled kernels take float16/bfloat16 operands (NCHW or channels-last) as they
     are, sum in float32 and round once; a spy shows that they, not the fallback, ran. With
-    AVX-512 BF16, bfloat16 pairs taps (even and odd K) and channels (3 and 4 per group)."""
-    x, weight = _pair(2, 24, groups, k, 9, 10, dtype=torch.float64)
+    AVX-512 BF16, bfloat16 pairs taps (even and odd K) and channels (3, 4 and 32 per
+    group). The last shape splits the output into tiles of 48 and 12 rows."""
+    b, c, g, h, w = shape
+    x, weight = _pair(b, c, g, k, h, w, dtype=torch.float64)
     x, weight = x.to(dtype), weight.to(dtype)
     if layout == 'channels_last':
         x = x.contiguous(memory_format=torch.channels_last)

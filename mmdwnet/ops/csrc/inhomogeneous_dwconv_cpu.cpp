@@ -367,7 +367,7 @@ void gather_blocked(const scalar_t* src, const Layout& in, const scalar_t* weigh
                 } else {
                   const scalar_t* p = wrow + j * plane + w0;
                   __builtin_prefetch(p + 2 * width);  // two rows ahead in this kernel map
-                  wv[j] = n == V ? load<acc_t>(p) : load_n<acc_t>(p, n);
+                  wv[j] = load_n<acc_t>(p, n);
                 }
               }
               for (int64_t c = 0; c < cpg; ++c) {
@@ -446,12 +446,8 @@ void weight_gradient_blocked(const scalar_t* grad_out, const Layout& lg, const s
               for (int64_t j = 0; j < K; ++j) acc[j] += g * load<acc_t>(row + j);
             }
             scalar_t* dst = gw + i * K * plane + h * width + w0;
-            if (n == V) {
 #pragma GCC unroll 16
-              for (int64_t j = 0; j < K; ++j) store<scalar_t, acc_t>(dst + j * plane, acc[j], V);
-            } else {
-              for (int64_t j = 0; j < K; ++j) store<scalar_t, acc_t>(dst + j * plane, acc[j], n);
-            }
+            for (int64_t j = 0; j < K; ++j) store<scalar_t, acc_t>(dst + j * plane, acc[j], n);
           }
         }
       }
@@ -476,7 +472,8 @@ void weight_gradient_blocked(const scalar_t* grad_out, const Layout& lg, const s
 
 namespace bf16dot {
 
-constexpr int64_t V = 8;  // float32 lanes, one pair of bfloat16 each
+constexpr int64_t V = Vec<float>::size;  // float32 lanes, one pair of bfloat16 each
+static_assert(V == 8, "the dot products work on 256-bit vectors");
 
 inline uint16_t bits(c10::BFloat16 v) { return v.x; }
 
@@ -525,16 +522,9 @@ inline void neighbour_pairs(const uint16_t* plane, uint32_t* pairs, int64_t n) {
   }
 }
 
-// pairs[q] = (a[q], b[q]); b == nullptr pairs with zero
+// pairs[q] = (a[q], b[q])
 inline void channel_pairs(const uint16_t* a, const uint16_t* b, uint32_t* pairs, int64_t n) {
   for (int64_t q = 0; q < n; ++q) pairs[q] = a[q] | static_cast<uint32_t>(b[q]) << 16;
-}
-
-inline float as_float(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
 }
 
 inline void store_bf16(c10::BFloat16* p, __m256 v, int64_t n) {
@@ -575,7 +565,9 @@ void gather(const c10::BFloat16* src, const Layout& in, const c10::BFloat16* wei
             if constexpr (transposed) {  // the K kernel rows, zero-bordered
               for (int64_t j = 0; j < K; ++j) {
                 const uint16_t* p = wrow + j * plane;
-                for (int64_t w = 0; w < width; w += 32) __builtin_prefetch(p + 2 * width + w);
+                for (int64_t w = 0; w < width; w += 32) {
+                  __builtin_prefetch(p + 2 * width + w);  // 32 values: a cache line
+                }
                 std::memcpy(rows.data() + j * pw + before, p, width * sizeof(uint16_t));
               }
             }
@@ -672,11 +664,11 @@ void weight_gradient(const c10::BFloat16* grad_out, const Layout& lg,
         channel_pairs(go.data() + 2 * m * plane, go.data() + (2 * m + 1) * plane,
                       gpairs.data() + m * plane, plane);
       }
-      if (cpg % 2) {
-        const uint16_t* xl = padded.data() + (cpg - 1) * ph * pw;
-        const uint16_t* gl = go.data() + (cpg - 1) * plane;
-        for (int64_t q = 0; q < ph * pw; ++q) xlast[q] = as_float(xl[q]);
-        for (int64_t q = 0; q < plane; ++q) glast[q] = as_float(gl[q]);
+      if (cpg % 2) {  // the last channel widened, as the float32 path has it
+        pad_planes(input + lx.group(n_, g_, cpg) + (cpg - 1) * lx.c, lx, xlast.data(), 1,
+                   height, width, top, ph, pw);
+        pad_planes(grad_out + lg.group(n_, g_, cpg) + (cpg - 1) * lg.c, lg, glast.data(), 1,
+                   height, width, 0, height, width);
       }
       c10::BFloat16* gw = grad_weight + bg * K * K * plane;
       for (int64_t i = 0; i < K; ++i) {
