@@ -23,7 +23,8 @@ import torch
 
 SOURCES = [
     osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', name)
-    for name in ('inhomogeneous_dwconv_cpu.cpp', 'depthwise_conv_cpu.cpp')
+    for name in ('inhomogeneous_dwconv_cpu.cpp', 'predicted_idwconv_cpu.cpp',
+                 'depthwise_conv_cpu.cpp')
 ]
 _lock = threading.Lock()
 _state = {'tried': False, 'ops': None, 'error': None}

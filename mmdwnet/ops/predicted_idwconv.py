@@ -3,12 +3,15 @@
 ``y = inhomogeneous_dwconv2d(x, (weight @ hidden + bias).view(B, G, K, K, H, W))``
 
 The predicted kernels are G*K*K / C times larger than the features (16x in DWNet-T), so
-they are never kept: the forward pass predicts and applies them a few samples at a time
-(a chunk whose kernels fit in the CPU's cache, or a bounded slice of GPU memory), and the
-backward pass predicts them again from the small ``hidden`` map (C / 4 channels in DWNet)
-instead of saving them. Autograd then stores only ``x`` and ``hidden``, which the layers
-around the operator keep anyway; the extra work is one more 1x1 convolution per chunk,
-a matrix product with an inner size of C / 4.
+they are never kept. On CPU the forward pass predicts and applies them in one compiled
+kernel (``csrc/predicted_idwconv_cpu.cpp``): each tile of kernel values is predicted in
+registers and applied at once, so the kernels never reach memory. Otherwise (kernel sizes
+without a compiled kernel, the PyTorch fallback) it predicts and applies them a few
+samples at a time (a chunk whose kernels fit in the CPU's cache, or a bounded slice of
+GPU memory). The backward pass predicts them again, a chunk at a time, from the small
+``hidden`` map (C / 4 channels in DWNet) instead of saving them. Autograd then stores
+only ``x`` and ``hidden``, which the layers around the operator keep anyway; the extra
+work is one more 1x1 convolution per chunk, a matrix product with an inner size of C / 4.
 
 On CUDA the same operator is a ``torch.library.triton_op`` (prediction by batched matrix
 products, application and gradients by the Triton kernels of
@@ -20,7 +23,8 @@ import torch
 from torch import Tensor
 
 from . import export_form, triton_idwconv
-from .inhomogeneous_dwconv import _describe, grad_weight_impl, into, triton_or_none
+from .inhomogeneous_dwconv import (_compiled, _describe, grad_weight_impl, into,
+                                   triton_or_none)
 from .layout import empty_like_layout, like_input_layout
 
 __all__ = ['predicted_idwconv2d']
@@ -67,6 +71,10 @@ def _buffer(input: Tensor, weight: Tensor, chunks) -> Tensor:
 @torch.library.custom_op('mmdwnet::predicted_idwconv2d', mutates_args=())
 def _forward(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
              kernel_size: int) -> Tensor:
+    ops = _compiled(input)
+    if ops is not None and ops.predicted_idwconv2d_applies(kernel_size):
+        # prediction and application fused: the kernels never reach memory
+        return ops.predicted_idwconv2d(input, hidden, weight, bias, kernel_size)
     groups = weight.shape[0] // kernel_size**2
     out = empty_like_layout(input)
     chunks = _chunks(input, weight.shape[0])
@@ -228,7 +236,9 @@ def predicted_idwconv2d(input: Tensor, hidden: Tensor, weight: Tensor, bias: Ten
         Tensor: (B, C, H, W) in the memory format of ``input``, equal to
         :func:`mmdwnet.ops.inhomogeneous_dwconv2d` applied to the predicted kernels. Under
         autocast every operand is cast to the autocast dtype, so the kernels are predicted
-        in that dtype too; float16/bfloat16 sums run in float32.
+        from operands in that dtype too; float16/bfloat16 sums run in float32 (the fused CPU
+        kernel keeps the predicted kernel values in float32; the other paths round them to
+        the dtype).
     """
     if not isinstance(input, Tensor) or input.dim() != 4:
         raise ValueError('predicted_idwconv2d: `input` must be a 4-D (B, C, H, W) tensor, '

@@ -5,6 +5,7 @@ import torch
 from reference import idwconv as reference_idwconv
 from reference import predicted_idwconv as unfold_reference
 
+from mmdwnet.ops import cpu_extension
 from mmdwnet.ops import predicted_idwconv as module
 from mmdwnet.ops import predicted_idwconv2d
 
@@ -17,21 +18,89 @@ def _operands(b=3, c=8, r=2, g=4, k=3, h=5, w=6, dtype=torch.float64, seed=0):
             torch.randn(g * k * k, generator=gen, dtype=dtype))
 
 
+def _fused_kernel():
+    ops = cpu_extension.load()
+    assert ops is not None, cpu_extension.error()
+    return ops
+
+
+# K = 3 runs the fused CPU kernel forward; K = 9 has none and predicts the kernels a
+# chunk at a time, as the backward pass always does
+@pytest.mark.parametrize('k', [3, 9])
 @pytest.mark.parametrize('chunk_samples,tile', [(None, 512), (1, 512), (2, 7)])
 @pytest.mark.parametrize('layout', ['nchw', 'channels_last'])
-def test_matches_unfold_reference_and_gradcheck(chunk_samples, tile, layout, monkeypatch):
-    x, hidden, weight, bias = _operands()
+def test_matches_unfold_reference_and_gradcheck(chunk_samples, tile, layout, k, monkeypatch):
+    x, hidden, weight, bias = _operands(k=k)
     if layout == 'channels_last':
         x, hidden = (t.contiguous(memory_format=torch.channels_last) for t in (x, hidden))
     x, hidden, weight, bias = (t.requires_grad_() for t in (x, hidden, weight, bias))
-    if chunk_samples:  # forward and backward both split the batch into chunks
-        monkeypatch.setitem(module.CHUNK_BYTES, 'cpu', 2 * chunk_samples * 36 * 30 * 8)
+    assert _fused_kernel().predicted_idwconv2d_applies(k) == (k == 3)
+    if chunk_samples:  # the batch splits into chunks
+        monkeypatch.setitem(module.CHUNK_BYTES, 'cpu', 2 * chunk_samples * 4 * k * k * 30 * 8)
     monkeypatch.setattr(module, '_TILE', tile)  # 7: backward products in 5 position tiles
-    out = predicted_idwconv2d(x, hidden, weight, bias, 3)
-    torch.testing.assert_close(out, unfold_reference(x, hidden, weight, bias, 3),
+    out = predicted_idwconv2d(x, hidden, weight, bias, k)
+    torch.testing.assert_close(out, unfold_reference(x, hidden, weight, bias, k),
                                rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(
-        lambda *t: predicted_idwconv2d(*t, 3), (x, hidden, weight, bias))
+        lambda *t: predicted_idwconv2d(*t, k), (x, hidden, weight, bias))
+
+
+# (b, c, r, g, k, h, w) for the fused CPU kernel: K = 3, 5, 7, 12 (one or two vectors of
+# positions per register tile); an odd R (a bfloat16 pair of rows with a zero partner);
+# rows of one partial vector, of whole two-vector tiles plus one vector, and maps lower
+# than K (every output row skips kernel rows whose source rows lie outside)
+FUSED_SHAPES = [(2, 96, 24, 32, 7, 13, 21), (1, 12, 5, 4, 5, 9, 20), (2, 8, 3, 2, 3, 7, 7),
+                (1, 16, 6, 4, 12, 15, 17), (1, 64, 16, 32, 7, 5, 32)]
+
+
+@pytest.mark.parametrize('shape', FUSED_SHAPES)
+@pytest.mark.parametrize('layout', ['nchw', 'channels_last', 'strided'])
+def test_fused_kernel_matches_unfold_reference(shape, layout):
+    b, c, r, g, k, h, w = shape
+    x, hidden, weight, bias = _operands(b, c, r, g, k, h, w)
+    if layout == 'channels_last':
+        x, hidden = (t.contiguous(memory_format=torch.channels_last) for t in (x, hidden))
+    elif layout == 'strided':  # neither NCHW nor channels-last; `hidden` a channel slice
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        hidden = torch.cat([hidden, hidden[:, :2]], 1)[:, :r]
+    expected = unfold_reference(x, hidden, weight, bias, k)
+    out = _fused_kernel().predicted_idwconv2d(x, hidden, weight, bias, k)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert out.is_contiguous(memory_format=torch.channels_last
+                             if layout == 'channels_last' else torch.contiguous_format)
+
+
+@pytest.mark.parametrize('shape', FUSED_SHAPES[:4])
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 2**-20), (torch.bfloat16, 2**-7),
+                                       (torch.float16, 2**-10)])
+def test_fused_kernel_in_low_precision(shape, dtype, tol):
+    """Sums in float32, the kernel values too; the output rounded once: within a rounding
+    of the dtype (relative to the largest output) of the same operands in float64."""
+    b, c, r, g, k, h, w = shape
+    operands = [t.to(dtype) for t in _operands(b, c, r, g, k, h, w)]
+    operands[2] = operands[2] * 0.25  # kernel values of the size DWNet predicts
+    expected = unfold_reference(*(t.double() for t in operands), k)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x, hidden = (t.contiguous(memory_format=layout) for t in operands[:2])
+        out = _fused_kernel().predicted_idwconv2d(x, hidden, *operands[2:], k)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=layout)
+        error = (out.double() - expected).abs().max() / expected.abs().max()
+        assert error <= tol, (dtype, layout, error.item())
+
+
+def test_the_forward_never_materialises_the_kernels(monkeypatch):
+    """On CPU the kernels are predicted in registers: the chunked prediction, which writes
+    them to memory, is not called for a kernel size the fused kernel covers."""
+    calls = []
+    predict = module._predict
+    monkeypatch.setattr(module, '_predict', lambda *a: calls.append(a[-2]) or predict(*a))
+    for k in (7, 9):
+        x, hidden, weight, bias = _operands(b=2, c=8, r=4, g=2, k=k, h=9, w=10,
+                                            dtype=torch.float32)
+        out = predicted_idwconv2d(x, hidden, weight, bias, k)
+        expected = unfold_reference(*(t.double() for t in (x, hidden, weight, bias)), k)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert calls == [9]
 
 
 def test_chunks_follow_the_budget(monkeypatch):
@@ -78,10 +147,11 @@ def test_autocast_bfloat16_predicts_and_applies_in_bfloat16():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert all(t.grad.dtype == torch.float32 for t in (x, hidden, weight, bias))
-    # the same bfloat16-rounded operands in float64 (the kernels rounded to bfloat16 too)
+    # the same bfloat16-rounded operands in float64; the fused CPU kernel keeps the
+    # predicted kernel values in float32 (the chunked path would round them to bfloat16)
+    assert _fused_kernel().predicted_idwconv2d_applies(7)
     low = [t.detach().bfloat16().double() for t in (x, hidden, weight, bias)]
     kernels = (torch.einsum('or,brhw->bohw', low[2], low[1]) + low[3].view(1, -1, 1, 1))
-    kernels = kernels.bfloat16().double()
     expected = reference_idwconv(low[0], kernels.view(2, 4, 7, 7, 9, 9))
     # float32 sums of bfloat16 products, rounded once: a bfloat16 rounding of the result
     torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=2**-8 * 4)

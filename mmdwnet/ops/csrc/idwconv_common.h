@@ -1,0 +1,171 @@
+// Helpers the CPU kernels of mmdwnet's I-D-DW operators share (inhomogeneous_dwconv_cpu.cpp,
+// predicted_idwconv_cpu.cpp): float32 accumulation for narrower types, 32-byte vectors as
+// GCC vector extensions, widening loads and rounding stores, and the strides of NCHW or
+// channels-last maps.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+// bfloat16 dot products (VDPBF16PS): the build targets a CPU with AVX-512 BF16
+#include <immintrin.h>
+#define MMDWNET_BF16_DOT 1
+#endif
+
+namespace {
+
+void check(const at::Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "mmdwnet_cpu: `", name, "` must be a CPU tensor");
+  TORCH_CHECK(t.dim() == dim, "mmdwnet_cpu: `", name, "` must be ", dim, "-D, got ", t.dim());
+  TORCH_CHECK(t.is_contiguous(), "mmdwnet_cpu: `", name, "` must be contiguous");
+}
+
+// float32 accumulation for float16/bfloat16 operands (double stays double)
+template <typename scalar_t>
+using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value, double,
+                                           float>::type;
+
+template <typename acc_t>
+struct Vec {
+  typedef acc_t type __attribute__((vector_size(32)));
+  static constexpr int64_t size = 32 / sizeof(acc_t);
+};
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+// One value as acc_t. bfloat16 is the upper half of a float32: widened with integer
+// operations that vectorise (c10::BFloat16's conversion does not, here).
+template <typename acc_t, typename scalar_t>
+inline acc_t to_acc(scalar_t v) {
+  return static_cast<acc_t>(v);
+}
+
+template <>
+inline float to_acc<float, c10::BFloat16>(c10::BFloat16 v) {
+  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+template <typename acc_t, typename T>
+inline typename Vec<acc_t>::type load(const T* p);
+
+// `n` values of `src` as acc_t in `dst`
+template <typename scalar_t, typename acc_t>
+void widen(const scalar_t* src, acc_t* dst, int64_t n) {
+  constexpr int64_t V = Vec<acc_t>::size;
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    const auto v = load<acc_t>(src + i);
+    std::memcpy(dst + i, &v, sizeof(v));
+  }
+  for (; i < n; ++i) dst[i] = to_acc<acc_t>(src[i]);
+}
+
+template <typename acc_t, typename T>
+inline typename Vec<acc_t>::type load(const T* p) {  // same type: an unaligned load
+  typename Vec<acc_t>::type v;
+  if constexpr (std::is_same<T, acc_t>::value) {
+    std::memcpy(&v, p, sizeof(v));
+  } else if constexpr (std::is_same<T, c10::BFloat16>::value) {  // upper halves of floats
+    u16x8 half;
+    std::memcpy(&half, p, sizeof(half));
+    const u32x8 bits = __builtin_convertvector(half, u32x8) << 16;
+    std::memcpy(&v, &bits, sizeof(v));
+  } else {
+    for (int64_t i = 0; i < Vec<acc_t>::size; ++i) v[i] = static_cast<acc_t>(p[i]);
+  }
+  return v;
+}
+
+template <typename T, typename acc_t>
+inline void store(T* p, typename Vec<acc_t>::type v, int64_t n) {  // the first n lanes
+  if (n == Vec<acc_t>::size) {
+    if constexpr (std::is_same<T, acc_t>::value) {
+      std::memcpy(p, &v, sizeof(v));
+      return;
+    } else if constexpr (std::is_same<T, c10::BFloat16>::value &&
+                         std::is_same<acc_t, float>::value) {
+      // round to nearest even, as c10::BFloat16 does; a NaN stays a (quiet) NaN
+      u32x8 bits;
+      std::memcpy(&bits, &v, sizeof(bits));
+      const u32x8 nan = reinterpret_cast<u32x8>(v != v);  // all ones where NaN
+      const u32x8 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+      const u16x8 half = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), u16x8);
+      std::memcpy(p, &half, sizeof(half));
+      return;
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(v[i]);
+}
+
+// Strides of a (B, C, H, W) feature map, in elements: NCHW-contiguous or channels-last.
+struct Layout {
+  int64_t b, c, h, w;
+  explicit Layout(const at::Tensor& t)
+      : b(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
+  // first element of group g of sample n
+  int64_t group(int64_t n, int64_t g, int64_t cpg) const { return n * b + g * cpg * c; }
+};
+
+// The group's `planes` channel planes of `src` (layout `in`), widened to acc_t, into
+// zero-bordered planes of padded_h x padded_w starting at row/column `top`.
+template <typename scalar_t, typename acc_t>
+void pad_planes(const scalar_t* src, const Layout& in, acc_t* dst, int64_t planes,
+                int64_t height, int64_t width, int64_t top, int64_t padded_h,
+                int64_t padded_w) {
+  for (int64_t c = 0; c < planes; ++c) {
+    for (int64_t h = 0; h < height; ++h) {
+      const scalar_t* row = src + c * in.c + h * in.h;
+      acc_t* out = dst + (c * padded_h + h + top) * padded_w + top;
+      if (in.w == 1) {
+        widen(row, out, width);
+      } else {  // channels-last: a strided row
+        for (int64_t w = 0; w < width; ++w) out[w] = to_acc<acc_t>(row[w * in.w]);
+      }
+    }
+  }
+}
+
+// The first n lanes of v to p[0], p[stride], ...
+template <typename T, typename acc_t>
+inline void store_strided(T* p, int64_t stride, typename Vec<acc_t>::type v, int64_t n) {
+  if (stride == 1) {
+    store<T, acc_t>(p, v, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) p[i * stride] = static_cast<T>(v[i]);
+  }
+}
+
+// Loads of a row that may end inside the vector: the missing lanes read as zero.
+template <typename acc_t, typename T>
+inline typename Vec<acc_t>::type load_n(const T* p, int64_t n) {
+  if (n == Vec<acc_t>::size) return load<acc_t>(p);
+  typename Vec<acc_t>::type v = {};
+  for (int64_t i = 0; i < n; ++i) v[i] = to_acc<acc_t>(p[i]);
+  return v;
+}
+
+// Runs `fn.template operator()<K>()` for the kernel sizes with a blocked kernel; false
+// for the others, which take the plain loops.
+template <typename F>
+bool with_blocked_size(int64_t kernel, F&& fn) {
+  switch (kernel) {
+    case 3: fn(std::integral_constant<int64_t, 3>()); return true;
+    case 5: fn(std::integral_constant<int64_t, 5>()); return true;
+    case 7: fn(std::integral_constant<int64_t, 7>()); return true;
+    case 12: fn(std::integral_constant<int64_t, 12>()); return true;
+    default: return false;
+  }
+}
+
+bool is_nchw_or_channels_last(const at::Tensor& t) {
+  return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+}  // namespace
