@@ -23,8 +23,7 @@ import torch
 from torch import Tensor
 
 from . import export_form, triton_idwconv
-from .inhomogeneous_dwconv import (_compiled, _describe, grad_weight_impl, into,
-                                   triton_or_none)
+from .inhomogeneous_dwconv import _compiled, _describe, grad_weight_impl, into, triton_or_none
 from .layout import empty_like_layout, like_input_layout
 
 __all__ = ['predicted_idwconv2d']
