@@ -71,7 +71,7 @@ def _buffer(input: Tensor, weight: Tensor, chunks) -> Tensor:
 def _forward(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
              kernel_size: int) -> Tensor:
     ops = _compiled(input)
-    if ops is not None and ops.predicted_idwconv2d_applies(kernel_size):
+    if ops is not None and ops.predicted_idwconv2d_applies(kernel_size, input.dtype, False):
         # prediction and application fused: the kernels never reach memory
         return ops.predicted_idwconv2d(input, hidden, weight, bias, kernel_size)
     groups = weight.shape[0] // kernel_size**2
@@ -101,6 +101,12 @@ def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Ten
     r = hidden.shape[1]
     # weight and bias gradients as one product: the bias sees an extra input row of ones
     grad_weight_bias = weight.new_zeros(weight.shape[0], r + 1, dtype=acc)
+    ops = _compiled(input)
+    if ops is not None and ops.predicted_idwconv2d_applies(kernel_size, input.dtype, True):
+        # fused: one row of kernels and one of their gradient exist at a time
+        ops.predicted_idwconv2d_backward(grad_output, input, hidden, weight, bias, kernel_size,
+                                         grad_input, grad_hidden, grad_weight_bias)
+        return _split(grad_weight_bias, weight, bias, grad_input, grad_hidden)
     rows_last = hidden.is_contiguous(memory_format=torch.channels_last)
     chunks = _chunks(input, 2 * weight.shape[0])  # kernels and their gradient
     buffer = _buffer(input, weight, chunks)
@@ -126,10 +132,16 @@ def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Ten
                 else:
                     grad_hid[n, :, p0:p1] = weight.t() @ tile
                 grad_weight_bias.add_(tile @ hid[n, :, p0:p1].t())
-    # separate tensors (outputs of a custom op may not alias each other)
-    grad_weight = grad_weight_bias[:, :r].to(weight.dtype, copy=True)
-    grad_bias = grad_weight_bias[:, r].to(bias.dtype, copy=True)
-    return grad_input, grad_hidden, grad_weight, grad_bias
+    return _split(grad_weight_bias, weight, bias, grad_input, grad_hidden)
+
+
+def _split(grad_weight_bias: Tensor, weight: Tensor, bias: Tensor, grad_input: Tensor,
+           grad_hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four gradients, weight and bias as separate tensors of their dtypes (outputs of
+    a custom op may not alias each other)."""
+    r = weight.shape[1]
+    return (grad_input, grad_hidden, grad_weight_bias[:, :r].to(weight.dtype, copy=True),
+            grad_weight_bias[:, r].to(bias.dtype, copy=True))
 
 
 @_backward_op.register_fake

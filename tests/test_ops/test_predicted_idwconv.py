@@ -34,7 +34,7 @@ def test_matches_unfold_reference_and_gradcheck(chunk_samples, tile, layout, k, 
     if layout == 'channels_last':
         x, hidden = (t.contiguous(memory_format=torch.channels_last) for t in (x, hidden))
     x, hidden, weight, bias = (t.requires_grad_() for t in (x, hidden, weight, bias))
-    assert _fused_kernel().predicted_idwconv2d_applies(k) == (k == 3)
+    assert _fused_kernel().predicted_idwconv2d_applies(k, x.dtype, True) == (k == 3)
     if chunk_samples:  # the batch splits into chunks
         monkeypatch.setitem(module.CHUNK_BYTES, 'cpu', 2 * chunk_samples * 4 * k * k * 30 * 8)
     monkeypatch.setattr(module, '_TILE', tile)  # 7: backward products in 5 position tiles
@@ -88,19 +88,84 @@ def test_fused_kernel_in_low_precision(shape, dtype, tol):
         assert error <= tol, (dtype, layout, error.item())
 
 
-def test_the_forward_never_materialises_the_kernels(monkeypatch):
-    """On CPU the kernels are predicted in registers: the chunked prediction, which writes
-    them to memory, is not called for a kernel size the fused kernel covers."""
+def _fused_backward(grad, x, hidden, weight, bias, k):
+    grad_input, grad_hidden = (module.empty_like_layout(t) for t in (x, hidden))
+    acc = torch.promote_types(x.dtype, torch.float32)
+    grad_weight_bias = weight.new_zeros(weight.shape[0], weight.shape[1] + 1, dtype=acc)
+    _fused_kernel().predicted_idwconv2d_backward(grad, x, hidden, weight, bias, k, grad_input,
+                                                 grad_hidden, grad_weight_bias)
+    return grad_input, grad_hidden, grad_weight_bias[:, :-1], grad_weight_bias[:, -1]
+
+
+def _reference_grads(grad, x, hidden, weight, bias, k):
+    operands = [t.detach().double().requires_grad_() for t in (x, hidden, weight, bias)]
+    unfold_reference(*operands, k).backward(grad.double())
+    return [t.grad for t in operands]
+
+
+@pytest.mark.parametrize('shape', FUSED_SHAPES)
+@pytest.mark.parametrize('layout', ['nchw', 'channels_last', 'strided'])
+def test_fused_backward_matches_unfold_reference(shape, layout):
+    b, c, r, g, k, h, w = shape
+    x, hidden, weight, bias = _operands(b, c, r, g, k, h, w)
+    grad = torch.randn_like(x)
+    if layout == 'channels_last':
+        x, hidden, grad = (t.contiguous(memory_format=torch.channels_last)
+                           for t in (x, hidden, grad))
+    elif layout == 'strided':
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        hidden = torch.cat([hidden, hidden[:, :2]], 1)[:, :r]
+    expected = _reference_grads(grad, x, hidden, weight, bias, k)
+    for out, ref in zip(_fused_backward(grad, x, hidden, weight, bias, k), expected):
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('shape', FUSED_SHAPES[:4])
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 2**-18), (torch.bfloat16, 2**-7),
+                                       (torch.float16, 2**-10)])
+def test_fused_backward_in_low_precision(shape, dtype, tol):
+    """float32 sums; the input and hidden gradients rounded once to the dtype, the weight
+    and bias gradients kept in float32 (relative to the largest of each)."""
+    b, c, r, g, k, h, w = shape
+    operands = [t.to(dtype) for t in _operands(b, c, r, g, k, h, w)]
+    operands[2] = operands[2] * 0.25
+    grad = torch.randn(b, c, h, w).to(dtype)
+    expected = _reference_grads(grad, *operands, k)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x, hidden, gy = (t.contiguous(memory_format=layout)
+                         for t in (*operands[:2], grad))
+        grads = _fused_backward(gy, x, hidden, *operands[2:], k)
+        assert [t.dtype for t in grads] == [dtype, dtype, *[torch.float32] * 2]
+        for out, ref in zip(grads, expected):
+            error = (out.double() - ref).abs().max() / ref.abs().max()
+            assert error <= (tol if out.dtype == dtype else 2**-18), (dtype, error.item())
+
+
+def test_the_kernels_never_reach_memory(monkeypatch):
+    """On CPU the kernels are predicted in registers, forward and backward: the chunked
+    prediction, which writes them to memory, runs only for a kernel size the fused kernels
+    do not cover (9 here) - and for the bfloat16 backward where the CPU has bfloat16 dot
+    products, whose matrix products are faster."""
     calls = []
     predict = module._predict
     monkeypatch.setattr(module, '_predict', lambda *a: calls.append(a[-2]) or predict(*a))
     for k in (7, 9):
-        x, hidden, weight, bias = _operands(b=2, c=8, r=4, g=2, k=k, h=9, w=10,
-                                            dtype=torch.float32)
-        out = predicted_idwconv2d(x, hidden, weight, bias, k)
-        expected = unfold_reference(*(t.double() for t in (x, hidden, weight, bias)), k)
-        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
-    assert calls == [9]
+        operands = [t.requires_grad_() for t in _operands(
+            b=2, c=8, r=4, g=2, k=k, h=9, w=10, dtype=torch.float32)]
+        out = predicted_idwconv2d(*operands, k)
+        grad = torch.randn_like(out)
+        grads = torch.autograd.grad(out, operands, grad)
+        expected = _reference_grads(grad, *operands, k)
+        torch.testing.assert_close(
+            out.double(), unfold_reference(*(t.double() for t in operands), k),
+            rtol=1e-5, atol=1e-5)
+        for ours, ref in zip(grads, expected):
+            torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+    assert calls == [9, 9]  # forward and backward
+    ops = _fused_kernel()
+    assert ops.predicted_idwconv2d_applies(7, torch.bfloat16, False)
+    assert ops.predicted_idwconv2d_applies(7, torch.bfloat16, True) != (
+        ops.bf16_dot_products())
 
 
 def test_chunks_follow_the_budget(monkeypatch):
@@ -149,7 +214,7 @@ def test_autocast_bfloat16_predicts_and_applies_in_bfloat16():
     assert all(t.grad.dtype == torch.float32 for t in (x, hidden, weight, bias))
     # the same bfloat16-rounded operands in float64; the fused CPU kernel keeps the
     # predicted kernel values in float32 (the chunked path would round them to bfloat16)
-    assert _fused_kernel().predicted_idwconv2d_applies(7)
+    assert _fused_kernel().predicted_idwconv2d_applies(7, torch.bfloat16, False)
     low = [t.detach().bfloat16().double() for t in (x, hidden, weight, bias)]
     kernels = (torch.einsum('or,brhw->bohw', low[2], low[1]) + low[3].view(1, -1, 1, 1))
     expected = reference_idwconv(low[0], kernels.view(2, 4, 7, 7, 9, 9))

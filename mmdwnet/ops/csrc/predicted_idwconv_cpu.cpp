@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -32,27 +33,31 @@ namespace {
 // How the prediction multiplies: `packed` is the type `hidden` and the weights are packed
 // into - acc_t itself (one FMA per row of `hidden`), or, for bfloat16 with dot products,
 // pairs of bfloat16 rows in one 32-bit lane (rows 2m and 2m + 1: one VDPBF16PS per pair).
-template <typename scalar_t, typename acc_t>
-struct Prediction {
+template <typename acc_t>
+struct Widened {
   using packed = acc_t;
+  using vec = typename Vec<acc_t>::type;
   static constexpr int64_t rows_per_lane = 1;
-  static packed pack(const scalar_t* p, int64_t stride, int64_t rows) {
+  template <typename T>
+  static packed pack(const T* p, int64_t stride, int64_t rows) {
     return to_acc<acc_t>(p[0]);
   }
-  using vec = typename Vec<acc_t>::type;
   static vec step(vec acc, packed w, const packed* h) { return acc + w * load<acc_t>(h); }
 };
+
+template <typename scalar_t, typename acc_t>
+struct Prediction : Widened<acc_t> {};
 
 #ifdef MMDWNET_BF16_DOT
 template <>
 struct Prediction<c10::BFloat16, float> {
   using packed = uint32_t;
+  using vec = Vec<float>::type;
   static constexpr int64_t rows_per_lane = 2;
   // (p[0], p[stride]) as one lane; the missing partner of an odd last row is zero
   static packed pack(const c10::BFloat16* p, int64_t stride, int64_t rows) {
     return p[0].x | (rows > 1 ? static_cast<uint32_t>(p[stride].x) << 16 : 0u);
   }
-  using vec = Vec<float>::type;
   static vec step(vec acc, packed w, const packed* h) {
     return (vec)_mm256_dpbf16_ps((__m256)acc, (__m256bh)_mm256_set1_epi32(w),
                                  (__m256bh)_mm256_loadu_si256((const __m256i*)h));
@@ -71,21 +76,51 @@ constexpr int64_t position_vectors() {
 #endif
 }
 
-// For P vectors of positions of output row h starting at column w0 and kernel row i: the
-// K x P kernel values, predicted from the packed rows `hid` (lanes of `rows` packed
-// rows, `stride` apart) with the weights `wt` ((lanes, K)) and bias `bias` (K), then
-// out[c] += sum_j k_j * x[c] (shifted by tap j) for the group's channels; `x` and `out`
-// point at channel 0 of the zero-bordered source row and of the output row buffer.
+// Lane `lane` of one sample's `hidden` (layout `lh`, R = `rows` rows) as packed rows of
+// `tw` values (H of them), zeros past the map's width.
+template <typename Pred, typename scalar_t>
+void pack_hidden(const scalar_t* hidden, const Layout& lh, int64_t rows, int64_t lane,
+                 int64_t height, int64_t width, int64_t tw, typename Pred::packed* dst) {
+  const int64_t r = lane * Pred::rows_per_lane;
+  for (int64_t h = 0; h < height; ++h) {
+    const scalar_t* src = hidden + r * lh.c + h * lh.h;
+    for (int64_t w = 0; w < width; ++w) {
+      dst[h * tw + w] = Pred::pack(src + w * lh.w, lh.c, rows - r);
+    }
+  }
+}
+
+// The weights (G*K*K, R) as (G, K, lanes, K) - a kernel row's K weights of one lane side
+// by side, as the register tile broadcasts them - and the bias widened.
+template <typename Pred, typename scalar_t, typename acc_t>
+void pack_weights(const scalar_t* weight, const scalar_t* bias, int64_t groups, int64_t K,
+                  int64_t rows, std::vector<typename Pred::packed>& wt,
+                  std::vector<acc_t>& bi) {
+  constexpr int64_t per_lane = Pred::rows_per_lane;
+  const int64_t lanes = (rows + per_lane - 1) / per_lane;
+  wt.resize(groups * K * lanes * K);
+  bi.resize(groups * K * K);
+  for (int64_t gk = 0; gk < groups * K * K; ++gk) {  // gk = (g * K + i) * K + j
+    const int64_t gi = gk / K, j = gk % K;
+    bi[gk] = to_acc<acc_t>(bias[gk]);
+    for (int64_t l = 0; l < lanes; ++l) {
+      wt[(gi * lanes + l) * K + j] = Pred::pack(weight + gk * rows + l * per_lane, 1,
+                                                rows - l * per_lane);
+    }
+  }
+}
+
+// The K x P kernel values of kernel row i at P vectors of positions, predicted from the
+// packed rows `hid` (`lanes` of them, `stride` apart) with the weights `wt` ((lanes, K))
+// and the bias `bias` (K): the micro-kernel of a matrix product, in registers.
 template <typename Pred, int64_t K, int64_t P, typename acc_t>
-inline void predict_apply(const typename Pred::packed* hid, int64_t stride, int64_t lanes,
-                          const typename Pred::packed* wt, const acc_t* bias, const acc_t* x,
-                          int64_t x_stride, acc_t* out, int64_t out_stride, int64_t cpg) {
-  using vec = typename Vec<acc_t>::type;
+inline void predict_tile(const typename Pred::packed* hid, int64_t stride, int64_t lanes,
+                         const typename Pred::packed* wt, const acc_t* bias,
+                         typename Vec<acc_t>::type (&k)[K][P]) {
   constexpr int64_t V = Vec<acc_t>::size;
-  vec k[K][P];
 #pragma GCC unroll 16
   for (int64_t j = 0; j < K; ++j) {
-    for (int64_t p = 0; p < P; ++p) k[j][p] = vec{} + bias[j];
+    for (int64_t p = 0; p < P; ++p) k[j][p] = typename Vec<acc_t>::type{} + bias[j];
   }
   for (int64_t r = 0; r < lanes; ++r) {
     const typename Pred::packed* h = hid + r * stride;
@@ -95,6 +130,19 @@ inline void predict_apply(const typename Pred::packed* hid, int64_t stride, int6
       for (int64_t p = 0; p < P; ++p) k[j][p] = Pred::step(k[j][p], w[j], h + p * V);
     }
   }
+}
+
+// predict_tile, then out[c] += sum_j k_j * x[c] (shifted by tap j) for the group's
+// channels; `x` and `out` point at channel 0 of the zero-bordered source row and of the
+// output row buffer.
+template <typename Pred, int64_t K, int64_t P, typename acc_t>
+inline void predict_apply(const typename Pred::packed* hid, int64_t stride, int64_t lanes,
+                          const typename Pred::packed* wt, const acc_t* bias, const acc_t* x,
+                          int64_t x_stride, acc_t* out, int64_t out_stride, int64_t cpg) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t V = Vec<acc_t>::size;
+  vec k[K][P];
+  predict_tile<Pred, K, P, acc_t>(hid, stride, lanes, wt, bias, k);
   for (int64_t c = 0; c < cpg; ++c) {
     for (int64_t p = 0; p < P; ++p) {
       acc_t* o = out + c * out_stride + p * V;
@@ -125,31 +173,15 @@ void predicted_forward(const scalar_t* input, const Layout& lx, const scalar_t* 
   const int64_t cpg = channels / groups, lanes = (rows + per_lane - 1) / per_lane;
   const int64_t tw = (width + V - 1) / V * V;  // packed rows: whole vectors, zeros past W
   const int64_t ph = height + K - 1, pw = width + K - 1 + V;
-  // `hidden` as (B, lanes, H, tw) and the weights as (G, K, lanes, K): a kernel row's K
-  // weights of one lane side by side, as the register tile broadcasts them
-  std::vector<packed> hid(batch * lanes * height * tw, packed(0));
-  std::vector<packed> wt(groups * K * lanes * K);
-  std::vector<acc_t> bi(groups * K * K);
+  std::vector<packed> hid(batch * lanes * height * tw, packed(0)), wt;  // (B, lanes, H, tw)
+  std::vector<acc_t> bi;
   at::parallel_for(0, batch * lanes, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nl = begin; nl < end; ++nl) {
-      const int64_t n = nl / lanes, r = nl % lanes * per_lane;
-      for (int64_t h = 0; h < height; ++h) {
-        const scalar_t* src = hidden + n * lh.b + r * lh.c + h * lh.h;
-        packed* dst = hid.data() + (nl * height + h) * tw;
-        for (int64_t w = 0; w < width; ++w) {
-          dst[w] = Pred::pack(src + w * lh.w, lh.c, rows - r);
-        }
-      }
+      pack_hidden<Pred>(hidden + nl / lanes * lh.b, lh, rows, nl % lanes, height, width, tw,
+                        hid.data() + nl * height * tw);
     }
   });
-  for (int64_t gk = 0; gk < groups * K * K; ++gk) {  // gk = (g * K + i) * K + j
-    const int64_t gi = gk / K, j = gk % K;
-    bi[gk] = to_acc<acc_t>(bias[gk]);
-    for (int64_t l = 0; l < lanes; ++l) {
-      wt[(gi * lanes + l) * K + j] = Pred::pack(weight + gk * rows + l * per_lane, 1,
-                                                rows - l * per_lane);
-    }
-  }
+  pack_weights<Pred>(weight, bias, groups, K, rows, wt, bi);
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> padded(cpg * ph * pw, acc_t(0)), row(cpg * tw);
     for (int64_t bg = begin; bg < end; ++bg) {
@@ -189,8 +221,215 @@ void predicted_forward(const scalar_t* input, const Layout& lx, const scalar_t* 
   });
 }
 
-// whether the fused kernel runs for this kernel size (any floating dtype)
-bool predicted_applies(int64_t kernel) {
+// Rows of `hidden` per register tile of the weight gradient: K x RB accumulators, RB
+// vectors of `hidden` and one of the kernels' gradient (4K + 4 of 32 registers for K <= 7).
+template <int64_t K>
+constexpr int64_t row_block() {
+#ifdef __AVX512VL__
+  return K <= 7 ? 3 : 1;
+#else
+  return K <= 3 ? 3 : 1;  // 16 vector registers
+#endif
+}
+
+template <typename acc_t>
+inline acc_t hsum(typename Vec<acc_t>::type v) {
+  acc_t s = 0;
+  for (int64_t l = 0; l < Vec<acc_t>::size; ++l) s += v[l];
+  return s;
+}
+
+// `planes` (rows x width, `stride` apart in `src`, of `ld` values per row) to the strided
+// map `dst` (layout `lo`), rounded to scalar_t
+template <typename scalar_t, typename acc_t>
+void store_planes(const acc_t* src, int64_t planes, int64_t rows, int64_t width, int64_t ld,
+                  int64_t stride, scalar_t* dst, const Layout& lo) {
+  constexpr int64_t V = Vec<acc_t>::size;
+  for (int64_t c = 0; c < planes; ++c) {
+    for (int64_t h = 0; h < rows; ++h) {
+      const acc_t* t = src + c * stride + h * ld;
+      scalar_t* d = dst + c * lo.c + h * lo.h;
+      for (int64_t w0 = 0; w0 < width; w0 += V) {
+        store_strided<scalar_t, acc_t>(d + w0 * lo.w, lo.w, load<acc_t>(t + w0),
+                                       std::min(V, width - w0));
+      }
+    }
+  }
+}
+
+// The backward pass, fused the same way. One task per sample; for each group, kernel row
+// i and output row h whose source row s = h + i - K/2 lies in the map, along the row:
+//   k_j[w]   = the kernels, predicted again as in the forward pass
+//   gx[c, s, w'] += sum_j k_j[w' - dx_j] * g[c, h, w' - dx_j]     (a gather along row s)
+//   gk_j[w]  = sum_c g[c, h, w] * x[c, s, w + dx_j]               (the kernels' gradient)
+//   grad_hidden[r, h, w] += sum_j weight[g, i, j, r] * gk_j[w]
+//   grad_weight[g, i, j, r] += sum_w gk_j[w] * hidden[r, h, w], grad_bias[..] += sum_w gk_j[w]
+// with dx_j = j - K/2. Only one row of kernels and one of their gradient exist at a time;
+// the weight gradients are summed in vectors over the rows of a (sample, group, kernel
+// row), then per thread, then over threads. g, gx and `hidden` are widened to acc_t.
+template <typename scalar_t, int64_t K>
+void predicted_backward(const scalar_t* grad_out, const Layout& lg, const scalar_t* input,
+                        const Layout& lx, const scalar_t* hidden, const Layout& lh,
+                        const scalar_t* weight, const scalar_t* bias, scalar_t* grad_input,
+                        const Layout& lgx, scalar_t* grad_hidden, const Layout& lgh,
+                        acc_type<scalar_t>* grad_weight_bias, int64_t batch, int64_t channels,
+                        int64_t groups, int64_t rows, int64_t height, int64_t width) {
+  using acc_t = acc_type<scalar_t>;
+  using vec = typename Vec<acc_t>::type;
+  using Pred = Widened<acc_t>;
+  constexpr int64_t V = Vec<acc_t>::size, P = position_vectors<K>(), RB = row_block<K>();
+  constexpr int64_t top = K / 2, before = K - 1 - top;  // zero columns before a row of k, g
+  const int64_t cpg = channels / groups, R = rows, tw = (width + V - 1) / V * V;
+  const int64_t plane = height * tw;  // planes of hid, gh and gx
+  const int64_t ph = height + K - 1, pw = width + K - 1 + V;  // x, zero-bordered
+  const int64_t kw = before + tw + top + V;  // rows of k and g: zeros before and after
+  const int64_t gh_ = height + before;       // rows of the g planes (g at row h + before)
+  std::vector<acc_t> wt, bi;
+  pack_weights<Pred>(weight, bias, groups, K, R, wt, bi);
+  std::mutex lock;
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> hid(R * plane, acc_t(0)), gh(R * plane), x(cpg * ph * pw, acc_t(0));
+    std::vector<acc_t> g(cpg * gh_ * kw, acc_t(0)), gx(cpg * plane), kb(K * kw, acc_t(0));
+    std::vector<acc_t> gk(K * plane), gwb(groups * K * K * (R + 1), 0);
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t r = 0; r < R; ++r) {
+        pack_hidden<Pred>(hidden + n * lh.b, lh, R, r, height, width, tw, hid.data() + r * plane);
+      }
+      std::fill(gh.begin(), gh.end(), acc_t(0));
+      for (int64_t gr = 0; gr < groups; ++gr) {
+        pad_planes(input + lx.group(n, gr, cpg), lx, x.data(), cpg, height, width, top, ph, pw);
+        pad_planes(grad_out + lg.group(n, gr, cpg), lg, g.data(), cpg, height, width, before,
+                   gh_, kw);
+        std::fill(gx.begin(), gx.end(), acc_t(0));
+        for (int64_t i = 0; i < K; ++i) {
+          const acc_t* wp = wt.data() + (gr * K + i) * R * K;
+          const acc_t* bp = bi.data() + (gr * K + i) * K;
+          // output rows whose source row s = h + i - K/2 lies in the map
+          const int64_t h0 = std::max<int64_t>(0, top - i);
+          const int64_t h1 = std::min<int64_t>(height, height + top - i);
+          for (int64_t h = h0; h < h1; ++h) {
+            const int64_t s = h + i - top;
+            const acc_t* hp = hid.data() + h * tw;
+            // the kernels of row h (lanes past the width hold the bias: g is zero there)
+            int64_t w0 = 0;
+            for (; w0 + P * V <= tw; w0 += P * V) {
+              vec k[K][P];
+              predict_tile<Pred, K, P, acc_t>(hp + w0, plane, R, wp, bp, k);
+#pragma GCC unroll 16
+              for (int64_t j = 0; j < K; ++j) {
+                for (int64_t p = 0; p < P; ++p) {
+                  std::memcpy(kb.data() + j * kw + before + w0 + p * V, &k[j][p], sizeof(vec));
+                }
+              }
+            }
+            if (w0 < tw) {
+              vec k[K][1];
+              predict_tile<Pred, K, 1, acc_t>(hp + w0, plane, R, wp, bp, k);
+#pragma GCC unroll 16
+              for (int64_t j = 0; j < K; ++j) {
+                std::memcpy(kb.data() + j * kw + before + w0, &k[j][0], sizeof(vec));
+              }
+            }
+            for (int64_t w = 0; w < tw; w += V) {
+              vec gkv[K] = {};
+              for (int64_t c = 0; c < cpg; ++c) {
+                const acc_t* gc = g.data() + (c * gh_ + h + before) * kw;
+                // gx row s: k and g at w' - dx_j, column w' + K - 1 - j of their rows
+                acc_t* o = gx.data() + c * plane + s * tw + w;
+                vec a = load<acc_t>(o), b = {};
+#pragma GCC unroll 16
+                for (int64_t j = 0; j < K; ++j) {
+                  const int64_t col = w + K - 1 - j;
+                  const vec t = load<acc_t>(kb.data() + j * kw + col) * load<acc_t>(gc + col);
+                  if (j % 2) b += t; else a += t;
+                }
+                a += b;
+                std::memcpy(o, &a, sizeof(a));
+                // the kernels' gradient: g at w times x at row s, column w + dx_j
+                const vec gv = load<acc_t>(gc + before + w);
+                const acc_t* xc = x.data() + (c * ph + h + i) * pw + w;
+#pragma GCC unroll 16
+                for (int64_t j = 0; j < K; ++j) gkv[j] += gv * load<acc_t>(xc + j);
+              }
+#pragma GCC unroll 16
+              for (int64_t j = 0; j < K; ++j) {
+                std::memcpy(gk.data() + j * plane + h * tw + w, &gkv[j], sizeof(vec));
+              }
+            }
+          }
+          // over the rows h0..h1 at once (positions q, whole vectors):
+          // grad_hidden[r, q] += sum_j weight[g, i, j, r] * gk_j[q], P vectors at a time
+          const int64_t q0 = h0 * tw, q1 = h1 * tw;
+          auto hidden_grad = [&](int64_t q, auto vectors) {
+            constexpr int64_t Q = decltype(vectors)::value;
+            vec gkv[K][Q];
+#pragma GCC unroll 16
+            for (int64_t j = 0; j < K; ++j) {
+              for (int64_t p = 0; p < Q; ++p) gkv[j][p] = load<acc_t>(gk.data() + j * plane + q + p * V);
+            }
+            acc_t* d = gh.data() + q;
+            for (int64_t r = 0; r < R; ++r, d += plane) {
+              const acc_t* wr = wp + r * K;
+              for (int64_t p = 0; p < Q; ++p) {
+                vec a = load<acc_t>(d + p * V), b = {};
+#pragma GCC unroll 16
+                for (int64_t j = 0; j < K; ++j) {
+                  if (j % 2) b += wr[j] * gkv[j][p]; else a += wr[j] * gkv[j][p];
+                }
+                a += b;
+                std::memcpy(d + p * V, &a, sizeof(a));
+              }
+            }
+          };
+          int64_t q = q0;
+          for (; q + P * V <= q1; q += P * V) hidden_grad(q, std::integral_constant<int64_t, P>());
+          if (q < q1) hidden_grad(q, std::integral_constant<int64_t, 1>());
+          // grad_weight[g, i, j, r] += sum_q gk_j[q] * hidden[r, q], RB rows r at a time
+          // in registers; grad_bias[g, i, j] += sum_q gk_j[q]
+          acc_t* gw = gwb.data() + (gr * K + i) * K * (R + 1);  // (K, R + 1)
+          auto weight_grad = [&](int64_t r0, auto rows_) {
+            constexpr int64_t Q = decltype(rows_)::value;
+            vec t[K][Q] = {};
+            for (int64_t q = q0; q < q1; q += V) {
+              vec hv[Q];
+              for (int64_t u = 0; u < Q; ++u) hv[u] = load<acc_t>(hid.data() + (r0 + u) * plane + q);
+#pragma GCC unroll 16
+              for (int64_t j = 0; j < K; ++j) {
+                const vec gv = load<acc_t>(gk.data() + j * plane + q);
+                for (int64_t u = 0; u < Q; ++u) t[j][u] += gv * hv[u];
+              }
+            }
+            for (int64_t j = 0; j < K; ++j) {
+              for (int64_t u = 0; u < Q; ++u) gw[j * (R + 1) + r0 + u] += hsum<acc_t>(t[j][u]);
+            }
+          };
+          int64_t r0 = 0;
+          for (; r0 + RB <= R; r0 += RB) weight_grad(r0, std::integral_constant<int64_t, RB>());
+          for (; r0 < R; ++r0) weight_grad(r0, std::integral_constant<int64_t, 1>());
+          for (int64_t j = 0; j < K; ++j) {
+            vec t = {};
+            for (int64_t q = q0; q < q1; q += V) t += load<acc_t>(gk.data() + j * plane + q);
+            gw[j * (R + 1) + R] += hsum<acc_t>(t);
+          }
+        }
+        store_planes(gx.data(), cpg, height, width, tw, plane,
+                     grad_input + n * lgx.b + gr * cpg * lgx.c, lgx);
+      }
+      store_planes(gh.data(), R, height, width, tw, plane, grad_hidden + n * lgh.b, lgh);
+    }
+    std::lock_guard<std::mutex> guard(lock);
+    for (size_t q = 0; q < gwb.size(); ++q) grad_weight_bias[q] += gwb[q];
+  });
+}
+
+// Whether the fused kernels run for this kernel size and dtype: the forward pass for any
+// floating dtype; the backward pass too, except for bfloat16 on CPUs with AVX-512 BF16,
+// where the products of the predict-then-gather backward (oneDNN's bfloat16 matrix
+// products, twice the float32 rate) are faster than this kernel's float32 FMAs.
+bool predicted_applies(int64_t kernel, at::ScalarType dtype, bool backward) {
+#ifdef MMDWNET_BF16_DOT
+  if (backward && dtype == at::kBFloat16) return false;
+#endif
   return with_blocked_size(kernel, [](auto) {});
 }
 
@@ -233,11 +472,54 @@ at::Tensor predicted_idwconv2d(const at::Tensor& input_, const at::Tensor& hidde
   return out;
 }
 
+// The gradients w.r.t. input, hidden, and weight and bias together (`grad_weight_bias`,
+// (G*K*K, R + 1) of the accumulation type, zeroed; the bias is its last column), written
+// in place; `grad_input` and `grad_hidden` NCHW or channels-last.
+void predicted_idwconv2d_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                  const at::Tensor& hidden, const at::Tensor& weight_,
+                                  const at::Tensor& bias_, int64_t kernel,
+                                  const at::Tensor& grad_input, const at::Tensor& grad_hidden,
+                                  const at::Tensor& grad_weight_bias) {
+  TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_input.sizes() == input.sizes() &&
+                  grad_hidden.sizes() == hidden.sizes() && input.dim() == 4 &&
+                  hidden.dim() == 4 && is_nchw_or_channels_last(grad_input) &&
+                  is_nchw_or_channels_last(grad_hidden),
+              "mmdwnet_cpu: gradients must have the shapes of their operands, NCHW or "
+              "channels-last");
+  const int64_t b = input.size(0), c = input.size(1), h = input.size(2), w = input.size(3);
+  const int64_t r = hidden.size(1), g = weight_.size(0) / (kernel * kernel);
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_weight_bias.is_contiguous() && grad_weight_bias.scalar_type() == acc &&
+                  grad_weight_bias.dim() == 2 && grad_weight_bias.size(0) == weight_.size(0) &&
+                  grad_weight_bias.size(1) == r + 1,
+              "mmdwnet_cpu: `grad_weight_bias` must be (G*K*K, R + 1), contiguous, ", acc);
+  const at::Tensor weight = weight_.contiguous(), bias = bias_.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "mmdwnet_cpu_predicted_backward", [&] {
+    const bool done = with_blocked_size(kernel, [&](auto size) {
+      predicted_backward<scalar_t, decltype(size)::value>(
+          grad_output.data_ptr<scalar_t>(), Layout(grad_output), input.data_ptr<scalar_t>(),
+          Layout(input), hidden.data_ptr<scalar_t>(), Layout(hidden),
+          weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+          grad_input.data_ptr<scalar_t>(), Layout(grad_input),
+          grad_hidden.data_ptr<scalar_t>(), Layout(grad_hidden),
+          grad_weight_bias.data_ptr<acc_type<scalar_t>>(), b, c, g, r, h, w);
+    });
+    TORCH_CHECK(done, "mmdwnet_cpu: predicted_idwconv2d has no kernel for kernel_size ",
+                kernel, " (see predicted_idwconv2d_applies)");
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmdwnet_cpu, m) {
-  m.def("predicted_idwconv2d_applies(int kernel_size) -> bool", &predicted_applies);
+  m.def("predicted_idwconv2d_applies(int kernel_size, ScalarType dtype, bool backward) -> bool",
+        &predicted_applies);
   m.def("predicted_idwconv2d(Tensor input, Tensor hidden, Tensor weight, Tensor bias, "
         "int kernel_size) -> Tensor",
         &predicted_idwconv2d);
+  m.def("predicted_idwconv2d_backward(Tensor grad_output, Tensor input, Tensor hidden, "
+        "Tensor weight, Tensor bias, int kernel_size, Tensor(a!) grad_input, "
+        "Tensor(b!) grad_hidden, Tensor(c!) grad_weight_bias) -> ()",
+        &predicted_idwconv2d_backward);
 }
