@@ -370,14 +370,18 @@ void predicted_backward(const scalar_t* grad_out, const Layout& lg, const scalar
             acc_t* d = gh.data() + q;
             for (int64_t r = 0; r < R; ++r, d += plane) {
               const acc_t* wr = wp + r * K;
-              for (int64_t p = 0; p < Q; ++p) {
-                vec a = load<acc_t>(d + p * V), b = {};
+              vec a[Q], b[Q] = {};
+              for (int64_t p = 0; p < Q; ++p) a[p] = load<acc_t>(d + p * V);
 #pragma GCC unroll 16
-                for (int64_t j = 0; j < K; ++j) {
-                  if (j % 2) b += wr[j] * gkv[j][p]; else a += wr[j] * gkv[j][p];
+              for (int64_t j = 0; j < K; ++j) {
+                const vec wv = vec{} + wr[j];  // one broadcast for the Q vectors
+                for (int64_t p = 0; p < Q; ++p) {
+                  if (j % 2) b[p] += wv * gkv[j][p]; else a[p] += wv * gkv[j][p];
                 }
-                a += b;
-                std::memcpy(d + p * V, &a, sizeof(a));
+              }
+              for (int64_t p = 0; p < Q; ++p) {
+                a[p] += b[p];
+                std::memcpy(d + p * V, &a[p], sizeof(vec));
               }
             }
           };
