@@ -66,14 +66,24 @@ struct Prediction<c10::BFloat16, float> {
 #endif
 
 // Vectors of positions per register tile: K x P accumulators, P loads of `hidden` and one
-// broadcast weight in registers (2K + 3 of AVX-512VL's 32 vector registers).
+// broadcast weight in registers (3K + 4 of AVX-512VL's 32 vector registers for K <= 7).
+// More vectors per tile: more independent chains of FMAs (or dot products, whose latency
+// is longer) and fewer broadcasts per multiply.
 template <int64_t K>
 constexpr int64_t position_vectors() {
 #ifdef __AVX512VL__
-  return K <= 8 ? 2 : 1;
+  return K <= 7 ? 3 : K <= 8 ? 2 : 1;
 #else
   return 1;  // 16 vector registers
 #endif
+}
+
+// fn(w0, std::integral_constant<int64_t, Q>) over a row of `tw` values from w0 on: tiles
+// of P vectors of V values, then the rest in smaller tiles.
+template <int64_t P, typename F>
+inline void for_each_tile(int64_t w0, int64_t tw, int64_t V, F&& fn) {
+  for (; w0 + P * V <= tw; w0 += P * V) fn(w0, std::integral_constant<int64_t, P>());
+  if constexpr (P > 1) for_each_tile<P - 1>(w0, tw, V, fn);
 }
 
 // Lane `lane` of one sample's `hidden` (layout `lh`, R = `rows` rows) as packed rows of
@@ -198,15 +208,11 @@ void predicted_forward(const scalar_t* input, const Layout& lx, const scalar_t* 
           const packed* wp = wt.data() + (g * K + i) * lanes * K;
           const acc_t* bp = bi.data() + (g * K + i) * K;
           const acc_t* xp = padded.data() + (h + i) * pw;
-          int64_t w0 = 0;
-          for (; w0 + P * V <= tw; w0 += P * V) {
-            predict_apply<Pred, K, P>(hp + w0, height * tw, lanes, wp, bp, xp + w0, ph * pw,
-                                      row.data() + w0, tw, cpg);
-          }
-          if (w0 < tw) {  // one vector left
-            predict_apply<Pred, K, 1>(hp + w0, height * tw, lanes, wp, bp, xp + w0, ph * pw,
-                                      row.data() + w0, tw, cpg);
-          }
+          for_each_tile<P>(0, tw, V, [&](int64_t w0, auto vectors) {
+            predict_apply<Pred, K, decltype(vectors)::value>(
+                hp + w0, height * tw, lanes, wp, bp, xp + w0, ph * pw, row.data() + w0, tw,
+                cpg);
+          });
         }
         for (int64_t c = 0; c < cpg; ++c) {
           const acc_t* t = row.data() + c * tw;
@@ -311,25 +317,17 @@ void predicted_backward(const scalar_t* grad_out, const Layout& lg, const scalar
             const int64_t s = h + i - top;
             const acc_t* hp = hid.data() + h * tw;
             // the kernels of row h (lanes past the width hold the bias: g is zero there)
-            int64_t w0 = 0;
-            for (; w0 + P * V <= tw; w0 += P * V) {
-              vec k[K][P];
-              predict_tile<Pred, K, P, acc_t>(hp + w0, plane, R, wp, bp, k);
+            for_each_tile<P>(0, tw, V, [&](int64_t w0, auto vectors) {
+              constexpr int64_t Q = decltype(vectors)::value;
+              vec k[K][Q];
+              predict_tile<Pred, K, Q, acc_t>(hp + w0, plane, R, wp, bp, k);
 #pragma GCC unroll 16
               for (int64_t j = 0; j < K; ++j) {
-                for (int64_t p = 0; p < P; ++p) {
+                for (int64_t p = 0; p < Q; ++p) {
                   std::memcpy(kb.data() + j * kw + before + w0 + p * V, &k[j][p], sizeof(vec));
                 }
               }
-            }
-            if (w0 < tw) {
-              vec k[K][1];
-              predict_tile<Pred, K, 1, acc_t>(hp + w0, plane, R, wp, bp, k);
-#pragma GCC unroll 16
-              for (int64_t j = 0; j < K; ++j) {
-                std::memcpy(kb.data() + j * kw + before + w0, &k[j][0], sizeof(vec));
-              }
-            }
+            });
             for (int64_t w = 0; w < tw; w += V) {
               vec gkv[K] = {};
               for (int64_t c = 0; c < cpg; ++c) {
@@ -365,7 +363,9 @@ void predicted_backward(const scalar_t* grad_out, const Layout& lg, const scalar
             vec gkv[K][Q];
 #pragma GCC unroll 16
             for (int64_t j = 0; j < K; ++j) {
-              for (int64_t p = 0; p < Q; ++p) gkv[j][p] = load<acc_t>(gk.data() + j * plane + q + p * V);
+              for (int64_t p = 0; p < Q; ++p) {
+                gkv[j][p] = load<acc_t>(gk.data() + j * plane + q + p * V);
+              }
             }
             acc_t* d = gh.data() + q;
             for (int64_t r = 0; r < R; ++r, d += plane) {
@@ -385,9 +385,7 @@ void predicted_backward(const scalar_t* grad_out, const Layout& lg, const scalar
               }
             }
           };
-          int64_t q = q0;
-          for (; q + P * V <= q1; q += P * V) hidden_grad(q, std::integral_constant<int64_t, P>());
-          if (q < q1) hidden_grad(q, std::integral_constant<int64_t, 1>());
+          for_each_tile<P>(q0, q1, V, hidden_grad);
           // grad_weight[g, i, j, r] += sum_q gk_j[q] * hidden[r, q], RB rows r at a time
           // in registers; grad_bias[g, i, j] += sum_q gk_j[q]
           acc_t* gw = gwb.data() + (gr * K + i) * K * (R + 1);  // (K, R + 1)
@@ -396,7 +394,9 @@ void predicted_backward(const scalar_t* grad_out, const Layout& lg, const scalar
             vec t[K][Q] = {};
             for (int64_t q = q0; q < q1; q += V) {
               vec hv[Q];
-              for (int64_t u = 0; u < Q; ++u) hv[u] = load<acc_t>(hid.data() + (r0 + u) * plane + q);
+              for (int64_t u = 0; u < Q; ++u) {
+                hv[u] = load<acc_t>(hid.data() + (r0 + u) * plane + q);
+              }
 #pragma GCC unroll 16
               for (int64_t j = 0; j < K; ++j) {
                 const vec gv = load<acc_t>(gk.data() + j * plane + q);
