@@ -142,6 +142,24 @@ inline void store_strided(T* p, int64_t stride, typename Vec<acc_t>::type v, int
   }
 }
 
+// `planes` (rows x width, `stride` apart in `src`, of `ld` values per row) to the strided
+// map `dst` (layout `lo`), rounded to scalar_t
+template <typename scalar_t, typename acc_t>
+void store_planes(const acc_t* src, int64_t planes, int64_t rows, int64_t width, int64_t ld,
+                  int64_t stride, scalar_t* dst, const Layout& lo) {
+  constexpr int64_t V = Vec<acc_t>::size;
+  for (int64_t c = 0; c < planes; ++c) {
+    for (int64_t h = 0; h < rows; ++h) {
+      const acc_t* t = src + c * stride + h * ld;
+      scalar_t* d = dst + c * lo.c + h * lo.h;
+      for (int64_t w0 = 0; w0 < width; w0 += V) {
+        store_strided<scalar_t, acc_t>(d + w0 * lo.w, lo.w, load<acc_t>(t + w0),
+                                       std::min(V, width - w0));
+      }
+    }
+  }
+}
+
 // Loads of a row that may end inside the vector: the missing lanes read as zero.
 template <typename acc_t, typename T>
 inline typename Vec<acc_t>::type load_n(const T* p, int64_t n) {

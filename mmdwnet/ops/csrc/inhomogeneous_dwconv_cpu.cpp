@@ -255,16 +255,7 @@ void gather_blocked(const scalar_t* src, const Layout& in, const scalar_t* weigh
             }
           },
           [&](int64_t h0, int64_t h1) {
-            for (int64_t c = 0; c < cpg; ++c) {
-              for (int64_t h = h0; h < h1; ++h) {
-                const acc_t* t = tile.data() + (c * R + h - h0) * tw;
-                scalar_t* orow = o + c * lo.c + h * lo.h;
-                for (int64_t w0 = 0; w0 < width; w0 += V) {
-                  store_strided<scalar_t, acc_t>(orow + w0 * lo.w, lo.w, load<acc_t>(t + w0),
-                                                 std::min(V, width - w0));
-                }
-              }
-            }
+            store_planes(tile.data(), cpg, h1 - h0, width, tw, R * tw, o + h0 * lo.h, lo);
           });
     }
   });
@@ -487,20 +478,7 @@ void gather(const c10::BFloat16* src, const Layout& in, const c10::BFloat16* wei
             }
           },
           [&](int64_t h0, int64_t h1) {
-            for (int64_t c = 0; c < cpg; ++c) {
-              for (int64_t h = h0; h < h1; ++h) {
-                const float* t = tile.data() + (c * R + h - h0) * tw;
-                c10::BFloat16* orow = o + c * lo.c + h * lo.h;
-                for (int64_t w0 = 0; w0 < width; w0 += V) {
-                  const int64_t n = std::min(V, width - w0);
-                  if (lo.w == 1) {
-                    store_bf16(orow + w0, _mm256_loadu_ps(t + w0), n);
-                  } else {
-                    for (int64_t k = 0; k < n; ++k) orow[(w0 + k) * lo.w] = t[w0 + k];
-                  }
-                }
-              }
-            }
+            store_planes(tile.data(), cpg, h1 - h0, width, tw, R * tw, o + h0 * lo.h, lo);
           });
     }
   });

@@ -1,5 +1,6 @@
-// CPU kernel of the I-D-DW convolution whose kernels a 1x1 convolution predicts (see
-// mmdwnet/ops/predicted_idwconv.py), forward pass, with prediction and application fused:
+// CPU kernels of the I-D-DW convolution whose kernels a 1x1 convolution predicts (see
+// mmdwnet/ops/predicted_idwconv.py), forward and backward, with prediction and application
+// fused:
 //
 //   k[b, g, i, j, h, w] = bias[g, i, j] + sum_r weight[g, i, j, r] * hidden[b, r, h, w]
 //   y[b, c, h, w] = sum_{i,j} k[b, g(c), i, j, h, w] * x[b, c, h + i - K/2, w + j - K/2]
@@ -8,10 +9,11 @@
 // a matrix product, with an inner size of only R = C/4, they are written to memory and
 // read back by the gather: the product is bound by writing its output, not by its
 // multiply-adds, although those are R / (C/G) times the application's (8x in DWNet).
-// Here each tile of kernel values - the K taps of one kernel row by one or two vectors of
-// positions along an output row - is predicted in registers, as the micro-kernel of a
+// Here each tile of kernel values - the K taps of one kernel row by one to three vectors
+// of positions along an output row - is predicted in registers, as the micro-kernel of a
 // matrix product (the R rows of `hidden` streamed, the weights broadcast), and applied at
-// once to the group's C/G channels. The kernels never reach memory.
+// once to the group's C/G channels. The kernels never reach memory; the backward pass
+// (predicted_backward) predicts them again the same way, a row at a time.
 //
 // bfloat16 on CPUs with AVX-512 BF16 predicts with dot products of bfloat16 pairs
 // (VDPBF16PS, two rows of `hidden` per instruction); the kernel values stay float32 and
@@ -170,6 +172,8 @@ inline void predict_apply(const typename Pred::packed* hid, int64_t stride, int6
   }
 }
 
+// The forward pass: one task per (sample, group), the output built a row at a time in a
+// float32 (float64) buffer and rounded once.
 template <typename scalar_t, int64_t K>
 void predicted_forward(const scalar_t* input, const Layout& lx, const scalar_t* hidden,
                        const Layout& lh, const scalar_t* weight, const scalar_t* bias,
@@ -214,14 +218,7 @@ void predicted_forward(const scalar_t* input, const Layout& lx, const scalar_t* 
                 cpg);
           });
         }
-        for (int64_t c = 0; c < cpg; ++c) {
-          const acc_t* t = row.data() + c * tw;
-          scalar_t* orow = o + c * lo.c + h * lo.h;
-          for (int64_t w0 = 0; w0 < width; w0 += V) {
-            store_strided<scalar_t, acc_t>(orow + w0 * lo.w, lo.w, load<acc_t>(t + w0),
-                                           std::min(V, width - w0));
-          }
-        }
+        store_planes(row.data(), cpg, 1, width, tw, tw, o + h * lo.h, lo);
       }
     }
   });
@@ -245,24 +242,6 @@ inline acc_t hsum(typename Vec<acc_t>::type v) {
   return s;
 }
 
-// `planes` (rows x width, `stride` apart in `src`, of `ld` values per row) to the strided
-// map `dst` (layout `lo`), rounded to scalar_t
-template <typename scalar_t, typename acc_t>
-void store_planes(const acc_t* src, int64_t planes, int64_t rows, int64_t width, int64_t ld,
-                  int64_t stride, scalar_t* dst, const Layout& lo) {
-  constexpr int64_t V = Vec<acc_t>::size;
-  for (int64_t c = 0; c < planes; ++c) {
-    for (int64_t h = 0; h < rows; ++h) {
-      const acc_t* t = src + c * stride + h * ld;
-      scalar_t* d = dst + c * lo.c + h * lo.h;
-      for (int64_t w0 = 0; w0 < width; w0 += V) {
-        store_strided<scalar_t, acc_t>(d + w0 * lo.w, lo.w, load<acc_t>(t + w0),
-                                       std::min(V, width - w0));
-      }
-    }
-  }
-}
-
 // The backward pass, fused the same way. One task per sample; for each group, kernel row
 // i and output row h whose source row s = h + i - K/2 lies in the map, along the row:
 //   k_j[w]   = the kernels, predicted again as in the forward pass
@@ -270,9 +249,10 @@ void store_planes(const acc_t* src, int64_t planes, int64_t rows, int64_t width,
 //   gk_j[w]  = sum_c g[c, h, w] * x[c, s, w + dx_j]               (the kernels' gradient)
 //   grad_hidden[r, h, w] += sum_j weight[g, i, j, r] * gk_j[w]
 //   grad_weight[g, i, j, r] += sum_w gk_j[w] * hidden[r, h, w], grad_bias[..] += sum_w gk_j[w]
-// with dx_j = j - K/2. Only one row of kernels and one of their gradient exist at a time;
-// the weight gradients are summed in vectors over the rows of a (sample, group, kernel
-// row), then per thread, then over threads. g, gx and `hidden` are widened to acc_t.
+// with dx_j = j - K/2. Only one row of kernels and one (K, H*W) plane of their gradient
+// exist at a time; the weight gradients are summed in registers over the plane of a
+// (sample, group, kernel row), then per thread, then over threads. g, gx and `hidden` are
+// widened to acc_t.
 template <typename scalar_t, int64_t K>
 void predicted_backward(const scalar_t* grad_out, const Layout& lg, const scalar_t* input,
                         const Layout& lx, const scalar_t* hidden, const Layout& lh,
