@@ -8,10 +8,12 @@ kernel (``csrc/predicted_idwconv_cpu.cpp``): each tile of kernel values is predi
 registers and applied at once, so the kernels never reach memory. Otherwise (kernel sizes
 without a compiled kernel, the PyTorch fallback) it predicts and applies them a few
 samples at a time (a chunk whose kernels fit in the CPU's cache, or a bounded slice of
-GPU memory). The backward pass predicts them again, a chunk at a time, from the small
-``hidden`` map (C / 4 channels in DWNet) instead of saving them. Autograd then stores
-only ``x`` and ``hidden``, which the layers around the operator keep anyway; the extra
-work is one more 1x1 convolution per chunk, a matrix product with an inner size of C / 4.
+GPU memory). The backward pass predicts them again from the small ``hidden`` map (C / 4
+channels in DWNet) instead of saving them: on CPU in a fused kernel too, a row at a time
+(except bfloat16 on CPUs with AVX-512 BF16, whose bfloat16 matrix products make the
+chunked form faster), otherwise a chunk at a time. Autograd then stores only ``x`` and
+``hidden``, which the layers around the operator keep anyway; the extra work is the
+prediction once more, a matrix product with an inner size of C / 4.
 
 On CUDA the same operator is a ``torch.library.triton_op`` (prediction by batched matrix
 products, application and gradients by the Triton kernels of
