@@ -1,5 +1,6 @@
 """The compiled CPU kernels of mmdwnet's operators (``csrc/*.cpp``): the inhomogeneous
-dynamic depth-wise convolution and the channels-last static / per-sample depth-wise
+dynamic depth-wise convolution, its form with kernels predicted inside the operator
+(prediction and application fused), and the channels-last static / per-sample depth-wise
 convolution.
 
 Compiled on first use with ``torch.utils.cpp_extension.load`` (ninja and a C++ compiler)

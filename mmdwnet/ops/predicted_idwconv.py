@@ -95,7 +95,6 @@ def _(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
 @torch.library.custom_op('mmdwnet::predicted_idwconv2d_backward', mutates_args=())
 def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Tensor,
                  bias: Tensor, kernel_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    groups = weight.shape[0] // kernel_size**2
     grad_input = empty_like_layout(input)
     grad_hidden = empty_like_layout(hidden)
     # the kernels' gradients are summed over samples and positions in float32 at least
@@ -109,6 +108,7 @@ def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Ten
         ops.predicted_idwconv2d_backward(grad_output, input, hidden, weight, bias, kernel_size,
                                          grad_input, grad_hidden, grad_weight_bias)
         return _split(grad_weight_bias, weight, bias, grad_input, grad_hidden)
+    groups = weight.shape[0] // kernel_size**2
     rows_last = hidden.is_contiguous(memory_format=torch.channels_last)
     chunks = _chunks(input, 2 * weight.shape[0])  # kernels and their gradient
     buffer = _buffer(input, weight, chunks)

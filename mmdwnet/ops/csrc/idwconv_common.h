@@ -18,12 +18,6 @@
 
 namespace {
 
-void check(const at::Tensor& t, int64_t dim, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "mmdwnet_cpu: `", name, "` must be a CPU tensor");
-  TORCH_CHECK(t.dim() == dim, "mmdwnet_cpu: `", name, "` must be ", dim, "-D, got ", t.dim());
-  TORCH_CHECK(t.is_contiguous(), "mmdwnet_cpu: `", name, "` must be contiguous");
-}
-
 // float32 accumulation for float16/bfloat16 operands (double stays double)
 template <typename scalar_t>
 using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value, double,
@@ -53,21 +47,6 @@ inline float to_acc<float, c10::BFloat16>(c10::BFloat16 v) {
 }
 
 template <typename acc_t, typename T>
-inline typename Vec<acc_t>::type load(const T* p);
-
-// `n` values of `src` as acc_t in `dst`
-template <typename scalar_t, typename acc_t>
-void widen(const scalar_t* src, acc_t* dst, int64_t n) {
-  constexpr int64_t V = Vec<acc_t>::size;
-  int64_t i = 0;
-  for (; i + V <= n; i += V) {
-    const auto v = load<acc_t>(src + i);
-    std::memcpy(dst + i, &v, sizeof(v));
-  }
-  for (; i < n; ++i) dst[i] = to_acc<acc_t>(src[i]);
-}
-
-template <typename acc_t, typename T>
 inline typename Vec<acc_t>::type load(const T* p) {  // same type: an unaligned load
   typename Vec<acc_t>::type v;
   if constexpr (std::is_same<T, acc_t>::value) {
@@ -81,6 +60,18 @@ inline typename Vec<acc_t>::type load(const T* p) {  // same type: an unaligned 
     for (int64_t i = 0; i < Vec<acc_t>::size; ++i) v[i] = static_cast<acc_t>(p[i]);
   }
   return v;
+}
+
+// `n` values of `src` as acc_t in `dst`
+template <typename scalar_t, typename acc_t>
+void widen(const scalar_t* src, acc_t* dst, int64_t n) {
+  constexpr int64_t V = Vec<acc_t>::size;
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    const auto v = load<acc_t>(src + i);
+    std::memcpy(dst + i, &v, sizeof(v));
+  }
+  for (; i < n; ++i) dst[i] = to_acc<acc_t>(src[i]);
 }
 
 template <typename T, typename acc_t>
@@ -182,7 +173,7 @@ bool with_blocked_size(int64_t kernel, F&& fn) {
   }
 }
 
-bool is_nchw_or_channels_last(const at::Tensor& t) {
+inline bool is_nchw_or_channels_last(const at::Tensor& t) {
   return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 

@@ -40,6 +40,12 @@ std::vector<Offset> offsets(int64_t kernel, int64_t height, int64_t width) {
   return out;
 }
 
+void check(const at::Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "mmdwnet_cpu: `", name, "` must be a CPU tensor");
+  TORCH_CHECK(t.dim() == dim, "mmdwnet_cpu: `", name, "` must be ", dim, "-D, got ", t.dim());
+  TORCH_CHECK(t.is_contiguous(), "mmdwnet_cpu: `", name, "` must be contiguous");
+}
+
 // transposed == false: out[p] = sum_k w_k[p] * src[p + d_k]            (forward)
 // transposed == true:  out[p + d_k] += w_k[p] * src[p]  (gradient w.r.t. the input)
 // For float16/bfloat16 the group's source planes are widened once and the sums run in a
@@ -261,6 +267,26 @@ void gather_blocked(const scalar_t* src, const Layout& in, const scalar_t* weigh
   });
 }
 
+// The rows of one (sample, group)'s K*K kernel-gradient planes `gw`: zeros where the tap
+// row h + i - K/2 lies outside the map (no gradient), else row(i, h) computes them.
+template <int64_t K, typename T, typename Row>
+inline void for_each_gradient_row(T* gw, int64_t height, int64_t width, Row&& row) {
+  const int64_t plane = height * width, top = K / 2;
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t h0 = std::max<int64_t>(0, top - i);
+    const int64_t h1 = std::min<int64_t>(height, height + top - i);
+    for (int64_t h = 0; h < height; ++h) {
+      if (h >= h0 && h < h1) {
+        row(i, h);
+      } else {
+        for (int64_t j = 0; j < K; ++j) {
+          std::fill_n(gw + (i * K + j) * plane + h * width, width, T(0));
+        }
+      }
+    }
+  }
+}
+
 // grad_w[ij, h, w] = sum_c grad_out[c, h, w] * x[c, h + i - K/2, w + j - K/2]
 template <typename scalar_t, int64_t K>
 void weight_gradient_blocked(const scalar_t* grad_out, const Layout& lg, const scalar_t* input,
@@ -282,35 +308,24 @@ void weight_gradient_blocked(const scalar_t* grad_out, const Layout& lg, const s
       pad_planes(grad_out + lg.group(n_, g_, cpg), lg, go.data(), cpg, height, width, 0,
                  height, width);
       scalar_t* gw = grad_weight + bg * K * K * plane;
-      for (int64_t i = 0; i < K; ++i) {
-        const int64_t h0 = std::max<int64_t>(0, top - i);
-        const int64_t h1 = std::min<int64_t>(height, height + top - i);
-        for (int64_t h = 0; h < height; ++h) {
-          if (h < h0 || h >= h1) {  // the tap row lies outside the map: no gradient
-            for (int64_t j = 0; j < K; ++j) {
-              std::fill(gw + (i * K + j) * plane + h * width,
-                        gw + (i * K + j) * plane + (h + 1) * width, scalar_t(0));
-            }
-            continue;
-          }
-          for (int64_t w0 = 0; w0 < width; w0 += V) {
-            const int64_t n = std::min(V, width - w0);
-            vec acc[K] = {};
-            const acc_t* gp = go.data() + h * width + w0;
-            const acc_t* xp = padded.data() + (h + i) * pw + w0;
-            for (int64_t c = 0; c < cpg; ++c) {
-              // lanes past the row's end read the next row: their sums are not stored
-              const vec g = load<acc_t>(gp + c * plane);
-              const acc_t* row = xp + c * ph * pw;
+      for_each_gradient_row<K>(gw, height, width, [&](int64_t i, int64_t h) {
+        for (int64_t w0 = 0; w0 < width; w0 += V) {
+          const int64_t n = std::min(V, width - w0);
+          vec acc[K] = {};
+          const acc_t* gp = go.data() + h * width + w0;
+          const acc_t* xp = padded.data() + (h + i) * pw + w0;
+          for (int64_t c = 0; c < cpg; ++c) {
+            // lanes past the row's end read the next row: their sums are not stored
+            const vec g = load<acc_t>(gp + c * plane);
+            const acc_t* row = xp + c * ph * pw;
 #pragma GCC unroll 16
-              for (int64_t j = 0; j < K; ++j) acc[j] += g * load<acc_t>(row + j);
-            }
-            scalar_t* dst = gw + i * K * plane + h * width + w0;
-#pragma GCC unroll 16
-            for (int64_t j = 0; j < K; ++j) store<scalar_t, acc_t>(dst + j * plane, acc[j], n);
+            for (int64_t j = 0; j < K; ++j) acc[j] += g * load<acc_t>(row + j);
           }
+          scalar_t* dst = gw + i * K * plane + h * width + w0;
+#pragma GCC unroll 16
+          for (int64_t j = 0; j < K; ++j) store<scalar_t, acc_t>(dst + j * plane, acc[j], n);
         }
-      }
+      });
     }
   });
 }
@@ -516,45 +531,34 @@ void weight_gradient(const c10::BFloat16* grad_out, const Layout& lg,
                    height, width, 0, height, width);
       }
       c10::BFloat16* gw = grad_weight + bg * K * K * plane;
-      for (int64_t i = 0; i < K; ++i) {
-        const int64_t h0 = std::max<int64_t>(0, top - i);
-        const int64_t h1 = std::min<int64_t>(height, height + top - i);
-        for (int64_t h = 0; h < height; ++h) {
-          if (h < h0 || h >= h1) {  // the tap row lies outside the map: no gradient
+      for_each_gradient_row<K>(gw, height, width, [&](int64_t i, int64_t h) {
+        for (int64_t w0 = 0; w0 < width; w0 += V) {
+          const int64_t n = std::min(V, width - w0);
+          __m256 acc[K];
+#pragma GCC unroll 16
+          for (int64_t j = 0; j < K; ++j) acc[j] = _mm256_setzero_ps();
+          for (int64_t m = 0; m < npairs; ++m) {
+            // lanes past the row's end read the next row: their sums are not stored
+            const __m256bh g = (__m256bh)load_pairs(gpairs.data() + m * plane + h * width + w0);
+            const uint32_t* row = xpairs.data() + (m * ph + h + i) * pw + w0;
+#pragma GCC unroll 16
             for (int64_t j = 0; j < K; ++j) {
-              std::fill(gw + (i * K + j) * plane + h * width,
-                        gw + (i * K + j) * plane + (h + 1) * width, c10::BFloat16(0.f));
+              acc[j] = _mm256_dpbf16_ps(acc[j], g, (__m256bh)load_pairs(row + j));
             }
-            continue;
           }
-          for (int64_t w0 = 0; w0 < width; w0 += V) {
-            const int64_t n = std::min(V, width - w0);
-            __m256 acc[K];
+          if (cpg % 2) {
+            const __m256 g = _mm256_loadu_ps(glast.data() + h * width + w0);
+            const float* row = xlast.data() + (h + i) * pw + w0;
 #pragma GCC unroll 16
-            for (int64_t j = 0; j < K; ++j) acc[j] = _mm256_setzero_ps();
-            for (int64_t m = 0; m < npairs; ++m) {
-              // lanes past the row's end read the next row: their sums are not stored
-              const __m256bh g = (__m256bh)load_pairs(gpairs.data() + m * plane + h * width + w0);
-              const uint32_t* row = xpairs.data() + (m * ph + h + i) * pw + w0;
-#pragma GCC unroll 16
-              for (int64_t j = 0; j < K; ++j) {
-                acc[j] = _mm256_dpbf16_ps(acc[j], g, (__m256bh)load_pairs(row + j));
-              }
+            for (int64_t j = 0; j < K; ++j) {
+              acc[j] = _mm256_fmadd_ps(g, _mm256_loadu_ps(row + j), acc[j]);
             }
-            if (cpg % 2) {
-              const __m256 g = _mm256_loadu_ps(glast.data() + h * width + w0);
-              const float* row = xlast.data() + (h + i) * pw + w0;
-#pragma GCC unroll 16
-              for (int64_t j = 0; j < K; ++j) {
-                acc[j] = _mm256_fmadd_ps(g, _mm256_loadu_ps(row + j), acc[j]);
-              }
-            }
-            c10::BFloat16* dst = gw + i * K * plane + h * width + w0;
-#pragma GCC unroll 16
-            for (int64_t j = 0; j < K; ++j) store_bf16(dst + j * plane, acc[j], n);
           }
+          c10::BFloat16* dst = gw + i * K * plane + h * width + w0;
+#pragma GCC unroll 16
+          for (int64_t j = 0; j < K; ++j) store_bf16(dst + j * plane, acc[j], n);
         }
-      }
+      });
     }
   });
 }
