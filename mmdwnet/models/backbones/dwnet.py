@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdwnet.models.utils import (ChannelSharedDWConv, ChannelsLastPatchMerging, DynamicDWConv,
-                                  InhomogeneousDynamicDWConv, LinearGELU, fold_bn_after,
+                                  InhomogeneousDynamicDWConv, LinearAdd, LinearGELU,
+                                  fold_bn_after,
                                   fold_bn_before_linear, missing_pretrained_checkpoint)
 from mmdwnet.ops import DepthwiseConv2d
 from mmdwnet.ops.export_form import tracing_shapes
@@ -131,19 +132,28 @@ class DWBlock(BaseModule):
             if self.extra_dw:
                 x = x + self.local_conv(self.local_norm(x))
             # the FFN works on (B, H, W, C); the identity is added inside it
-            y = self.ffn(self.ffn_norm(x).permute(0, 2, 3, 1), identity=x.permute(0, 2, 3, 1))
+            y = self._ffn(self.ffn_norm(x).permute(0, 2, 3, 1), x.permute(0, 2, 3, 1))
             return y.permute(0, 3, 1, 2)
 
         if self.with_cp and x.requires_grad:
             return cp.checkpoint(_inner_forward, x, use_reentrant=False)
         return _inner_forward(x)
 
+    def _ffn(self, x: Tensor, identity: Tensor) -> Tensor:
+        layers = self.ffn.layers
+        if isinstance(layers[1], LinearAdd) and not self.training:
+            # deploy form in eval mode (dropout and drop path are identities): the
+            # residual addition inside the second layer's kernel
+            return layers[1](layers[0](x), identity)
+        return self.ffn(x, identity=identity)
+
     @torch.no_grad()
     def switch_to_deploy(self) -> None:
         """Fold every BatchNorm (with its running statistics) into the adjacent
         convolution or linear layer and replace it by an identity; norms of other kinds
-        stay. The FFN's first linear layer and its GELU become one :class:`LinearGELU`
-        (same parameters and keys). The block then computes the same function in eval mode,
+        stay. The FFN's first linear layer and its GELU become one :class:`LinearGELU`,
+        its second layer and the residual addition one :class:`LinearAdd` (same
+        parameters and keys). The block then computes the same function in eval mode,
         faster."""
         fold_bn_after(self, 'pw_conv1', 'norm1')
         if isinstance(self.dw_conv, nn.Conv2d):
@@ -162,6 +172,11 @@ class DWBlock(BaseModule):
                 and hidden[1].approximate == 'none'):
             hidden[0] = LinearGELU.from_linear(hidden[0])
             hidden[1] = nn.Identity()
+        # the second layer and the residual addition (with no layer scale between them)
+        fc2 = self.ffn.layers[1]
+        if (isinstance(fc2, nn.Linear) and not isinstance(fc2, LinearAdd)
+                and isinstance(self.ffn.gamma2, nn.Identity)):
+            self.ffn.layers[1] = LinearAdd.from_linear(fc2)
 
 
 class DWStage(BaseModule):

@@ -147,9 +147,20 @@ def test_channels_last_patch_merging_equals_mmcv(size):
     ya.backward(grad)
     yb.backward(grad)
     torch.testing.assert_close(xa.grad, xb.grad)
+    # the parameters are indexed to the gathering order: their gradients stay in mmcv's
+    theirs_params = dict(theirs.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, theirs_params[name].grad)
     with pytest.raises(ValueError, match=r'input of length 48 does not match input_size '
                        r'\(5, 7\)'):
         ours(torch.randn(1, 48, 8), (5, 7))
+    with pytest.raises(ValueError, match=r"`norm_cfg` must build a LayerNorm \(or be None\), "
+                       r"got \{'type': 'BN1d'\}"):
+        ChannelsLastPatchMerging(8, 16, norm_cfg=dict(type='BN1d'))
+    without_norm = ChannelsLastPatchMerging(8, 16, norm_cfg=None)
+    bare = PatchMerging(8, 16, norm_cfg=None)
+    bare.load_state_dict(without_norm.state_dict())
+    torch.testing.assert_close(without_norm(x, size)[0], bare(x, size)[0])
 
 
 @pytest.mark.parametrize('kernel_size', [7, 6])  # 6: the operators' PyTorch paths on CPU
@@ -638,12 +649,13 @@ def test_bf16_classifier_agrees_with_fp32(name):
     assert result['top1_agreement'] >= 7 / 8, result
 
 
-def test_deploy_fuses_the_ffn_linear_and_gelu(monkeypatch):
-    """switch_to_deploy turns each FFN's first Linear + GELU into one LinearGELU (same
-    keys); without autograd on CPU it runs oneDNN's fused kernel, with autograd the
-    separate layers, both equal to the unfused block."""
+def test_deploy_fuses_the_ffn_layers(monkeypatch):
+    """switch_to_deploy turns each FFN's first Linear + GELU into one LinearGELU and its
+    second Linear + residual addition into one LinearAdd (same keys); without autograd on
+    CPU in eval mode they run oneDNN's fused kernels, with autograd or in training mode
+    the separate layers, all equal to the unfused block."""
     from mmdwnet.models.backbones.dwnet import DWBlock
-    from mmdwnet.models.utils import LinearGELU
+    from mmdwnet.models.utils import LinearAdd, LinearGELU
     torch.manual_seed(0)
     block = DWBlock(16, 'dw', kernel_size=3).eval()
     keys = set(block.state_dict())
@@ -653,16 +665,57 @@ def test_deploy_fuses_the_ffn_linear_and_gelu(monkeypatch):
     block.switch_to_deploy()
     assert type(block.ffn.layers[0][0]) is LinearGELU
     assert isinstance(block.ffn.layers[0][1], torch.nn.Identity)
+    assert type(block.ffn.layers[1]) is LinearAdd
     assert {k for k in block.state_dict() if 'ffn.layers' in k} == \
         {k for k in keys if 'ffn.layers' in k}
     calls = []
     fused = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(torch.ops.mkldnn, '_linear_pointwise',
-                        lambda *a: calls.append(a[3]) or fused(*a), raising=False)
+
+    class Spy:  # records the fused kernels' pointwise operations
+
+        def __call__(self, *args):
+            calls.append(args[3])
+            return fused(*args)
+
+        def binary(self, *args):
+            calls.append(args[4])
+            return fused.binary(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, '_linear_pointwise', Spy(), raising=False)
     with torch.no_grad():
-        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
-    assert calls == ['gelu']
+        out = block(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert calls == ['gelu', 'add']
     with torch.enable_grad():
         out = block(x.requires_grad_())
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert calls == ['gelu']  # autograd took the separate layers
+    assert calls == ['gelu', 'add']  # autograd took the separate layers
+    with torch.no_grad():
+        out = block.train()(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert calls == ['gelu', 'add', 'gelu']  # training mode: the FFN module, no fused add
+
+
+def test_linear_add():
+    """LinearAdd is the nn.Linear called with one argument, identity + Linear(x) with two
+    (fused or not), and keeps the sum in the identity's dtype under autocast."""
+    from mmdwnet.models.utils import LinearAdd
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 4)
+    fused = LinearAdd.from_linear(linear)
+    x, identity = torch.randn(3, 5, 8), torch.randn(3, 5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), linear(x), rtol=0, atol=0)
+        torch.testing.assert_close(fused(x, identity), identity + linear(x))
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = fused(x, identity)  # float32 identity: the sum stays float32
+            assert low.dtype == torch.float32
+            torch.testing.assert_close(low, identity + linear(x).float())
+            low = fused(x, identity.bfloat16())
+            assert low.dtype == torch.bfloat16
+            torch.testing.assert_close(low.float(), identity + linear(x), rtol=2e-2,
+                                       atol=2e-2)
+    with pytest.raises(TypeError, match=r'LinearAdd: input dtype torch.float64 differs'):
+        with torch.no_grad():
+            fused(x.double(), identity)
