@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdwnet.models.utils import (ChannelSharedDWConv, ChannelsLastPatchMerging, DynamicDWConv,
-                                  InhomogeneousDynamicDWConv, LinearAdd, LinearGELU,
-                                  fold_bn_after,
+                                  InhomogeneousDynamicDWConv, LinearAdd, LinearGELU, fold_bn_after,
                                   fold_bn_before_linear, missing_pretrained_checkpoint)
 from mmdwnet.ops import DepthwiseConv2d
 from mmdwnet.ops.export_form import tracing_shapes
