@@ -20,8 +20,9 @@ from mmengine.model import BaseModule, ModuleList
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmdwnet.models.utils import (ChannelSharedDWConv, ChannelsLastPatchMerging, DynamicDWConv,
-                                  InhomogeneousDynamicDWConv, LinearAdd, LinearGELU, fold_bn_after,
+from mmdwnet.models.utils import (ChannelSharedDWConv, ChannelsLastPatchMerging, Conv2dAdd,
+                                  Conv2dReLU, DynamicDWConv, InhomogeneousDynamicDWConv,
+                                  LinearAdd, LinearGELU, fold_bn_after,
                                   fold_bn_before_linear, missing_pretrained_checkpoint)
 from mmdwnet.ops import DepthwiseConv2d
 from mmdwnet.ops.export_form import tracing_shapes
@@ -122,12 +123,18 @@ class DWBlock(BaseModule):
     def forward(self, x: Tensor) -> Tensor:
 
         def _inner_forward(x):
-            y = self.act(self.norm1(self.pw_conv1(x)))
+            if isinstance(self.pw_conv1, Conv2dReLU):  # deploy form: norm1 folded
+                y = self.pw_conv1(x)
+            else:
+                y = self.act(self.norm1(self.pw_conv1(x)))
             y = self.act(self.norm2(self.dw_conv(y)))
             if self.se is not None:
                 y = self.se(y)
-            y = self.norm3(self.pw_conv2(y))
-            x = x + self.drop_path(y)
+            if isinstance(self.pw_conv2, Conv2dAdd) and not self.training:
+                # deploy form in eval mode (norm3 folded, drop path an identity)
+                x = self.pw_conv2(y, x)
+            else:
+                x = x + self.drop_path(self.norm3(self.pw_conv2(y)))
             if self.extra_dw:
                 x = x + self.local_conv(self.local_norm(x))
             # the FFN works on (B, H, W, C); the identity is added inside it
@@ -150,11 +157,13 @@ class DWBlock(BaseModule):
     def switch_to_deploy(self) -> None:
         """Fold every BatchNorm (with its running statistics) into the adjacent
         convolution or linear layer and replace it by an identity; norms of other kinds
-        stay. The FFN's first linear layer and its GELU become one :class:`LinearGELU`,
-        its second layer and the residual addition one :class:`LinearAdd` (same
-        parameters and keys). The block then computes the same function in eval mode,
-        faster."""
-        fold_bn_after(self, 'pw_conv1', 'norm1')
+        stay. Where their norms folded, the first 1x1 convolution and its ReLU become one
+        :class:`Conv2dReLU` and the last and the residual addition one :class:`Conv2dAdd`;
+        the FFN's first linear layer and its GELU become one :class:`LinearGELU`, its
+        second layer and the residual addition one :class:`LinearAdd` (same parameters and
+        keys). The block then computes the same function in eval mode, faster."""
+        if fold_bn_after(self, 'pw_conv1', 'norm1') and type(self.pw_conv1) is nn.Conv2d:
+            self.pw_conv1 = Conv2dReLU.from_conv(self.pw_conv1)
         if isinstance(self.dw_conv, nn.Conv2d):
             fold_bn_after(self, 'dw_conv', 'norm2')
         elif isinstance(self.dw_conv, DynamicDWConv):
@@ -163,7 +172,8 @@ class DWBlock(BaseModule):
         elif isinstance(self.dw_conv, InhomogeneousDynamicDWConv):
             self.dw_conv.switch_to_deploy()
         # channel-shared kernels cannot take a per-channel scale: norm2 stays
-        fold_bn_after(self, 'pw_conv2', 'norm3')
+        if fold_bn_after(self, 'pw_conv2', 'norm3') and type(self.pw_conv2) is nn.Conv2d:
+            self.pw_conv2 = Conv2dAdd.from_conv(self.pw_conv2)
         fold_bn_before_linear(self, 'ffn_norm', self.ffn.layers[0][0])
         # the FFN's first linear layer and its exact GELU as one oneDNN operation
         hidden = self.ffn.layers[0]

@@ -1,6 +1,6 @@
 from .dynamic_dwconv import ChannelSharedDWConv, DynamicDWConv, InhomogeneousDynamicDWConv
 from .fuse_bn import bn_affine, fold_bn_after, fold_bn_before_linear, is_foldable
-from .fused_linear import LinearAdd, LinearGELU
+from .fused_layers import Conv2dAdd, Conv2dReLU, LinearAdd, LinearGELU
 from .norm import CenteringCalibratedBN
 from .patch_merging import ChannelsLastPatchMerging
 from .pretrained import missing_pretrained_checkpoint
@@ -8,6 +8,7 @@ from .pretrained import missing_pretrained_checkpoint
 __all__ = [
     'DynamicDWConv', 'InhomogeneousDynamicDWConv', 'ChannelSharedDWConv',
     'bn_affine', 'fold_bn_after', 'fold_bn_before_linear', 'is_foldable',
-    'CenteringCalibratedBN', 'ChannelsLastPatchMerging', 'LinearAdd', 'LinearGELU',
+    'CenteringCalibratedBN', 'ChannelsLastPatchMerging', 'Conv2dAdd', 'Conv2dReLU',
+    'LinearAdd', 'LinearGELU',
     'missing_pretrained_checkpoint'
 ]

@@ -649,52 +649,68 @@ def test_bf16_classifier_agrees_with_fp32(name):
     assert result['top1_agreement'] >= 7 / 8, result
 
 
-def test_deploy_fuses_the_ffn_layers(monkeypatch):
-    """switch_to_deploy turns each FFN's first Linear + GELU into one LinearGELU and its
-    second Linear + residual addition into one LinearAdd (same keys); without autograd on
-    CPU in eval mode they run oneDNN's fused kernels, with autograd or in training mode
-    the separate layers, all equal to the unfused block."""
+@pytest.mark.parametrize('conv_type', ['dw', 'iddw'])
+def test_deploy_fuses_layers(monkeypatch, conv_type):
+    """switch_to_deploy turns the first 1x1 conv + ReLU into one Conv2dReLU, the last 1x1
+    conv + residual addition into one Conv2dAdd, the FFN's first Linear + GELU into one
+    LinearGELU and its second Linear + residual addition into one LinearAdd (same keys);
+    without autograd on CPU in eval mode they run oneDNN's fused kernels, with autograd
+    the separate layers, in training mode no fused additions, all equal to the unfused
+    block."""
     from mmdwnet.models.backbones.dwnet import DWBlock
-    from mmdwnet.models.utils import LinearAdd, LinearGELU
+    from mmdwnet.models.utils import Conv2dAdd, Conv2dReLU, LinearAdd, LinearGELU
     torch.manual_seed(0)
-    block = DWBlock(16, 'dw', kernel_size=3).eval()
+    block = DWBlock(16, conv_type, kernel_size=3, group_channels=4).eval()
+    _randomise_bn_stats(block)
     keys = set(block.state_dict())
     x = torch.randn(2, 16, 5, 6).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         expected = block(x)
     block.switch_to_deploy()
+    assert type(block.pw_conv1) is Conv2dReLU and type(block.pw_conv2) is Conv2dAdd
     assert type(block.ffn.layers[0][0]) is LinearGELU
     assert isinstance(block.ffn.layers[0][1], torch.nn.Identity)
     assert type(block.ffn.layers[1]) is LinearAdd
-    assert {k for k in block.state_dict() if 'ffn.layers' in k} == \
-        {k for k in keys if 'ffn.layers' in k}
+    # the fused layers' keys are those of the layers they replace (biases from the folds)
+    fused_keys = ('pw_conv', 'ffn.layers')
+    assert {k for k in block.state_dict() if k.startswith(fused_keys)} == \
+        {k for k in keys if k.startswith(fused_keys)} | {'pw_conv1.bias', 'pw_conv2.bias'}
     calls = []
-    fused = torch.ops.mkldnn._linear_pointwise
 
-    class Spy:  # records the fused kernels' pointwise operations
+    def spy(name, attr_index):  # records the pointwise operations of a fused kernel
+        fused = getattr(torch.ops.mkldnn, name)
 
-        def __call__(self, *args):
-            calls.append(args[3])
-            return fused(*args)
+        class Spy:
 
-        def binary(self, *args):
-            calls.append(args[4])
-            return fused.binary(*args)
+            def __call__(self, *args):
+                calls.append(args[attr_index])
+                return fused(*args)
 
-    monkeypatch.setattr(torch.ops.mkldnn, '_linear_pointwise', Spy(), raising=False)
+            def binary(self, *args):
+                calls.append(args[attr_index + 1])
+                return fused.binary(*args)
+
+        monkeypatch.setattr(torch.ops.mkldnn, name, Spy(), raising=False)
+
+    spy('_linear_pointwise', 3)
+    spy('_convolution_pointwise', 7)
     with torch.no_grad():
         out = block(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert calls == ['gelu', 'add']
+    assert calls == ['relu', 'add', 'gelu', 'add']
     with torch.enable_grad():
         out = block(x.requires_grad_())
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert calls == ['gelu', 'add']  # autograd took the separate layers
+    assert len(calls) == 4  # autograd took the separate layers
+    block.train()
+    for m in block.modules():  # I-D-DW's norm2 stays: its running statistics
+        if isinstance(m, _BatchNorm):
+            m.eval()
     with torch.no_grad():
-        out = block.train()(x)
+        out = block(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert calls == ['gelu', 'add', 'gelu']  # training mode: the FFN module, no fused add
+    assert calls[4:] == ['relu', 'gelu']  # training mode: no fused additions
 
 
 def test_linear_add():
@@ -719,3 +735,28 @@ def test_linear_add():
     with pytest.raises(TypeError, match=r'LinearAdd: input dtype torch.float64 differs'):
         with torch.no_grad():
             fused(x.double(), identity)
+
+
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_fused_convolutions(memory_format):
+    """Conv2dReLU and Conv2dAdd equal ReLU(conv) and identity + conv (stride, padding,
+    groups, either layout of the identity; float32, and under bf16 autocast with a float32
+    identity the sum stays float32), and refuse string padding."""
+    from mmdwnet.models.utils import Conv2dAdd, Conv2dReLU
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 12, 3, stride=2, padding=1, groups=4)
+    x = torch.randn(2, 8, 9, 7).contiguous(memory_format=memory_format)
+    identity = torch.randn(2, 12, 5, 4).contiguous(memory_format=memory_format)
+    relu, add = Conv2dReLU.from_conv(conv), Conv2dAdd.from_conv(conv)
+    with torch.no_grad():
+        torch.testing.assert_close(relu(x), F.relu(conv(x)))
+        torch.testing.assert_close(add(x), conv(x), rtol=0, atol=0)
+        torch.testing.assert_close(add(x, identity), identity + conv(x))
+        torch.testing.assert_close(add(x, identity.contiguous()), identity + conv(x))
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = add(x, identity)
+            assert low.dtype == torch.float32
+            torch.testing.assert_close(low, identity + conv(x).float())
+    with pytest.raises(ValueError, match=r"Conv2dAdd: the convolution must have numeric zero "
+                       r"padding, got padding='same', padding_mode='zeros'"):
+        Conv2dAdd.from_conv(torch.nn.Conv2d(8, 8, 3, padding='same'))
