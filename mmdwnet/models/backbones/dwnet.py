@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdwnet.models.utils import (ChannelSharedDWConv, ChannelsLastPatchMerging, Conv2dAdd,
-                                  Conv2dReLU, DynamicDWConv, InhomogeneousDynamicDWConv,
-                                  LinearAdd, LinearGELU, fold_bn_after,
-                                  fold_bn_before_linear, missing_pretrained_checkpoint)
+                                  Conv2dReLU, DynamicDWConv, InhomogeneousDynamicDWConv, LinearAdd,
+                                  LinearGELU, fold_bn_after, fold_bn_before_linear,
+                                  missing_pretrained_checkpoint)
 from mmdwnet.ops import DepthwiseConv2d
 from mmdwnet.ops.export_form import tracing_shapes
 from mmdwnet.registry import MODELS
