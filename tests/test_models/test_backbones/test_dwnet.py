@@ -655,8 +655,8 @@ def test_deploy_fuses_layers(monkeypatch, conv_type):
     conv + residual addition into one Conv2dAdd, the FFN's first Linear + GELU into one
     LinearGELU and its second Linear + residual addition into one LinearAdd (same keys);
     without autograd on CPU in eval mode they run oneDNN's fused kernels, with autograd
-    the separate layers, in training mode no fused additions, all equal to the unfused
-    block."""
+    the separate layers, in training mode no fused additions, under bfloat16 autocast only
+    LinearGELU, all equal to the unfused block."""
     from mmdwnet.models.backbones.dwnet import DWBlock
     from mmdwnet.models.utils import Conv2dAdd, Conv2dReLU, LinearAdd, LinearGELU
     torch.manual_seed(0)
@@ -711,12 +711,17 @@ def test_deploy_fuses_layers(monkeypatch, conv_type):
         out = block(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert calls[4:] == ['relu', 'gelu']  # training mode: no fused additions
+    block.eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        low = block(x)
+    torch.testing.assert_close(low.float(), expected, rtol=0.05, atol=0.05)
+    assert calls[6:] == ['gelu']  # bfloat16: the convolutions and additions unfused
 
 
 def test_linear_add():
     """LinearAdd is the nn.Linear called with one argument, identity + Linear(x) with two
     (fused or not), and keeps the sum in the identity's dtype under autocast."""
-    from mmdwnet.models.utils import LinearAdd
+    from mmdwnet.models.utils import LinearAdd, LinearGELU
     torch.manual_seed(0)
     linear = torch.nn.Linear(8, 4)
     fused = LinearAdd.from_linear(linear)
@@ -732,9 +737,10 @@ def test_linear_add():
             assert low.dtype == torch.bfloat16
             torch.testing.assert_close(low.float(), identity + linear(x), rtol=2e-2,
                                        atol=2e-2)
-    with pytest.raises(TypeError, match=r'LinearAdd: input dtype torch.float64 differs'):
+    with pytest.raises(TypeError, match=r'LinearGELU: input dtype torch.float64 differs '
+                       r'from the weight dtype torch.float32'):
         with torch.no_grad():
-            fused(x.double(), identity)
+            LinearGELU.from_linear(linear)(x.double())
 
 
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
