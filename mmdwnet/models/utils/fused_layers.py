@@ -39,7 +39,9 @@ def _plain(x: Tensor) -> bool:
 
 def _operands(layer: nn.Module, x: Tensor):
     """``x``, the weight and the bias of ``layer`` in the dtype the fused kernel takes:
-    the autocast dtype under CPU autocast, as for ``F.linear``."""
+    the autocast dtype under CPU autocast, as for ``F.linear``. ``x`` keeps its memory
+    format: oneDNN's convolutions return their output in the input's (channels-last maps
+    stay channels-last), and the linear layers take any strides."""
     weight, bias = layer.weight, layer.bias
     if torch.is_autocast_enabled('cpu'):
         dtype = torch.get_autocast_dtype('cpu')
@@ -48,7 +50,7 @@ def _operands(layer: nn.Module, x: Tensor):
     elif x.dtype != weight.dtype:
         raise TypeError(f'{type(layer).__name__}: input dtype {x.dtype} differs from the '
                         f'weight dtype {weight.dtype}')
-    return x.contiguous(), weight, bias
+    return x, weight, bias
 
 
 def _fused(name: str, layer: nn.Module, *tensors: Tensor, float32_only: bool = False):

@@ -747,7 +747,8 @@ def test_linear_add():
 def test_fused_convolutions(memory_format):
     """Conv2dReLU and Conv2dAdd equal ReLU(conv) and identity + conv (stride, padding,
     groups, either layout of the identity; float32, and under bf16 autocast with a float32
-    identity the sum stays float32), and refuse string padding."""
+    identity the sum stays float32), return the input's memory format, and refuse string
+    padding."""
     from mmdwnet.models.utils import Conv2dAdd, Conv2dReLU
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(8, 12, 3, stride=2, padding=1, groups=4)
@@ -756,6 +757,9 @@ def test_fused_convolutions(memory_format):
     relu, add = Conv2dReLU.from_conv(conv), Conv2dAdd.from_conv(conv)
     with torch.no_grad():
         torch.testing.assert_close(relu(x), F.relu(conv(x)))
+        # outputs in the input's memory format, as torch's convolutions (no copies after)
+        assert relu(x).is_contiguous(memory_format=memory_format)
+        assert add(x, identity).is_contiguous(memory_format=memory_format)
         torch.testing.assert_close(add(x), conv(x), rtol=0, atol=0)
         torch.testing.assert_close(add(x, identity), identity + conv(x))
         torch.testing.assert_close(add(x, identity.contiguous()), identity + conv(x))
