@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmdwnet.models.utils import (ChannelSharedDWConv, ChannelsLastPatchMerging, Conv2dAdd,
                                   Conv2dReLU, DynamicDWConv, InhomogeneousDynamicDWConv, LinearAdd,
                                   LinearGELU, fold_bn_after, fold_bn_before_linear,
-                                  missing_pretrained_checkpoint)
+                                  missing_pretrained_checkpoint, residual_drop_path)
 from mmdwnet.ops import DepthwiseConv2d
 from mmdwnet.ops.export_form import tracing_shapes
 from mmdwnet.registry import MODELS
@@ -134,7 +134,7 @@ class DWBlock(BaseModule):
                 # deploy form in eval mode (norm3 folded, drop path an identity)
                 x = self.pw_conv2(y, x)
             else:
-                x = x + self.drop_path(self.norm3(self.pw_conv2(y)))
+                x = residual_drop_path(x, self.norm3(self.pw_conv2(y)), self.drop_path)
             if self.extra_dw:
                 x = x + self.local_conv(self.local_norm(x))
             # the FFN works on (B, H, W, C); the identity is added inside it
@@ -146,12 +146,13 @@ class DWBlock(BaseModule):
         return _inner_forward(x)
 
     def _ffn(self, x: Tensor, identity: Tensor) -> Tensor:
+        """``self.ffn(x, identity)``: mmcv's FFN, with its residual addition and drop
+        path in one pass, or in deploy form in eval mode (dropout and drop path are
+        identities) inside the second layer's kernel."""
         layers = self.ffn.layers
         if isinstance(layers[1], LinearAdd) and not self.training:
-            # deploy form in eval mode (dropout and drop path are identities): the
-            # residual addition inside the second layer's kernel
             return layers[1](layers[0](x), identity)
-        return self.ffn(x, identity=identity)
+        return residual_drop_path(identity, self.ffn.gamma2(layers(x)), self.ffn.dropout_layer)
 
     @torch.no_grad()
     def switch_to_deploy(self) -> None:

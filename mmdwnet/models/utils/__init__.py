@@ -1,3 +1,4 @@
+from .drop_path import residual_drop_path
 from .dynamic_dwconv import ChannelSharedDWConv, DynamicDWConv, InhomogeneousDynamicDWConv
 from .fuse_bn import bn_affine, fold_bn_after, fold_bn_before_linear, is_foldable
 from .fused_layers import Conv2dAdd, Conv2dReLU, LinearAdd, LinearGELU
@@ -10,5 +11,5 @@ __all__ = [
     'bn_affine', 'fold_bn_after', 'fold_bn_before_linear', 'is_foldable',
     'CenteringCalibratedBN', 'ChannelsLastPatchMerging', 'Conv2dAdd', 'Conv2dReLU',
     'LinearAdd', 'LinearGELU',
-    'missing_pretrained_checkpoint'
+    'missing_pretrained_checkpoint', 'residual_drop_path'
 ]
