@@ -55,21 +55,19 @@ def _operands(layer: nn.Module, x: Tensor):
 
 def _fused(name: str, layer: nn.Module, *tensors: Tensor, float32_only: bool = False):
     """The oneDNN operator ``name`` where it may run: on CPU, outside tracing and export,
-    and without autograd (it has no backward); else None. ``float32_only``: only where
-    the product is computed in float32 (not under a lower-precision autocast)."""
+    and without autograd (it has no backward); else None. ``float32_only``: only for
+    float32 operands outside autocast (CPU autocast always lowers the precision)."""
     if _plain(tensors[0]) or (torch.is_grad_enabled() and (
             layer.weight.requires_grad or any(t.requires_grad for t in tensors))):
         return None
-    if float32_only and (tensors[0].dtype != torch.float32 or torch.is_autocast_enabled('cpu')
-                         and torch.get_autocast_dtype('cpu') != torch.float32):
+    if float32_only and (tensors[0].dtype != torch.float32 or torch.is_autocast_enabled('cpu')):
         return None
     return _mkldnn_op(name)
 
 
 def _addable(identity: Tensor, x: Tensor, shape) -> bool:
     """Whether oneDNN can add ``identity`` to a product of ``shape`` computed in ``x``'s
-    dtype: the identity must have that dtype (under autocast a float32 identity would
-    otherwise be rounded to it) and the product's shape."""
+    dtype: the identity must have that dtype and the product's shape (no broadcasting)."""
     return identity.dtype == x.dtype and tuple(identity.shape) == tuple(shape)
 
 

@@ -1,4 +1,3 @@
-import torch
 import torch.nn.functional as F
 from mmcv.cnn.bricks.transformer import PatchMerging
 from torch import Tensor, nn
@@ -14,7 +13,7 @@ class ChannelsLastPatchMerging(PatchMerging):
     neighbourhood is gathered by one reshape and permute of the (B, H, W, C) map, then
     LayerNorm and the bias-free reduction. The parameters are in ``nn.Unfold``'s channel
     order ``4 * c + 2 * row + col``; the features are gathered in the order
-    ``(2 * row + col) * C + c``, a faster copy, and the parameters are indexed to match
+    ``(2 * row + col) * C + c``, a faster copy, and the parameters are reordered to match
     (so the norm must be a LayerNorm, whose statistics do not depend on the order).
 
     Why not mmcv's forward: ``nn.Unfold`` works on (B, C, H, W) and its backward
@@ -62,17 +61,17 @@ class ChannelsLastPatchMerging(PatchMerging):
         # DWNet-T's first merging); the parameters follow the features instead. A
         # LayerNorm's statistics do not depend on the order of the features.
         x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, out_h * out_w, 4 * c)
-        order = self._unfold_channels(c, x.device)
         if self.norm is not None:
             weight, bias = self.norm.weight, self.norm.bias
             x = F.layer_norm(x, self.norm.normalized_shape,
-                             None if weight is None else weight[order],
-                             None if bias is None else bias[order], self.norm.eps)
-        return F.linear(x, self.reduction.weight[:, order], self.reduction.bias), (out_h, out_w)
+                             None if weight is None else _gathered_order(weight),
+                             None if bias is None else _gathered_order(bias), self.norm.eps)
+        return F.linear(x, _gathered_order(self.reduction.weight),
+                        self.reduction.bias), (out_h, out_w)
 
-    @staticmethod
-    def _unfold_channels(channels: int, device) -> Tensor:
-        """For each feature of the (row, col, channel) order, its index in nn.Unfold's
-        order: feature (2 * row + col) * channels + c is unfold's 4 * c + 2 * row + col."""
-        position = torch.arange(4, device=device).view(4, 1)
-        return (position + 4 * torch.arange(channels, device=device)).flatten()
+
+def _gathered_order(param: Tensor) -> Tensor:
+    """``param``'s last dimension from nn.Unfold's order ``4 * c + 2 * row + col`` to the
+    gathered order ``(2 * row + col) * C + c``: a transpose of (C, 4) (a strided copy,
+    about 4x faster than indexing at DWNet-T's last merging)."""
+    return param.unflatten(-1, (-1, 4)).transpose(-1, -2).flatten(-2)
