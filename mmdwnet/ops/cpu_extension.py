@@ -25,7 +25,7 @@ import torch
 SOURCES = [
     osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', name)
     for name in ('inhomogeneous_dwconv_cpu.cpp', 'predicted_idwconv_cpu.cpp',
-                 'depthwise_conv_cpu.cpp')
+                 'depthwise_conv_cpu.cpp', 'gelu_cpu.cpp')
 ]
 _lock = threading.Lock()
 _state = {'tried': False, 'ops': None, 'error': None}

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -805,3 +806,44 @@ def test_residual_drop_path_equals_mmcv(drop_prob):
                                atol=0)
     other = residual_drop_path(identity, x, torch.nn.Sequential(torch.nn.Identity()))
     torch.testing.assert_close(other, identity + x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('change', [None, 'ffn_drop', 'tanh_gelu', 'eval_no_grad'])
+def test_block_ffn_trains_through_gelu_mlp(change, compiled_ops):
+    """In training the FFN's linear-GELU-linear runs as one gelu_mlp (the compiled
+    GELU-with-derivative pass) and computes mmcv's FFN(x, identity): outputs and gradients
+    against the FFN itself in float64. With an active dropout between the layers, another
+    GELU, or without autograd, the FFN's own layers run."""
+    torch.manual_seed(0)
+    block = DWNet('tiny', 'dw', drop_path_rate=0.).stages[0].blocks[0].train()
+    if change == 'ffn_drop':
+        block.ffn.layers[0][2].p = 0.1
+    if change == 'tanh_gelu':
+        block.ffn.layers[0][1].approximate = 'tanh'
+    x, identity = torch.randn(2, 5, 7, 96), torch.randn(2, 5, 7, 96)
+    reference = copy.deepcopy(block).double()
+    xd, idd = x.double().requires_grad_(), identity.double().requires_grad_()
+    torch.manual_seed(1)
+    expected = reference.ffn(xd, idd)
+    if change == 'eval_no_grad':
+        block.eval()
+        with torch.no_grad():
+            out = block._ffn(x, identity)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+        assert compiled_ops.ran() == set()
+        return
+    x.requires_grad_(), identity.requires_grad_()
+    torch.manual_seed(1)
+    out = block._ffn(x, identity)
+    assert compiled_ops.ran() == ({'gelu_with_derivative_'} if change is None else set())
+    if change == 'ffn_drop':  # dropped hidden values: the outputs differ from the FFN's
+        assert not torch.allclose(out.double(), reference.ffn.eval()(xd, idd), atol=1e-3)
+        return
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad.double())
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(identity.grad.double(), idd.grad, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(block.ffn.named_parameters(), reference.ffn.parameters()):
+        torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-5, atol=1e-4, msg=name)
