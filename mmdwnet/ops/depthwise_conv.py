@@ -3,16 +3,21 @@ shared by the batch (static DW-Conv) or one set per sample (homogeneous dynamic 
 Tap ``i`` reads row ``h + i - K // 2`` (and likewise for columns): padding K // 2 on both
 sides for odd K; for even K, K // 2 before and K // 2 - 1 after.
 
-On CPU, for channels-last features of any floating dtype (the layout DWNet's blocks run in), it
-combines oneDNN's depth-wise convolution, fast in the forward direction (also used for the
-input gradient, a convolution with the rotated kernels), with the compiled kernels of
-``csrc/depthwise_conv_cpu.cpp`` for the kernel gradient, which PyTorch computes slowly, and
-for per-sample kernels on small maps; every compiled multiply-add is a vector operation
-along the contiguous channel axis. Per-sample kernels need no folding of the batch into
-one grouped convolution in the NCHW layout. At DWNet's stage shapes (batch 16, 2 threads)
-forward + backward takes about half the time of PyTorch's channels-last convolution with
-static kernels and a third to a quarter with per-sample kernels. Elsewhere - GPU, other
-layouts, even K, or when the extension cannot be built - it is ``F.conv2d`` with
+On CPU, for channels-last features of any floating dtype (the layout DWNet's blocks run in),
+it runs the compiled kernels of ``csrc/depthwise_conv_cpu.cpp``, where every multiply-add is
+a vector operation along the contiguous channel axis, and oneDNN's depth-wise convolution
+where that is faster. In float32 the forward pass (and the input gradient, the same
+convolution with the rotated kernels) is a register-blocked kernel for K = 3, 5, 7, 9: the
+sums of a block of output pixels stay in registers over all taps, and each input vector is
+loaded once per kernel row for every tap that reads it. With per-sample kernels it runs at
+every size (2 threads, batch 16, K = 7, against one oneDNN convolution per sample: 0.60x
+the time on 56x56 maps and 0.15-0.5x on the smaller ones on an Intel Xeon, 0.65x and
+0.2-0.5x on an AMD EPYC); with shared kernels on maps below 400 pixels, where it beats
+oneDNN's (0.7-0.8x at 14x14 and 7x7). Other dtypes take oneDNN's convolution (per sample on
+maps of 400 pixels or more, else a generic compiled kernel over the batch). The kernel
+gradient, slow in PyTorch, is always the compiled kernel. Per-sample kernels need no
+folding of the batch into one grouped convolution in the NCHW layout. Elsewhere - GPU,
+other layouts, even K, or when the extension cannot be built - it is ``F.conv2d`` with
 ``groups=C`` (per-sample kernels: one grouped convolution over the batch folded into
 channels).
 """
@@ -45,39 +50,65 @@ def _reference(input: Tensor, weight: Tensor, bias: Optional[Tensor],
     return out if bias is None else out + bias.view(1, c, 1, 1)
 
 
-# Per-sample kernels on maps at least this large run as one oneDNN depth-wise convolution
-# per sample (fastest there); smaller maps, where per-call overhead dominates, run the
-# compiled kernel over the whole batch at once.
+# Per-sample kernels without the register-blocked compiled kernel (other dtypes) run as one
+# oneDNN depth-wise convolution per sample on maps at least this large (fastest there);
+# smaller maps, where per-call overhead dominates, run the compiled kernel over the whole
+# batch at once.
 _PER_SAMPLE_ONEDNN_MIN_PIXELS = 400
+# Kernels shared by the batch run the register-blocked compiled kernel on maps below this
+# size, oneDNN's depth-wise convolution from it on. Measured at DWNet-T's stage shapes
+# (2 threads, batch 16, float32, K = 7 / K = 3, compiled kernel's time over oneDNN's):
+# Intel Xeon (AMX) 1.21 / 1.39 at 56x56, 1.34 / 1.26 at 28x28, 0.80 / 1.06 at 14x14 and
+# 0.74 / 0.68 at 7x7; AMD EPYC 0.8-0.9 at every stage for K = 7. The boundary keeps each
+# machine at or below oneDNN's time.
+_SHARED_BLOCKED_MAX_PIXELS = 400
 
 
-def _per_sample(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _blocked(kernel_size: int, dtype: torch.dtype) -> bool:
+    """Whether the compiled forward runs its register-blocked kernel (as
+    ``depthwise_forward`` in ``csrc/depthwise_conv_cpu.cpp`` chooses)."""
+    return dtype == torch.float32 and kernel_size in (3, 5, 7, 9)
+
+
+def _taps(weight: Tensor, samples: int) -> Tensor:
+    """(C, 1, K, K) or (B, C, K, K) kernels as the compiled kernel reads them, (B, K*K, C)."""
+    k = weight.shape[-1]
+    return weight.reshape(samples, -1, k * k).transpose(1, 2).contiguous()
+
+
+def _compiled_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], samples: int) -> Tensor:
+    return cpu_extension.load().depthwise_conv2d(
+        x, _taps(weight, samples), None if bias is None else bias.contiguous(),
+        weight.shape[-1])
+
+
+def _per_sample(x: Tensor, weight: Tensor, bias: Optional[Tensor], blocked: bool) -> Tensor:
     """Channels-last depth-wise convolution of each sample with its own (C, K, K) kernels."""
     b, c, h, w = x.shape
     k = weight.shape[-1]
-    if h * w >= _PER_SAMPLE_ONEDNN_MIN_PIXELS:
+    if not blocked and h * w >= _PER_SAMPLE_ONEDNN_MIN_PIXELS:
         return torch.cat([
             F.conv2d(x[i:i + 1], weight[i].unsqueeze(1), bias, padding=k // 2, groups=c)
             for i in range(b)
         ])
-    taps = weight.reshape(b, c, k * k).transpose(1, 2).contiguous()  # (B, K*K, C)
-    return cpu_extension.load().depthwise_conv2d(
-        x, taps, None if bias is None else bias.contiguous(), k)
+    return _compiled_conv(x, weight, bias, b)
 
 
 # The channels-last CPU path as custom operators, with fake kernels (output layout =
 # input layout) and autograd registered, so that torch.compile and torch.export keep them
-# whole instead of tracing into the compiled kernels: forward and input gradient are
-# oneDNN's channels-last depth-wise convolutions (per sample for per-sample kernels, or the
-# compiled kernel on small maps); the kernel gradient, slow in PyTorch, is the compiled
-# kernel.
+# whole instead of tracing into the compiled kernels: forward and input gradient are the
+# compiled kernels or oneDNN's channels-last depth-wise convolutions, as the module
+# docstring says; the kernel gradient, slow in PyTorch, is the compiled kernel.
 @torch.library.custom_op('mmdwnet::depthwise_conv2d_cpu', mutates_args=())
 def _forward_cpu(input: Tensor, weight: Tensor, bias: Optional[Tensor], shared: bool) -> Tensor:
     k, c = weight.shape[-1], input.shape[1]  # input: channels-last (_use_compiled)
-    if shared:
-        out = F.conv2d(input, weight, bias, padding=k // 2, groups=c)
+    blocked = _blocked(k, input.dtype)
+    if not shared:
+        out = _per_sample(input, weight, bias, blocked)
+    elif blocked and input.shape[2] * input.shape[3] < _SHARED_BLOCKED_MAX_PIXELS:
+        out = _compiled_conv(input, weight, bias, 1)
     else:
-        out = _per_sample(input, weight, bias)
+        out = F.conv2d(input, weight, bias, padding=k // 2, groups=c)
     return out.contiguous(memory_format=torch.channels_last)  # as the fake kernel says
 
 

@@ -9,11 +9,14 @@ from reference import dwconv as reference
 from mmdwnet.ops import DepthwiseConv2d, cpu_extension, depthwise_conv2d
 
 
-def _compiled_ops_expected(shared, h, w):
-    """The compiled ops a forward + backward runs: the kernel gradient always, the forward
-    for per-sample kernels on maps below 400 pixels (oneDNN's convolution otherwise)."""
+def _compiled_ops_expected(shared, h, w, k, dtype=torch.float32):
+    """The compiled ops a forward + backward runs: the kernel gradient always; the forward
+    (and the input gradient) where the float32 register-blocked kernel takes K for per-sample
+    kernels at any size, and on maps below 400 pixels for shared kernels of that kind or
+    per-sample kernels of any kind; oneDNN's convolution otherwise."""
     ops = {'depthwise_conv2d_weight_grad'}
-    if not shared and h * w < 400:
+    blocked = dtype == torch.float32 and k in (3, 5, 7, 9)
+    if (blocked and (not shared or h * w < 400)) or (not shared and h * w < 400):
         ops.add('depthwise_conv2d')
     return ops
 
@@ -41,7 +44,8 @@ def test_gradcheck_float64(shared, shape, compiled_ops):
     torch.testing.assert_close(depthwise_conv2d(x, weight, bias), reference(x, weight, bias),
                                rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(depthwise_conv2d, (x, weight, bias))
-    assert compiled_ops.ran(torch.float64) == _compiled_ops_expected(shared, h, w)
+    assert compiled_ops.ran(torch.float64) == _compiled_ops_expected(shared, h, w, k,
+                                                                        torch.float64)
 
 
 @pytest.mark.parametrize('shared', [True, False])
@@ -70,7 +74,29 @@ def test_float32_stage_shapes_match_the_reference(shared, c, size, compiled_ops)
         # kernel gradients sum B*H*W products: float32 rounding differs with the order
         scale = theirs.abs().max().item()
         torch.testing.assert_close(ours, theirs, atol=1e-5 * max(scale, 1.0), rtol=1e-4)
-    assert compiled_ops.ran() == _compiled_ops_expected(shared, size, size), compiled_ops.calls
+    assert compiled_ops.ran() == _compiled_ops_expected(shared, size, size, 7), \
+        compiled_ops.calls
+
+
+@pytest.mark.parametrize('k', [3, 5, 7, 9])
+@pytest.mark.parametrize('shared', [True, False])
+# 37 channels: two whole vectors (16 lanes with AVX-512, 8 with AVX2) and a scalar tail;
+# widths 3 (narrower than a block of output pixels), 13 and 19 (partial last blocks)
+@pytest.mark.parametrize('c,h,w', [(37, 5, 3), (37, 11, 13), (48, 4, 19)])
+def test_register_blocked_float32_kernel(k, shared, c, h, w):
+    """The compiled float32 forward for K = 3, 5, 7, 9 (register-blocked) against the float64
+    reference, with and without a bias, at every block-edge case of rows, columns and
+    channels; maps smaller than the kernel read zeros outside."""
+    ops = cpu_extension.load()
+    x, weight, bias = (t.detach() for t in _inputs(2, c, h, w, k, shared))
+    taps = weight.reshape(1 if shared else 2, c, k * k).transpose(1, 2).contiguous()
+    for b in (bias, None):
+        out = ops.depthwise_conv2d(x, taps, b, k)
+        expected = reference(x.double(), weight.double(), None if b is None else b.double())
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r'\(1, K\*K, C\) for kernels shared by the batch'):
+        ops.depthwise_conv2d(x, taps[:, :-1], bias, k)
 
 
 def test_fallback_path_agrees(monkeypatch, compiled_ops):

@@ -5,7 +5,7 @@
 // float16/bfloat16 operands accumulate in float32 and are rounded once.
 //
 // Layouts: input/output (B, H, W, C) memory (a channels-last (B, C, H, W) tensor), kernels
-// (B, K*K, C). The channel axis is contiguous everywhere, so every
+// (B, K*K, C), or (1, K*K, C) shared by the batch. The channel axis is contiguous everywhere, so every
 // multiply-add is a vector operation over channels; one task is one output row, whose
 // K input rows and the kernels stay in cache. The input gradient is this forward pass
 // with the kernels flipped; the kernel gradient reduces over positions per sample.
@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -25,16 +26,16 @@ using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value
                                            float>::type;
 
 template <typename scalar_t>
-void dw_forward(const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* out,
-                int64_t batch, int64_t height, int64_t width, int64_t channels,
-                int64_t kernel) {
+void dw_forward(const scalar_t* x, const scalar_t* w, int64_t weight_batch_stride,
+                const scalar_t* bias, scalar_t* out, int64_t batch, int64_t height,
+                int64_t width, int64_t channels, int64_t kernel) {
   using acc_t = acc_type<scalar_t>;
   const int64_t pad = kernel / 2, taps = kernel * kernel;
   at::parallel_for(0, batch * height, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(channels);  // one output pixel's sums, rounded once
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / height, h = bh % height;
-      const scalar_t* wb = w + b * taps * channels;
+      const scalar_t* wb = w + b * weight_batch_stride;
       for (int64_t x0 = 0; x0 < width; ++x0) {
         acc_t* __restrict__ a = acc.data();
         for (int64_t c = 0; c < channels; ++c) {
@@ -59,6 +60,109 @@ void dw_forward(const scalar_t* x, const scalar_t* w, const scalar_t* bias, scal
       }
     }
   });
+}
+
+// float32, K in {3, 5, 7, 9}: register-blocked. A task is one output row; for each vector of
+// channels and each block of PW output pixels, the PW sums stay in registers over all K*K
+// taps. Per kernel row, the K weight vectors are loaded once and the PW + K - 1 input
+// vectors the block reads are loaded once each and used for every tap that reads them:
+// PW * K multiply-adds per PW + 2K - 1 loads, where the generic loop above loads a sum, an
+// input and a weight and stores the sum for every multiply-add. Columns outside the map
+// read a vector of zeros (a pointer select per load, no branches in the arithmetic).
+#if defined(__AVX512F__)
+typedef float f32vec __attribute__((vector_size(64)));
+constexpr int64_t kBlockPixels = 8;  // 32 vector registers: K weights, 8 sums, inputs
+#else
+typedef float f32vec __attribute__((vector_size(32)));
+constexpr int64_t kBlockPixels = 6;  // 16 vector registers
+#endif
+constexpr int64_t kLanes = sizeof(f32vec) / sizeof(float);
+
+inline f32vec load_vec(const float* p) {
+  f32vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <int64_t K>
+void dw_forward_f32(const float* x, const float* w, int64_t weight_batch_stride,
+                    const float* bias, float* out, int64_t batch, int64_t height,
+                    int64_t width, int64_t channels) {
+  constexpr int64_t pad = K / 2, PW = kBlockPixels;
+  const int64_t vec_channels = channels / kLanes * kLanes;
+  alignas(64) static const float zeros[kLanes] = {};
+  at::parallel_for(0, batch * height, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / height, h = bh % height;
+      const float* wb = w + b * weight_batch_stride;
+      const float* xb = x + b * height * width * channels;
+      float* o = out + bh * width * channels;
+      // channels inner: a block's loads and stores run along whole pixels, in memory order
+      for (int64_t w0 = 0; w0 < width; w0 += PW) {
+        for (int64_t c = 0; c < vec_channels; c += kLanes) {
+          const f32vec b0 = bias != nullptr ? load_vec(bias + c) : f32vec{};
+          f32vec acc[PW];
+#pragma GCC unroll 16
+          for (int64_t p = 0; p < PW; ++p) acc[p] = b0;
+          for (int64_t i = 0; i < K; ++i) {
+            const int64_t hh = h + i - pad;
+            if (hh < 0 || hh >= height) continue;
+            const float* row = xb + hh * width * channels + c;
+            f32vec wv[K];
+#pragma GCC unroll 16
+            for (int64_t j = 0; j < K; ++j) wv[j] = load_vec(wb + (i * K + j) * channels + c);
+            // input column w0 + q - pad feeds output pixel p through tap j = q - p
+#pragma GCC unroll 32
+            for (int64_t q = 0; q < PW + K - 1; ++q) {
+              const int64_t col = w0 + q - pad;
+              const f32vec xv = load_vec(col >= 0 && col < width ? row + col * channels : zeros);
+#pragma GCC unroll 16
+              for (int64_t p = 0; p < PW; ++p) {
+                const int64_t j = q - p;
+                if (j >= 0 && j < K) acc[p] += wv[j] * xv;
+              }
+            }
+          }
+          const int64_t np = std::min(PW, width - w0);
+          for (int64_t p = 0; p < np; ++p) {
+            std::memcpy(o + (w0 + p) * channels + c, &acc[p], sizeof(f32vec));
+          }
+        }
+      }
+      // channels past the last whole vector
+      for (int64_t x0 = 0; x0 < width && vec_channels < channels; ++x0) {
+        for (int64_t c = vec_channels; c < channels; ++c) {
+          float a = bias != nullptr ? bias[c] : 0.0f;
+          for (int64_t i = 0; i < K; ++i) {
+            const int64_t hh = h + i - pad;
+            if (hh < 0 || hh >= height) continue;
+            for (int64_t j = 0; j < K; ++j) {
+              const int64_t ww = x0 + j - pad;
+              if (ww < 0 || ww >= width) continue;
+              a += wb[(i * K + j) * channels + c] * xb[(hh * width + ww) * channels + c];
+            }
+          }
+          o[x0 * channels + c] = a;
+        }
+      }
+    }
+  });
+}
+
+// whether dw_forward_f32 has a kernel for K (depthwise_conv.py's _blocked says the same)
+bool blocked_forward(int64_t kernel) {
+  return kernel == 3 || kernel == 5 || kernel == 7 || kernel == 9;
+}
+
+void dw_forward_blocked(const float* x, const float* w, int64_t weight_batch_stride,
+                        const float* bias, float* out, int64_t batch, int64_t height,
+                        int64_t width, int64_t channels, int64_t kernel) {
+  switch (kernel) {
+    case 3: return dw_forward_f32<3>(x, w, weight_batch_stride, bias, out, batch, height, width, channels);
+    case 5: return dw_forward_f32<5>(x, w, weight_batch_stride, bias, out, batch, height, width, channels);
+    case 7: return dw_forward_f32<7>(x, w, weight_batch_stride, bias, out, batch, height, width, channels);
+    default: return dw_forward_f32<9>(x, w, weight_batch_stride, bias, out, batch, height, width, channels);
+  }
 }
 
 // grad_w[b, k, c] = sum_{h, w} grad_out[b, h, w, c] * x[b, h + dy_k, w + dx_k, c]
@@ -117,9 +221,11 @@ at::Tensor depthwise_forward(const at::Tensor& input, const at::Tensor& weight,
                              const c10::optional<at::Tensor>& bias, int64_t kernel) {
   check_input(input, "input");
   const int64_t b = input.size(0), c = input.size(1), h = input.size(2), w = input.size(3);
-  TORCH_CHECK(weight.dim() == 3 && weight.is_contiguous() && weight.size(0) == b &&
+  TORCH_CHECK(weight.dim() == 3 && weight.is_contiguous() &&
+                  (weight.size(0) == b || weight.size(0) == 1) &&
                   weight.size(1) == kernel * kernel && weight.size(2) == c,
-              "mmdwnet_cpu: weight must be contiguous (B, K*K, C)");
+              "mmdwnet_cpu: weight must be contiguous (B, K*K, C), or (1, K*K, C) for "
+              "kernels shared by the batch");
   TORCH_CHECK(kernel % 2 == 1, "mmdwnet_cpu: kernel size must be odd");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
@@ -127,11 +233,18 @@ at::Tensor depthwise_forward(const at::Tensor& input, const at::Tensor& weight,
                 "mmdwnet_cpu: bias must be contiguous (C)");
   }
   auto out = at::empty_like(input, at::MemoryFormat::ChannelsLast);
+  const int64_t weight_batch_stride = weight.size(0) == 1 ? 0 : kernel * kernel * c;
+  if (input.scalar_type() == at::kFloat && blocked_forward(kernel)) {
+    dw_forward_blocked(input.data_ptr<float>(), weight.data_ptr<float>(), weight_batch_stride,
+                       has_bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), b,
+                       h, w, c, kernel);
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "mmdwnet_cpu_depthwise_forward",
       [&] {
     dw_forward<scalar_t>(input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-                         has_bias ? bias->data_ptr<scalar_t>() : nullptr,
+                         weight_batch_stride, has_bias ? bias->data_ptr<scalar_t>() : nullptr,
                          out.data_ptr<scalar_t>(), b, h, w, c, kernel);
   });
   return out;
