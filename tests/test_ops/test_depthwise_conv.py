@@ -44,8 +44,8 @@ def test_gradcheck_float64(shared, shape, compiled_ops):
     torch.testing.assert_close(depthwise_conv2d(x, weight, bias), reference(x, weight, bias),
                                rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(depthwise_conv2d, (x, weight, bias))
-    assert compiled_ops.ran(torch.float64) == _compiled_ops_expected(shared, h, w, k,
-                                                                        torch.float64)
+    expected = _compiled_ops_expected(shared, h, w, k, torch.float64)
+    assert compiled_ops.ran(torch.float64) == expected
 
 
 @pytest.mark.parametrize('shared', [True, False])
