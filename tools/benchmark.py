@@ -4,7 +4,8 @@ DWNet classifiers against MMPretrain's own Swin-T and ConvNeXt-T (1000-class hea
 process, same input and threads, interleaved repeat by repeat: throughput at the batch size,
 latency of one image (as deployment runs), and the achieved GFLOP/s (2 FLOPs per
 multiply-accumulate counted as by ``tools/get_flops.py``) as a fraction of the machine's
-matrix-product peak in the same dtype, which the tool measures in the same run. The header
+matrix-product peak in the same dtype, which the tool measures in the same run, once after
+each repeat of the models (the median is the reference). The header
 names the CPU and its relevant instruction sets (AVX-512, AVX-512 BF16/FP16, AMX).
 ``--dtype bf16`` / ``fp16`` run everything under ``torch.autocast`` on the device.
 Inference uses the models' deploy form (BatchNorms folded, ``switch_to_deploy``) unless
@@ -30,6 +31,7 @@ Example:
 import argparse
 import os
 import os.path as osp
+import statistics
 import sys
 
 import torch
@@ -121,13 +123,21 @@ def main():
     if args.compile or args.backend:
         return compare_backends(args, progress)
     fuse = not args.no_fuse
-    progress(f'matrix-product peak in {args.dtype}')
-    peaks = [matmul_peak_gflops(args.dtype, args.device)]
+    # the peak is measured after every repeat, interleaved with the models, and its median
+    # is the reference: on a shared host whose speed drifts (seen here: the same products
+    # 165 to 245 GFLOP/s within minutes), a peak taken once before and after the models, or
+    # the best of several, would be measured at other moments than the models' medians
+    peaks = []
+
+    def measure_peak():
+        peaks.append(matmul_peak_gflops(args.dtype, args.device))
+        progress(f'matrix-product peak in {args.dtype}: {peaks[-1]:.0f} GFLOP/s')
+
+    matmul_peak_gflops(args.dtype, args.device)  # warm-up
     rows = measure_speed(args.models, args.device, args.batch_size, args.img_size, args.dtype,
-                         args.repeats, args.warmup, fuse, not args.no_train, progress)
-    progress(f'matrix-product peak in {args.dtype} (again, after the models)')
-    peaks.append(matmul_peak_gflops(args.dtype, args.device))
-    peak = max(peaks)
+                         args.repeats, args.warmup, fuse, not args.no_train, progress,
+                         after_each_repeat=measure_peak)
+    peak = statistics.median(peaks)
     add_efficiency(rows, peak)
     if not args.no_memory:
         for row in rows:
@@ -152,7 +162,9 @@ def main():
     header += (f"; batch {args.batch_size} (latency: batch 1), {args.img_size}x{args.img_size}, "
                f"{args.dtype}{' (autocast)' if args.dtype != 'fp32' else ''}, torch "
                f'{torch.__version__}, median of {args.repeats} interleaved repeats; '
-               f'{args.dtype} matrix-product peak {peak:.0f} GFLOP/s, measured in this run')
+               f'{args.dtype} matrix-product peak {peak:.0f} GFLOP/s, measured in this run '
+               f'(median of {len(peaks)}, one after each repeat; {min(peaks):.0f} to '
+               f'{max(peaks):.0f})')
     if malloc == 'retain':
         header += '; glibc malloc keeping freed memory (--malloc retain)'
     table = format_table(rows)

@@ -248,12 +248,16 @@ class BenchmarkedModel:
 def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 16,
                   img_size: int = 224, dtype: str = 'fp32', repeats: int = 5,
                   warmup: int = 2, fuse: bool = True, train: bool = True,
-                  progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
+                  progress: Optional[Callable[[str], None]] = None,
+                  after_each_repeat: Optional[Callable[[], None]] = None) -> List[Dict]:
     """Median inference throughput (batch ``batch_size``), batch-1 latency and
     training-step time of each model, interleaved; and its multiply-accumulates per image
     (``flops``). For fp16/bf16, also how its logits agree with fp32
     (:func:`precision_agreement`) on 8 natural-looking images, for the model conditioned
-    as training would (:func:`trained_like`) and in the timed (folded) form."""
+    as training would (:func:`trained_like`) and in the timed (folded) form.
+    ``after_each_repeat`` runs after the models of every repeat: a measurement interleaved
+    with theirs (the matrix-product peak, :func:`matmul_peak_gflops`), so that both see the
+    same state of the machine."""
     timed = []
     for name in names:
         if progress:
@@ -284,6 +288,8 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
                 if train:
                     msg += f', training step {step[m.name][-1]:.3f} s'
                 progress(msg)
+        if after_each_repeat is not None:
+            after_each_repeat()
     rows = []
     for m in timed:
         seconds = statistics.median(infer[m.name])

@@ -303,13 +303,24 @@ def test_compiled_low_precision_kernels(dtype, layout, k, shape, compiled_ops):
     assert compiled_ops.ran(dtype) == _CPU_OPS, compiled_ops.calls
 
 
-def test_bfloat16_dot_products_where_the_cpu_has_them():
+def test_bfloat16_dot_products_where_the_cpu_has_them_and_they_pay(monkeypatch):
     """The CPU kernels are built for AVX-512 BF16 (bfloat16 pairs of taps and channels in
-    VDPBF16PS) exactly where the CPU has it; the bfloat16 tests above then check that
-    path."""
+    VDPBF16PS) where the CPU has it and is not an Intel Xeon (there widening to float32
+    FMAs is faster); the bfloat16 tests above then check the path this machine runs."""
     from mmdwnet.ops import cpu_extension
     ops = cpu_extension.load()
     assert ops is not None, cpu_extension.error()
-    has = (torch.backends.cpu.get_cpu_capability() == 'AVX512'
-           and 'avx512_bf16' in cpu_extension.cpu_flags())
+    flags, vendor = cpu_extension.cpu_flags(), cpu_extension.cpu_vendor()
+    has = (torch.backends.cpu.get_cpu_capability() == 'AVX512' and 'avx512_bf16' in flags
+           and vendor != 'GenuineIntel')
     assert ops.bf16_dot_products() == has
+    monkeypatch.delenv('MMDWNET_BF16_DOT', raising=False)
+    bf16 = {'avx512f', 'avx512_bf16'}
+    assert cpu_extension.use_bf16_dot_products(bf16, 'AuthenticAMD')
+    assert not cpu_extension.use_bf16_dot_products(bf16 | {'amx_bf16'}, 'GenuineIntel')
+    assert not cpu_extension.use_bf16_dot_products({'avx512f'}, 'AuthenticAMD')
+    monkeypatch.setenv('MMDWNET_BF16_DOT', '1')
+    assert cpu_extension.use_bf16_dot_products(bf16, 'GenuineIntel')
+    monkeypatch.setenv('MMDWNET_BF16_DOT', 'yes')
+    with pytest.raises(ValueError, match="MMDWNET_BF16_DOT must be '0' or '1', got 'yes'"):
+        cpu_extension.use_bf16_dot_products(bf16, 'AuthenticAMD')

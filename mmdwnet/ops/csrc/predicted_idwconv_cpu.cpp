@@ -407,9 +407,10 @@ void predicted_backward(const scalar_t* grad_out, const Layout& lg, const scalar
 }
 
 // Whether the fused kernels run for this kernel size and dtype: the forward pass for any
-// floating dtype; the backward pass too, except for bfloat16 on CPUs with AVX-512 BF16,
-// where the products of the predict-then-gather backward (oneDNN's bfloat16 matrix
-// products, twice the float32 rate) are faster than this kernel's float32 FMAs.
+// floating dtype; the backward pass too, except for bfloat16 in builds with AVX-512 BF16
+// dot products (cpu_extension.use_bf16_dot_products), where the products of the
+// predict-then-gather backward (oneDNN's bfloat16 matrix products, twice the float32 rate)
+// are faster than this kernel's float32 FMAs.
 bool predicted_applies(int64_t kernel, at::ScalarType dtype, bool backward) {
 #ifdef MMDWNET_BF16_DOT
   if (backward && dtype == at::kBFloat16) return false;
