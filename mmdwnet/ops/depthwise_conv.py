@@ -6,20 +6,21 @@ sides for odd K; for even K, K // 2 before and K // 2 - 1 after.
 On CPU, for channels-last features of any floating dtype (the layout DWNet's blocks run in),
 it runs the compiled kernels of ``csrc/depthwise_conv_cpu.cpp``, where every multiply-add is
 a vector operation along the contiguous channel axis, and oneDNN's depth-wise convolution
-where that is faster. In float32 the forward pass (and the input gradient, the same
-convolution with the rotated kernels) is a register-blocked kernel for K = 3, 5, 7, 9: the
-sums of a block of output pixels stay in registers over all taps, and each input vector is
-loaded once per kernel row for every tap that reads it. With per-sample kernels it runs at
-every size (2 threads, batch 16, K = 7, against one oneDNN convolution per sample: 0.60x
-the time on 56x56 maps and 0.15-0.5x on the smaller ones on an Intel Xeon, 0.65x and
-0.2-0.5x on an AMD EPYC); with shared kernels on maps below 400 pixels, where it beats
-oneDNN's (0.7-0.8x at 14x14 and 7x7). Other dtypes take oneDNN's convolution (per sample on
-maps of 400 pixels or more, else a generic compiled kernel over the batch). The kernel
-gradient, slow in PyTorch, is always the compiled kernel. Per-sample kernels need no
-folding of the batch into one grouped convolution in the NCHW layout. Elsewhere - GPU,
-other layouts, even K, or when the extension cannot be built - it is ``F.conv2d`` with
-``groups=C`` (per-sample kernels: one grouped convolution over the batch folded into
-channels).
+where that is faster. The forward pass (and the input gradient, the same convolution with
+the rotated kernels) is a register-blocked kernel for K = 3, 5, 7, 9 in float32 and
+bfloat16 (float32 sums): the sums of a block of output pixels stay in registers over all
+taps, and each input vector is loaded once per kernel row for every tap that reads it.
+With per-sample kernels it runs at every size (2 threads, batch 16, K = 7, against one
+oneDNN convolution per sample, float32: 0.60x the time on 56x56 maps and 0.15-0.5x on the
+smaller ones on an Intel Xeon, 0.65x and 0.2-0.5x on an AMD EPYC; bfloat16: 0.3-0.6x on
+the maps below 400 pixels, the same time above); with shared kernels in float32 on maps
+below 400 pixels, where it beats oneDNN's (0.7-0.9x at 14x14 and 7x7). Other dtypes take
+oneDNN's convolution (per sample on maps of 400 pixels or more, else a generic compiled
+kernel over the batch). The kernel gradient, slow in PyTorch, is always the compiled
+kernel. Per-sample kernels need no folding of the batch into one grouped convolution in the
+NCHW layout. Elsewhere - GPU, other layouts, even K, or when the extension cannot be built -
+it is ``F.conv2d`` with ``groups=C`` (per-sample kernels: one grouped convolution over the
+batch folded into channels).
 """
 from typing import Optional
 
@@ -50,24 +51,26 @@ def _reference(input: Tensor, weight: Tensor, bias: Optional[Tensor],
     return out if bias is None else out + bias.view(1, c, 1, 1)
 
 
-# Per-sample kernels without the register-blocked compiled kernel (other dtypes) run as one
-# oneDNN depth-wise convolution per sample on maps at least this large (fastest there);
-# smaller maps, where per-call overhead dominates, run the compiled kernel over the whole
-# batch at once.
+# Per-sample kernels without the register-blocked compiled kernel (float16, float64, other
+# K) run as one oneDNN depth-wise convolution per sample on maps at least this large
+# (fastest there); smaller maps, where per-call overhead dominates, run the generic
+# compiled kernel over the whole batch at once.
 _PER_SAMPLE_ONEDNN_MIN_PIXELS = 400
-# Kernels shared by the batch run the register-blocked compiled kernel on maps below this
-# size, oneDNN's depth-wise convolution from it on. Measured at DWNet-T's stage shapes
-# (2 threads, batch 16, float32, K = 7 / K = 3, compiled kernel's time over oneDNN's):
-# Intel Xeon (AMX) 1.21 / 1.39 at 56x56, 1.34 / 1.26 at 28x28, 0.80 / 1.06 at 14x14 and
-# 0.74 / 0.68 at 7x7; AMD EPYC 0.8-0.9 at every stage for K = 7. The boundary keeps each
-# machine at or below oneDNN's time.
+# Kernels shared by the batch run the register-blocked compiled kernel in float32 on maps
+# below this size, oneDNN's depth-wise convolution from it on and in bfloat16. Measured at
+# DWNet-T's stage shapes (2 threads, batch 16, K = 7 / K = 3, compiled kernel's time over
+# oneDNN's), float32: Intel Xeon (AMX) 1.21 / 1.39 at 56x56, 1.34 / 1.26 at 28x28,
+# 0.80 / 1.06 at 14x14 and 0.74 / 0.68 at 7x7; AMD EPYC 0.8-0.9 at every stage for K = 7;
+# bfloat16 (Intel Xeon): 1.1-1.7 at every stage. Per-sample kernels, against one oneDNN
+# convolution per sample, float32: 0.5-0.65 at 56x56 and 28x28, 0.15-0.3 below; bfloat16:
+# 0.98-0.99 at 56x56 and 28x28, 0.2-0.6 below.
 _SHARED_BLOCKED_MAX_PIXELS = 400
 
 
 def _blocked(kernel_size: int, dtype: torch.dtype) -> bool:
     """Whether the compiled forward runs its register-blocked kernel (as
     ``depthwise_forward`` in ``csrc/depthwise_conv_cpu.cpp`` chooses)."""
-    return dtype == torch.float32 and kernel_size in (3, 5, 7, 9)
+    return dtype in (torch.float32, torch.bfloat16) and kernel_size in (3, 5, 7, 9)
 
 
 def _taps(weight: Tensor, samples: int) -> Tensor:
@@ -105,7 +108,8 @@ def _forward_cpu(input: Tensor, weight: Tensor, bias: Optional[Tensor], shared: 
     blocked = _blocked(k, input.dtype)
     if not shared:
         out = _per_sample(input, weight, bias, blocked)
-    elif blocked and input.shape[2] * input.shape[3] < _SHARED_BLOCKED_MAX_PIXELS:
+    elif (blocked and input.dtype == torch.float32
+          and input.shape[2] * input.shape[3] < _SHARED_BLOCKED_MAX_PIXELS):
         out = _compiled_conv(input, weight, bias, 1)
     else:
         out = F.conv2d(input, weight, bias, padding=k // 2, groups=c)

@@ -11,12 +11,18 @@ from mmdwnet.ops import DepthwiseConv2d, cpu_extension, depthwise_conv2d
 
 def _compiled_ops_expected(shared, h, w, k, dtype=torch.float32):
     """The compiled ops a forward + backward runs: the kernel gradient always; the forward
-    (and the input gradient) where the float32 register-blocked kernel takes K for per-sample
-    kernels at any size, and on maps below 400 pixels for shared kernels of that kind or
-    per-sample kernels of any kind; oneDNN's convolution otherwise."""
+    (and the input gradient) where the register-blocked kernel takes K: for per-sample
+    float32 or bfloat16 kernels at any size, for shared float32 kernels on maps below 400
+    pixels; for per-sample kernels of other kinds on maps below 400 pixels (the generic
+    kernel); oneDNN's convolution otherwise."""
     ops = {'depthwise_conv2d_weight_grad'}
-    blocked = dtype == torch.float32 and k in (3, 5, 7, 9)
-    if (blocked and (not shared or h * w < 400)) or (not shared and h * w < 400):
+    blocked = k in (3, 5, 7, 9)
+    small = h * w < 400
+    if shared:
+        compiled_forward = blocked and dtype == torch.float32 and small
+    else:
+        compiled_forward = small or (blocked and dtype in (torch.float32, torch.bfloat16))
+    if compiled_forward:
         ops.add('depthwise_conv2d')
     return ops
 
@@ -78,23 +84,29 @@ def test_float32_stage_shapes_match_the_reference(shared, c, size, compiled_ops)
         compiled_ops.calls
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('k', [3, 5, 7, 9])
 @pytest.mark.parametrize('shared', [True, False])
 # 37 channels: two whole vectors (16 lanes with AVX-512, 8 with AVX2) and a scalar tail;
 # widths 3 (narrower than a block of output pixels), 13 and 19 (partial last blocks)
 @pytest.mark.parametrize('c,h,w', [(37, 5, 3), (37, 11, 13), (48, 4, 19)])
-def test_register_blocked_float32_kernel(k, shared, c, h, w):
-    """The compiled float32 forward for K = 3, 5, 7, 9 (register-blocked) against the float64
-    reference, with and without a bias, at every block-edge case of rows, columns and
-    channels; maps smaller than the kernel read zeros outside."""
+def test_register_blocked_kernel(k, shared, c, h, w, dtype):
+    """The compiled forward for K = 3, 5, 7, 9 (register-blocked, float32 sums) against the
+    float64 reference of the same operands, with and without a bias, at every block-edge
+    case of rows, columns and channels; maps smaller than the kernel read zeros outside.
+    bfloat16 sums are rounded once: within one bfloat16 unit of the exact sum rounded."""
     ops = cpu_extension.load()
-    x, weight, bias = (t.detach() for t in _inputs(2, c, h, w, k, shared))
+    x, weight, bias = (t.detach().to(dtype) for t in _inputs(2, c, h, w, k, shared))
     taps = weight.reshape(1 if shared else 2, c, k * k).transpose(1, 2).contiguous()
     for b in (bias, None):
         out = ops.depthwise_conv2d(x, taps, b, k)
         expected = reference(x.double(), weight.double(), None if b is None else b.double())
-        assert out.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+        if dtype == torch.float32:
+            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(out.double(), expected.to(dtype).double(),
+                                       rtol=2**-7, atol=1e-5)
     with pytest.raises(RuntimeError, match=r'\(1, K\*K, C\) for kernels shared by the batch'):
         ops.depthwise_conv2d(x, taps[:, :-1], bias, k)
 

@@ -5,9 +5,9 @@
 // float16/bfloat16 operands accumulate in float32 and are rounded once.
 //
 // Layouts: input/output (B, H, W, C) memory (a channels-last (B, C, H, W) tensor), kernels
-// (B, K*K, C), or (1, K*K, C) shared by the batch. The channel axis is contiguous everywhere, so every
-// multiply-add is a vector operation over channels; one task is one output row, whose
-// K input rows and the kernels stay in cache. The input gradient is this forward pass
+// (B, K*K, C), or (1, K*K, C) shared by the batch. The channel axis is contiguous
+// everywhere, so every multiply-add is a vector operation over channels; one task is one
+// output row, whose K input rows and the kernels stay in cache. The input gradient is this forward pass
 // with the kernels flipped; the kernel gradient reduces over positions per sample.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -18,12 +18,9 @@
 #include <type_traits>
 #include <vector>
 
-namespace {
+#include "idwconv_common.h"  // acc_type, bfloat16 widening and rounding
 
-// float32 accumulation for float16/bfloat16 operands (double stays double)
-template <typename scalar_t>
-using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value, double,
-                                           float>::type;
+namespace {
 
 template <typename scalar_t>
 void dw_forward(const scalar_t* x, const scalar_t* w, int64_t weight_batch_stride,
@@ -62,13 +59,14 @@ void dw_forward(const scalar_t* x, const scalar_t* w, int64_t weight_batch_strid
   });
 }
 
-// float32, K in {3, 5, 7, 9}: register-blocked. A task is one output row; for each vector of
-// channels and each block of PW output pixels, the PW sums stay in registers over all K*K
-// taps. Per kernel row, the K weight vectors are loaded once and the PW + K - 1 input
-// vectors the block reads are loaded once each and used for every tap that reads them:
-// PW * K multiply-adds per PW + 2K - 1 loads, where the generic loop above loads a sum, an
-// input and a weight and stores the sum for every multiply-add. Columns outside the map
-// read a vector of zeros (a pointer select per load, no branches in the arithmetic).
+// float32 or bfloat16, K in {3, 5, 7, 9}: register-blocked. A task is one output row; for
+// each vector of channels and each block of PW output pixels, the PW float32 sums stay in
+// registers over all K*K taps. Per kernel row, the K weight vectors are loaded once and the
+// PW + K - 1 input vectors the block reads are loaded once each and used for every tap that
+// reads them: PW * K multiply-adds per PW + 2K - 1 loads, where the generic loop above
+// loads a sum, an input and a weight and stores the sum for every multiply-add. bfloat16
+// operands are widened as they are loaded and the sums rounded once. Columns outside the
+// map read a vector of zeros (a pointer select per load, no branches in the arithmetic).
 #if defined(__AVX512F__)
 typedef float f32vec __attribute__((vector_size(64)));
 constexpr int64_t kBlockPixels = 8;  // 32 vector registers: K weights, 8 sums, inputs
@@ -77,6 +75,8 @@ typedef float f32vec __attribute__((vector_size(32)));
 constexpr int64_t kBlockPixels = 6;  // 16 vector registers
 #endif
 constexpr int64_t kLanes = sizeof(f32vec) / sizeof(float);
+typedef uint32_t u32vec __attribute__((vector_size(kLanes * 4)));
+typedef uint16_t u16vec __attribute__((vector_size(kLanes * 2)));
 
 inline f32vec load_vec(const float* p) {
   f32vec v;
@@ -84,19 +84,32 @@ inline f32vec load_vec(const float* p) {
   return v;
 }
 
-template <int64_t K>
-void dw_forward_f32(const float* x, const float* w, int64_t weight_batch_stride,
-                    const float* bias, float* out, int64_t batch, int64_t height,
-                    int64_t width, int64_t channels) {
+inline f32vec load_vec(const c10::BFloat16* p) {
+  u16vec half;
+  std::memcpy(&half, p, sizeof(half));
+  return widen_bf16<f32vec, u32vec>(half);
+}
+
+inline void store_vec(float* p, f32vec v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline void store_vec(c10::BFloat16* p, f32vec v) {
+  const u16vec half = round_bf16<u16vec, u32vec>(v);
+  std::memcpy(p, &half, sizeof(half));
+}
+
+template <int64_t K, typename scalar_t>
+void dw_forward_blocked(const scalar_t* x, const scalar_t* w, int64_t weight_batch_stride,
+                        const scalar_t* bias, scalar_t* out, int64_t batch, int64_t height,
+                        int64_t width, int64_t channels) {
   constexpr int64_t pad = K / 2, PW = kBlockPixels;
   const int64_t vec_channels = channels / kLanes * kLanes;
-  alignas(64) static const float zeros[kLanes] = {};
+  alignas(64) static const scalar_t zeros[kLanes] = {};
   at::parallel_for(0, batch * height, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / height, h = bh % height;
-      const float* wb = w + b * weight_batch_stride;
-      const float* xb = x + b * height * width * channels;
-      float* o = out + bh * width * channels;
+      const scalar_t* wb = w + b * weight_batch_stride;
+      const scalar_t* xb = x + b * height * width * channels;
+      scalar_t* o = out + bh * width * channels;
       // channels inner: a block's loads and stores run along whole pixels, in memory order
       for (int64_t w0 = 0; w0 < width; w0 += PW) {
         for (int64_t c = 0; c < vec_channels; c += kLanes) {
@@ -107,7 +120,7 @@ void dw_forward_f32(const float* x, const float* w, int64_t weight_batch_stride,
           for (int64_t i = 0; i < K; ++i) {
             const int64_t hh = h + i - pad;
             if (hh < 0 || hh >= height) continue;
-            const float* row = xb + hh * width * channels + c;
+            const scalar_t* row = xb + hh * width * channels + c;
             f32vec wv[K];
 #pragma GCC unroll 16
             for (int64_t j = 0; j < K; ++j) wv[j] = load_vec(wb + (i * K + j) * channels + c);
@@ -124,44 +137,46 @@ void dw_forward_f32(const float* x, const float* w, int64_t weight_batch_stride,
             }
           }
           const int64_t np = std::min(PW, width - w0);
-          for (int64_t p = 0; p < np; ++p) {
-            std::memcpy(o + (w0 + p) * channels + c, &acc[p], sizeof(f32vec));
-          }
+          for (int64_t p = 0; p < np; ++p) store_vec(o + (w0 + p) * channels + c, acc[p]);
         }
       }
       // channels past the last whole vector
       for (int64_t x0 = 0; x0 < width && vec_channels < channels; ++x0) {
         for (int64_t c = vec_channels; c < channels; ++c) {
-          float a = bias != nullptr ? bias[c] : 0.0f;
+          float a = bias != nullptr ? static_cast<float>(bias[c]) : 0.0f;
           for (int64_t i = 0; i < K; ++i) {
             const int64_t hh = h + i - pad;
             if (hh < 0 || hh >= height) continue;
             for (int64_t j = 0; j < K; ++j) {
               const int64_t ww = x0 + j - pad;
               if (ww < 0 || ww >= width) continue;
-              a += wb[(i * K + j) * channels + c] * xb[(hh * width + ww) * channels + c];
+              a += static_cast<float>(wb[(i * K + j) * channels + c]) *
+                   static_cast<float>(xb[(hh * width + ww) * channels + c]);
             }
           }
-          o[x0 * channels + c] = a;
+          o[x0 * channels + c] = static_cast<scalar_t>(a);
         }
       }
     }
   });
 }
 
-// whether dw_forward_f32 has a kernel for K (depthwise_conv.py's _blocked says the same)
-bool blocked_forward(int64_t kernel) {
-  return kernel == 3 || kernel == 5 || kernel == 7 || kernel == 9;
+// whether dw_forward_blocked has a kernel for K and the dtype (depthwise_conv.py's _blocked
+// says the same)
+bool blocked_forward(int64_t kernel, at::ScalarType dtype) {
+  return (dtype == at::kFloat || dtype == at::kBFloat16) &&
+         (kernel == 3 || kernel == 5 || kernel == 7 || kernel == 9);
 }
 
-void dw_forward_blocked(const float* x, const float* w, int64_t weight_batch_stride,
-                        const float* bias, float* out, int64_t batch, int64_t height,
+template <typename scalar_t>
+void dw_forward_blocked(const scalar_t* x, const scalar_t* w, int64_t weight_batch_stride,
+                        const scalar_t* bias, scalar_t* out, int64_t batch, int64_t height,
                         int64_t width, int64_t channels, int64_t kernel) {
   switch (kernel) {
-    case 3: return dw_forward_f32<3>(x, w, weight_batch_stride, bias, out, batch, height, width, channels);
-    case 5: return dw_forward_f32<5>(x, w, weight_batch_stride, bias, out, batch, height, width, channels);
-    case 7: return dw_forward_f32<7>(x, w, weight_batch_stride, bias, out, batch, height, width, channels);
-    default: return dw_forward_f32<9>(x, w, weight_batch_stride, bias, out, batch, height, width, channels);
+    case 3: return dw_forward_blocked<3>(x, w, weight_batch_stride, bias, out, batch, height, width, channels);
+    case 5: return dw_forward_blocked<5>(x, w, weight_batch_stride, bias, out, batch, height, width, channels);
+    case 7: return dw_forward_blocked<7>(x, w, weight_batch_stride, bias, out, batch, height, width, channels);
+    default: return dw_forward_blocked<9>(x, w, weight_batch_stride, bias, out, batch, height, width, channels);
   }
 }
 
@@ -234,10 +249,17 @@ at::Tensor depthwise_forward(const at::Tensor& input, const at::Tensor& weight,
   }
   auto out = at::empty_like(input, at::MemoryFormat::ChannelsLast);
   const int64_t weight_batch_stride = weight.size(0) == 1 ? 0 : kernel * kernel * c;
-  if (input.scalar_type() == at::kFloat && blocked_forward(kernel)) {
-    dw_forward_blocked(input.data_ptr<float>(), weight.data_ptr<float>(), weight_batch_stride,
-                       has_bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), b,
-                       h, w, c, kernel);
+  if (blocked_forward(kernel, input.scalar_type())) {
+    if (input.scalar_type() == at::kFloat) {
+      dw_forward_blocked(input.data_ptr<float>(), weight.data_ptr<float>(), weight_batch_stride,
+                         has_bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(),
+                         b, h, w, c, kernel);
+    } else {
+      using bf16 = c10::BFloat16;
+      dw_forward_blocked(input.data_ptr<bf16>(), weight.data_ptr<bf16>(), weight_batch_stride,
+                         has_bias ? bias->data_ptr<bf16>() : nullptr, out.data_ptr<bf16>(),
+                         b, h, w, c, kernel);
+    }
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(

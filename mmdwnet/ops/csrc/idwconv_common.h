@@ -46,6 +46,26 @@ inline float to_acc<float, c10::BFloat16>(c10::BFloat16 v) {
   return out;
 }
 
+// bfloat16 <-> float32 for vectors of any width: u16 lanes (bfloat16 bits) to f32 lanes
+// (the upper halves of floats), and f32 lanes rounded to nearest even, as c10::BFloat16
+// does (a NaN stays a quiet NaN)
+template <typename f32v, typename u32v, typename u16v>
+inline f32v widen_bf16(u16v half) {
+  const u32v bits = __builtin_convertvector(half, u32v) << 16;
+  f32v v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+template <typename u16v, typename u32v, typename f32v>
+inline u16v round_bf16(f32v v) {
+  u32v bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const u32v nan = reinterpret_cast<u32v>(v != v);  // all ones where NaN
+  const u32v rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), u16v);
+}
+
 template <typename acc_t, typename T>
 inline typename Vec<acc_t>::type load(const T* p) {  // same type: an unaligned load
   typename Vec<acc_t>::type v;
@@ -54,8 +74,7 @@ inline typename Vec<acc_t>::type load(const T* p) {  // same type: an unaligned 
   } else if constexpr (std::is_same<T, c10::BFloat16>::value) {  // upper halves of floats
     u16x8 half;
     std::memcpy(&half, p, sizeof(half));
-    const u32x8 bits = __builtin_convertvector(half, u32x8) << 16;
-    std::memcpy(&v, &bits, sizeof(v));
+    v = widen_bf16<typename Vec<acc_t>::type, u32x8>(half);
   } else {
     for (int64_t i = 0; i < Vec<acc_t>::size; ++i) v[i] = static_cast<acc_t>(p[i]);
   }
@@ -82,12 +101,7 @@ inline void store(T* p, typename Vec<acc_t>::type v, int64_t n) {  // the first 
       return;
     } else if constexpr (std::is_same<T, c10::BFloat16>::value &&
                          std::is_same<acc_t, float>::value) {
-      // round to nearest even, as c10::BFloat16 does; a NaN stays a (quiet) NaN
-      u32x8 bits;
-      std::memcpy(&bits, &v, sizeof(bits));
-      const u32x8 nan = reinterpret_cast<u32x8>(v != v);  // all ones where NaN
-      const u32x8 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-      const u16x8 half = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), u16x8);
+      const u16x8 half = round_bf16<u16x8, u32x8>(v);
       std::memcpy(p, &half, sizeof(half));
       return;
     }
