@@ -8,8 +8,8 @@ into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``), which takes about 30 s on 2 cores once per machine and
 source version; later processes load the cached library in milliseconds. The build is
 specialised to the CPU's vector width (AVX2 / AVX-512, or portable) and, where the CPU has
-AVX-512 BF16 and they are the faster choice (:func:`use_bf16_dot_products`), to its
-bfloat16 dot products; it is named after its target so that machines
+AVX-512 BF16, to its bfloat16 dot products where they are the faster choice
+(:func:`bf16_dot_products`); it is named after its target so that machines
 sharing a cache do not share a wrong build. If it cannot be built (no compiler),
 a warning says why and the operator runs its PyTorch implementation.
 Set ``MMDWNET_CPU_EXTENSION=0`` to use the PyTorch implementation deliberately.
@@ -19,7 +19,7 @@ import os
 import os.path as osp
 import threading
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -51,33 +51,41 @@ def cpu_vendor() -> str:
     return _cpuinfo('vendor_id')
 
 
-def use_bf16_dot_products(flags: Optional[set] = None, vendor: Optional[str] = None) -> bool:
-    """Whether the build uses AVX-512 BF16 dot products (VDPBF16PS) for bfloat16 operands:
-    where the CPU has them and they are faster than widening to float32 FMAs, or as
-    ``MMDWNET_BF16_DOT=1``/``0`` says.
+def bf16_dot_products(flags: Optional[set] = None,
+                      vendor: Optional[str] = None) -> Tuple[bool, bool]:
+    """Where the build uses AVX-512 BF16 dot products (VDPBF16PS) for bfloat16 operands:
+    ``(gathers, fused)``, in the I-D-DW gathers and their gradients, and in the fused
+    predict-and-apply kernels. Both where the CPU has them, except the fused kernels on
+    Intel Xeons, which widen to float32 FMAs there; ``MMDWNET_BF16_DOT=1``/``0`` sets both.
 
-    On AMD (Zen 4) one VDPBF16PS does a pair of products per lane at about an FMA's rate:
-    the fused I-D-DW kernels ran about 1.5x faster than widened. On Intel Xeons it issues
-    on one port where FMAs issue on two, so a pair costs what two FMAs do and the pairing
-    of taps is extra work: on one with AMX (2 threads, batch 16) the fused forward over
-    DWNet-T's 12 I-D-DW layers took 342 ms with dot products against 187 to 225 ms widened.
+    On AMD (Zen 4) both kinds of kernel ran faster with dot products (the fused ones about
+    1.5x). On an Intel Xeon (AMX; 2 threads, batch 16) VDPBF16PS issues on one port where
+    FMAs issue on two: the fused forward over DWNet-T's 12 I-D-DW layers took 342 ms with
+    dot products against 187 to 225 ms widened, while the gathers, which read twice the
+    values per load as pairs, still gained (the operator's forward + backward 1.14x its
+    float32 speed with them, 0.98x widened).
     """
     forced = os.environ.get('MMDWNET_BF16_DOT')
     if forced is not None:
         if forced not in ('0', '1'):
             raise ValueError(f"MMDWNET_BF16_DOT must be '0' or '1', got {forced!r}")
-        return forced == '1'
+        return forced == '1', forced == '1'
     flags = cpu_flags() if flags is None else flags
     vendor = cpu_vendor() if vendor is None else vendor
-    return 'avx512_bf16' in flags and vendor != 'GenuineIntel'
+    has = 'avx512_bf16' in flags
+    return has, has and vendor != 'GenuineIntel'
 
 
 def _arch_flags():
     capability = torch.backends.cpu.get_cpu_capability()  # 'AVX512', 'AVX2', 'DEFAULT', ...
     if capability == 'AVX512':
         flags = ['-mavx512f', '-mavx512bw', '-mavx512vl', '-mavx2', '-mfma']
-        if use_bf16_dot_products():  # bfloat16 dot products (VDPBF16PS)
+        gathers, fused = bf16_dot_products()
+        if gathers and fused:
             return 'avx512bf16', flags + ['-mavx512bf16']
+        if gathers:
+            return 'avx512bf16_widefused', flags + ['-mavx512bf16',
+                                                    '-DMMDWNET_FUSED_BF16_WIDENED']
         return 'avx512', flags
     if capability == 'AVX2':
         return 'avx2', ['-mavx2', '-mfma']

@@ -305,22 +305,27 @@ def test_compiled_low_precision_kernels(dtype, layout, k, shape, compiled_ops):
 
 def test_bfloat16_dot_products_where_the_cpu_has_them_and_they_pay(monkeypatch):
     """The CPU kernels are built for AVX-512 BF16 (bfloat16 pairs of taps and channels in
-    VDPBF16PS) where the CPU has it and is not an Intel Xeon (there widening to float32
-    FMAs is faster); the bfloat16 tests above then check the path this machine runs."""
+    VDPBF16PS) where the CPU has it; the fused predict-and-apply kernels use them too except
+    on Intel Xeons, where they widen to float32 FMAs (faster there). The bfloat16 tests
+    then check the paths this machine runs."""
     from mmdwnet.ops import cpu_extension
     ops = cpu_extension.load()
     assert ops is not None, cpu_extension.error()
     flags, vendor = cpu_extension.cpu_flags(), cpu_extension.cpu_vendor()
-    has = (torch.backends.cpu.get_cpu_capability() == 'AVX512' and 'avx512_bf16' in flags
-           and vendor != 'GenuineIntel')
-    assert ops.bf16_dot_products() == has
+    has = torch.backends.cpu.get_cpu_capability() == 'AVX512' and 'avx512_bf16' in flags
+    if 'MMDWNET_BF16_DOT' not in os.environ:
+        assert ops.bf16_dot_products() == has
+        assert ops.fused_bf16_dot_products() == (has and vendor != 'GenuineIntel')
     monkeypatch.delenv('MMDWNET_BF16_DOT', raising=False)
     bf16 = {'avx512f', 'avx512_bf16'}
-    assert cpu_extension.use_bf16_dot_products(bf16, 'AuthenticAMD')
-    assert not cpu_extension.use_bf16_dot_products(bf16 | {'amx_bf16'}, 'GenuineIntel')
-    assert not cpu_extension.use_bf16_dot_products({'avx512f'}, 'AuthenticAMD')
+    plan = cpu_extension.bf16_dot_products
+    assert plan(bf16, 'AuthenticAMD') == (True, True)
+    assert plan(bf16 | {'amx_bf16'}, 'GenuineIntel') == (True, False)
+    assert plan({'avx512f'}, 'AuthenticAMD') == (False, False)
     monkeypatch.setenv('MMDWNET_BF16_DOT', '1')
-    assert cpu_extension.use_bf16_dot_products(bf16, 'GenuineIntel')
+    assert plan(bf16, 'GenuineIntel') == (True, True)
+    monkeypatch.setenv('MMDWNET_BF16_DOT', '0')
+    assert plan(bf16, 'AuthenticAMD') == (False, False)
     monkeypatch.setenv('MMDWNET_BF16_DOT', 'yes')
     with pytest.raises(ValueError, match="MMDWNET_BF16_DOT must be '0' or '1', got 'yes'"):
-        cpu_extension.use_bf16_dot_products(bf16, 'AuthenticAMD')
+        plan(bf16, 'AuthenticAMD')

@@ -50,7 +50,11 @@ struct Widened {
 template <typename scalar_t, typename acc_t>
 struct Prediction : Widened<acc_t> {};
 
-#ifdef MMDWNET_BF16_DOT
+// bfloat16 pairs of predictor rows in VDPBF16PS, except where the build widens them to
+// float32 FMAs (MMDWNET_FUSED_BF16_WIDENED: Intel Xeons, where VDPBF16PS issues on one port
+// and the FMAs on two; see cpu_extension.bf16_dot_products)
+#if defined(MMDWNET_BF16_DOT) && !defined(MMDWNET_FUSED_BF16_WIDENED)
+#define MMDWNET_FUSED_BF16_DOT 1
 template <>
 struct Prediction<c10::BFloat16, float> {
   using packed = uint32_t;
@@ -408,9 +412,9 @@ void predicted_backward(const scalar_t* grad_out, const Layout& lg, const scalar
 
 // Whether the fused kernels run for this kernel size and dtype: the forward pass for any
 // floating dtype; the backward pass too, except for bfloat16 in builds with AVX-512 BF16
-// dot products (cpu_extension.use_bf16_dot_products), where the products of the
-// predict-then-gather backward (oneDNN's bfloat16 matrix products, twice the float32 rate)
-// are faster than this kernel's float32 FMAs.
+// dot products (cpu_extension.bf16_dot_products), where the predict-then-gather backward
+// (oneDNN's bfloat16 matrix products, twice the float32 rate or more with AMX, and the
+// gathers' dot products) is faster than this kernel.
 bool predicted_applies(int64_t kernel, at::ScalarType dtype, bool backward) {
 #ifdef MMDWNET_BF16_DOT
   if (backward && dtype == at::kBFloat16) return false;
@@ -495,9 +499,19 @@ void predicted_idwconv2d_backward(const at::Tensor& grad_output, const at::Tenso
   });
 }
 
+// whether the fused kernels take bfloat16 operands in AVX-512 BF16 dot products
+bool fused_bf16_dot_products() {
+#ifdef MMDWNET_FUSED_BF16_DOT
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmdwnet_cpu, m) {
+  m.def("fused_bf16_dot_products() -> bool", &fused_bf16_dot_products);
   m.def("predicted_idwconv2d_applies(int kernel_size, ScalarType dtype, bool backward) -> bool",
         &predicted_applies);
   m.def("predicted_idwconv2d(Tensor input, Tensor hidden, Tensor weight, Tensor bias, "
