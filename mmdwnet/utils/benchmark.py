@@ -223,11 +223,12 @@ class BenchmarkedModel:
             return nullcontext()
         return torch.autocast(device_type=self.device.split(':')[0], dtype=DTYPES[self.dtype])
 
-    def inference(self, single: bool = False) -> float:
-        """Seconds for one inference of the batch (or of one image, ``single``)."""
+    def inference(self, single: bool = False, fp32: bool = False) -> float:
+        """Seconds for one inference of the batch (or of one image, ``single``); with
+        ``fp32``, without autocast (the model's own float32 speed)."""
         _sync(self.device)
         start = time.perf_counter()
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), nullcontext() if fp32 else self._autocast():
             self.infer(self.single if single else self.inputs, mode='tensor')
         _sync(self.device)
         return time.perf_counter() - start
@@ -254,7 +255,9 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
     training-step time of each model, interleaved; and its multiply-accumulates per image
     (``flops``). For fp16/bf16, also how its logits agree with fp32
     (:func:`precision_agreement`) on 8 natural-looking images, for the model conditioned
-    as training would (:func:`trained_like`) and in the timed (folded) form.
+    as training would (:func:`trained_like`) and in the timed (folded) form, and its
+    float32 inference throughput timed in the same repeats (``fp32_img_per_s``), so that
+    ``vs_fp32`` is a ratio taken in one run.
     ``after_each_repeat`` runs after the models of every repeat: a measurement interleaved
     with theirs (the matrix-product peak, :func:`matmul_peak_gflops`), so that both see the
     same state of the machine."""
@@ -272,11 +275,14 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
             if train:
                 m.train_step()
     infer = {m.name: [] for m in timed}
+    infer_fp32 = {m.name: [] for m in timed}  # fp16/bf16 runs: the same models in fp32
     latency = {m.name: [] for m in timed}
     step = {m.name: [] for m in timed}
     for i in range(repeats):
         for m in timed:
             infer[m.name].append(m.inference())
+            if dtype != 'fp32':
+                infer_fp32[m.name].append(m.inference(fp32=True))
             # one image is quick: its median over 3 calls per repeat
             latency[m.name].append(statistics.median(m.inference(single=True)
                                                      for _ in range(3)))
@@ -285,6 +291,8 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
             if progress:
                 msg = (f'repeat {i + 1}/{repeats}: {m.name} inference {infer[m.name][-1]:.3f} s'
                        f', batch-1 latency {latency[m.name][-1] * 1e3:.1f} ms')
+                if dtype != 'fp32':
+                    msg += f', fp32 inference {infer_fp32[m.name][-1]:.3f} s'
                 if train:
                     msg += f', training step {step[m.name][-1]:.3f} s'
                 progress(msg)
@@ -299,6 +307,9 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
             latency_ms=statistics.median(latency[m.name]) * 1e3,
             train_step_s=statistics.median(step[m.name]) if train else None,
             flops=count_model_flops(m.model, img_size, device)))
+        if dtype != 'fp32':
+            rows[-1]['fp32_img_per_s'] = batch_size / statistics.median(infer_fp32[m.name])
+            rows[-1]['vs_fp32'] = rows[-1]['img_per_s'] / rows[-1]['fp32_img_per_s']
     if dtype != 'fp32':
         from mmdwnet.testing import natural_images
         images = natural_images(8, img_size).to(device)
@@ -476,6 +487,8 @@ def format_table(rows: List[Dict], baseline: str = BASELINE) -> str:
         ('peak mem infer (MiB)', 'right', lambda r: num(r.get('infer_peak_mem_mb'), '.0f')),
         ('BN folded', 'left', lambda r: 'yes' if r['fused'] else 'no'),
     ]
+    if any('vs_fp32' in r for r in rows):
+        columns.insert(5, ('vs own fp32', 'right', lambda r: ratio(r.get('vs_fp32'))))
     if any('top1_agreement' in r for r in rows):
         columns += [
             ('max logit diff vs fp32', 'right', lambda r: f"{num(r.get('max_logit_diff'), '.3f')}"

@@ -82,6 +82,9 @@ def test_benchmark_writes_the_readme_section(tmp_path):
     # logits agree with fp32
     row, = json.loads((tmp_path / 'rows.json').read_text())
     assert row['dtype'] == 'bf16' and 'bf16 (autocast)' in out.stdout
+    # its own fp32 throughput, timed in the same repeats
+    assert row['vs_fp32'] == pytest.approx(row['img_per_s'] / row['fp32_img_per_s'])
+    assert '| vs own fp32 |' in out.stdout and 'fp32 inference' in out.stderr
     assert 'bf16 matrix-product peak' in out.stdout and '| top-1 agreement |' in out.stdout
     assert 0 <= row['top1_agreement'] <= 1 and 0 <= row['max_logit_diff'] < row['logit_range']
     assert 'bf16 against fp32 logits: iddwconv_t' in out.stderr
