@@ -133,7 +133,6 @@ def main():
         peaks.append(matmul_peak_gflops(args.dtype, args.device))
         progress(f'matrix-product peak in {args.dtype}: {peaks[-1]:.0f} GFLOP/s')
 
-    matmul_peak_gflops(args.dtype, args.device)  # warm-up
     rows = measure_speed(args.models, args.device, args.batch_size, args.img_size, args.dtype,
                          args.repeats, args.warmup, fuse, not args.no_train, progress,
                          after_each_repeat=measure_peak)

@@ -1,14 +1,16 @@
 // Channels-last depth-wise K x K convolution on CPU with one kernel set per sample
-// (homogeneous dynamic D-DW-Conv), and the kernel gradient for per-sample or shared
-// kernels; odd K, zero padding K / 2, stride 1 (see mmdwnet/ops/depthwise_conv.py).
+// (homogeneous dynamic D-DW-Conv) or one shared by the batch (static DW-Conv), and the
+// kernel gradient for either; odd K, zero padding K / 2, stride 1 (see
+// mmdwnet/ops/depthwise_conv.py).
 //
 // float16/bfloat16 operands accumulate in float32 and are rounded once.
 //
 // Layouts: input/output (B, H, W, C) memory (a channels-last (B, C, H, W) tensor), kernels
 // (B, K*K, C), or (1, K*K, C) shared by the batch. The channel axis is contiguous
 // everywhere, so every multiply-add is a vector operation over channels; one task is one
-// output row, whose K input rows and the kernels stay in cache. The input gradient is this forward pass
-// with the kernels flipped; the kernel gradient reduces over positions per sample.
+// output row, whose K input rows and the kernels stay in cache. The input gradient is this
+// forward pass with the kernels flipped; the kernel gradient reduces over positions per
+// sample.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -172,11 +174,15 @@ template <typename scalar_t>
 void dw_forward_blocked(const scalar_t* x, const scalar_t* w, int64_t weight_batch_stride,
                         const scalar_t* bias, scalar_t* out, int64_t batch, int64_t height,
                         int64_t width, int64_t channels, int64_t kernel) {
-  switch (kernel) {
-    case 3: return dw_forward_blocked<3>(x, w, weight_batch_stride, bias, out, batch, height, width, channels);
-    case 5: return dw_forward_blocked<5>(x, w, weight_batch_stride, bias, out, batch, height, width, channels);
-    case 7: return dw_forward_blocked<7>(x, w, weight_batch_stride, bias, out, batch, height, width, channels);
-    default: return dw_forward_blocked<9>(x, w, weight_batch_stride, bias, out, batch, height, width, channels);
+  const auto run = [&](auto k) {
+    dw_forward_blocked<decltype(k)::value>(x, w, weight_batch_stride, bias, out, batch, height,
+                                           width, channels);
+  };
+  switch (kernel) {  // blocked_forward(kernel, ...) holds
+    case 3: return run(std::integral_constant<int64_t, 3>());
+    case 5: return run(std::integral_constant<int64_t, 5>());
+    case 7: return run(std::integral_constant<int64_t, 7>());
+    default: return run(std::integral_constant<int64_t, 9>());
   }
 }
 
