@@ -329,3 +329,29 @@ def test_bfloat16_dot_products_where_the_cpu_has_them_and_they_pay(monkeypatch):
     monkeypatch.setenv('MMDWNET_BF16_DOT', 'yes')
     with pytest.raises(ValueError, match="MMDWNET_BF16_DOT must be '0' or '1', got 'yes'"):
         plan(bf16, 'AuthenticAMD')
+
+
+def test_vector_width_of_the_build(monkeypatch):
+    """AVX-512 builds on Intel CPUs work on 512-bit vectors along the rows, others on
+    256-bit ones; MMDWNET_VEC_BYTES forces the width (and names a separate build). The
+    tests then check the width this machine runs."""
+    from mmdwnet.ops import cpu_extension
+    ops = cpu_extension.load()
+    assert ops is not None, cpu_extension.error()
+    if torch.backends.cpu.get_cpu_capability() == 'AVX512':
+        assert ops.vector_bytes() == cpu_extension.vector_bytes()
+        if 'MMDWNET_VEC_BYTES' not in os.environ:
+            assert ops.vector_bytes() == (64 if cpu_extension.cpu_vendor() == 'GenuineIntel'
+                                          else 32)
+    else:
+        assert ops.vector_bytes() == 32
+    monkeypatch.delenv('MMDWNET_VEC_BYTES', raising=False)
+    width = cpu_extension.vector_bytes
+    assert width({'avx512f', 'avx2'}, 'GenuineIntel') == 64
+    assert width({'avx512f', 'avx2'}, 'AuthenticAMD') == 32
+    assert width({'avx2'}, 'GenuineIntel') == 32
+    monkeypatch.setenv('MMDWNET_VEC_BYTES', '32')
+    assert width({'avx512f'}, 'GenuineIntel') == 32
+    monkeypatch.setenv('MMDWNET_VEC_BYTES', '16')
+    with pytest.raises(ValueError, match="MMDWNET_VEC_BYTES must be '32' or '64', got '16'"):
+        width({'avx512f'}, 'GenuineIntel')

@@ -48,9 +48,11 @@ def test_matches_unfold_reference_and_gradcheck(chunk_samples, tile, layout, k, 
 # (b, c, r, g, k, h, w) for the fused CPU kernel: K = 3, 5, 7, 12 (one or two vectors of
 # positions per register tile); an odd R (a bfloat16 pair of rows with a zero partner);
 # rows of one partial vector, of whole two-vector tiles plus one vector, and maps lower
-# than K (every output row skips kernel rows whose source rows lie outside)
+# than K (every output row skips kernel rows whose source rows lie outside); 3 samples of
+# 3 groups: with 2 threads each takes part of the middle sample, whose channels-last
+# output each transposes back for its own groups only
 FUSED_SHAPES = [(2, 96, 24, 32, 7, 13, 21), (1, 12, 5, 4, 5, 9, 20), (2, 8, 3, 2, 3, 7, 7),
-                (1, 16, 6, 4, 12, 15, 17), (1, 64, 16, 32, 7, 5, 32)]
+                (1, 16, 6, 4, 12, 15, 17), (1, 64, 16, 32, 7, 5, 32), (3, 9, 4, 3, 3, 6, 10)]
 
 
 @pytest.mark.parametrize('shape', FUSED_SHAPES)

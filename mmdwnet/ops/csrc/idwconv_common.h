@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
 // bfloat16 dot products (VDPBF16PS): the build targets a CPU with AVX-512 BF16
@@ -23,13 +25,23 @@ template <typename scalar_t>
 using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value, double,
                                            float>::type;
 
+// Bytes of the vectors the I-D-DW kernels work on (along a row of the map): 32 (AVX2,
+// AVX-512VL) unless the build asks for 64 (cpu_extension.vector_bytes: AVX-512 where
+// 512-bit FMAs outrun two 256-bit ones).
+#ifndef MMDWNET_VEC_BYTES
+#define MMDWNET_VEC_BYTES 32
+#endif
+static_assert(MMDWNET_VEC_BYTES == 32 || MMDWNET_VEC_BYTES == 64,
+              "MMDWNET_VEC_BYTES must be 32 or 64");
+
 template <typename acc_t>
 struct Vec {
-  typedef acc_t type __attribute__((vector_size(32)));
-  static constexpr int64_t size = 32 / sizeof(acc_t);
+  typedef acc_t type __attribute__((vector_size(MMDWNET_VEC_BYTES)));
+  static constexpr int64_t size = MMDWNET_VEC_BYTES / sizeof(acc_t);
 };
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
+// bfloat16 bits and float32 bits of one float32 vector
+typedef uint16_t u16xV __attribute__((vector_size(MMDWNET_VEC_BYTES / 2)));
+typedef uint32_t u32xV __attribute__((vector_size(MMDWNET_VEC_BYTES)));
 
 // One value as acc_t. bfloat16 is the upper half of a float32: widened with integer
 // operations that vectorise (c10::BFloat16's conversion does not, here).
@@ -72,9 +84,9 @@ inline typename Vec<acc_t>::type load(const T* p) {  // same type: an unaligned 
   if constexpr (std::is_same<T, acc_t>::value) {
     std::memcpy(&v, p, sizeof(v));
   } else if constexpr (std::is_same<T, c10::BFloat16>::value) {  // upper halves of floats
-    u16x8 half;
+    u16xV half;
     std::memcpy(&half, p, sizeof(half));
-    v = widen_bf16<typename Vec<acc_t>::type, u32x8>(half);
+    v = widen_bf16<typename Vec<acc_t>::type, u32xV>(half);
   } else {
     for (int64_t i = 0; i < Vec<acc_t>::size; ++i) v[i] = static_cast<acc_t>(p[i]);
   }
@@ -101,7 +113,7 @@ inline void store(T* p, typename Vec<acc_t>::type v, int64_t n) {  // the first 
       return;
     } else if constexpr (std::is_same<T, c10::BFloat16>::value &&
                          std::is_same<acc_t, float>::value) {
-      const u16x8 half = round_bf16<u16x8, u32x8>(v);
+      const u16xV half = round_bf16<u16xV, u32xV>(v);
       std::memcpy(p, &half, sizeof(half));
       return;
     }
@@ -114,8 +126,102 @@ struct Layout {
   int64_t b, c, h, w;
   explicit Layout(const at::Tensor& t)
       : b(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
+  Layout(int64_t b_, int64_t c_, int64_t h_, int64_t w_) : b(b_), c(c_), h(h_), w(w_) {}
   // first element of group g of sample n
   int64_t group(int64_t n, int64_t g, int64_t cpg) const { return n * b + g * cpg * c; }
+  bool planar() const { return w == 1; }  // rows contiguous (NCHW)
+};
+
+// One sample of a channels-last map as NCHW planes, or back. The kernels read and write
+// a group's few channels at a time, plane by plane; straight from channels-last memory
+// that touches a cache line per pixel for a few values of it, again for every group (at
+// DWNet-T's first stage 32 times over a 1.2 MiB map, which falls out of the L2 cache in
+// between). Transposed a row at a time instead - W x C values, which stay in the L1
+// cache - each line is read once. `planes` holds channels c0..c1 of one sample, H x W
+// each, `map` the sample in layout `l`.
+template <typename scalar_t>
+void channels_last_to_planes(const scalar_t* map, const Layout& l, scalar_t* planes,
+                             int64_t c0, int64_t c1, int64_t height, int64_t width) {
+  for (int64_t h = 0; h < height; ++h) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const scalar_t* s = map + h * l.h + c * l.c;
+      scalar_t* d = planes + (c * height + h) * width;
+      for (int64_t w = 0; w < width; ++w) d[w] = s[w * l.w];
+    }
+  }
+}
+
+template <typename scalar_t>
+void planes_to_channels_last(const scalar_t* planes, scalar_t* map, const Layout& l,
+                             int64_t c0, int64_t c1, int64_t height, int64_t width) {
+  const int64_t plane = height * width;
+  for (int64_t h = 0; h < height; ++h) {
+    for (int64_t w = 0; w < width; ++w) {
+      const scalar_t* s = planes + h * width + w;
+      scalar_t* d = map + h * l.h + w * l.w;
+      for (int64_t c = c0; c < c1; ++c) d[c * l.c] = s[c * plane];
+    }
+  }
+}
+
+// A thread's NCHW copy of the sample it works on, for tasks that take a (sample, group)
+// at a time: sample(n) returns sample n of `map` (layout `l`) as planes and their layout
+// (transposed once per sample, on the first group of it this thread takes), or the map
+// itself where its rows are contiguous already.
+template <typename scalar_t>
+struct PlanarInput {
+  const scalar_t* map;
+  Layout l;
+  int64_t channels, height, width, current = -1;
+  std::vector<scalar_t> buf;
+  PlanarInput(const scalar_t* map_, const Layout& l_, int64_t c, int64_t h, int64_t w)
+      : map(map_), l(l_), channels(c), height(h), width(w) {
+    if (!l.planar()) buf.resize(c * h * w);
+  }
+  // (first element of sample n, its layout with the sample stride of the planes)
+  std::pair<const scalar_t*, Layout> sample(int64_t n) {
+    if (l.planar()) return {map + n * l.b, l};
+    if (n != current) {
+      channels_last_to_planes(map + n * l.b, l, buf.data(), 0, channels, height, width);
+      current = n;
+    }
+    return {buf.data(), Layout(channels * height * width, height * width, width, 1)};
+  }
+};
+
+// The output side of PlanarInput: a thread writes the groups of a sample into NCHW
+// planes (`sample(n)`), and they go to the channels-last map, transposed, when the thread
+// moves to another sample or calls flush() at the end of its tasks; only the channels it
+// wrote. Where the map's rows are contiguous the planes are the map itself.
+template <typename scalar_t>
+struct PlanarOutput {
+  scalar_t* map;
+  Layout l;
+  int64_t channels, height, width, current = -1, c0 = 0, c1 = 0;
+  std::vector<scalar_t> buf;
+  PlanarOutput(scalar_t* map_, const Layout& l_, int64_t c, int64_t h, int64_t w)
+      : map(map_), l(l_), channels(c), height(h), width(w) {
+    if (!l.planar()) buf.resize(c * h * w);
+  }
+  // sample n's planes for channels [first, last) and their layout
+  std::pair<scalar_t*, Layout> sample(int64_t n, int64_t first, int64_t last) {
+    if (l.planar()) return {map + n * l.b, l};
+    if (n != current) {
+      flush();
+      current = n;
+      c0 = first;
+      c1 = last;
+    }
+    c0 = std::min(c0, first);
+    c1 = std::max(c1, last);
+    return {buf.data(), Layout(channels * height * width, height * width, width, 1)};
+  }
+  void flush() {
+    if (current >= 0 && c1 > c0) {
+      planes_to_channels_last(buf.data(), map + current * l.b, l, c0, c1, height, width);
+    }
+    current = -1;
+  }
 };
 
 // The group's `planes` channel planes of `src` (layout `in`), widened to acc_t, into

@@ -155,7 +155,7 @@ void weight_gradient(const scalar_t* grad_out, const scalar_t* input, scalar_t* 
 // outputs is summed over all K*K taps (and, for the kernel gradient, over the group's
 // channels) in registers and stored once. The plain loops above load and store the
 // output at every tap; these load little more than the operands. GCC's vector extensions
-// spell the vectors out (32 bytes: AVX2/AVX-512VL registers, or pairs of SSE registers).
+// spell the vectors out (Vec: 32 or 64 bytes, as the build chooses; see idwconv_common.h).
 
 // Rows of the output tile of the gathers below, whose rows hold `row_size` floats: the
 // whole map where the tile fits in 192 KiB (half of L2 on current CPUs), so that each kernel
@@ -345,8 +345,12 @@ void weight_gradient_blocked(const scalar_t* grad_out, const Layout& lg, const s
 
 namespace bf16dot {
 
-constexpr int64_t V = Vec<float>::size;  // float32 lanes, one pair of bfloat16 each
-static_assert(V == 8, "the dot products work on 256-bit vectors");
+// The dot products work on 256-bit vectors, whatever the width of Vec: 8 float32 lanes,
+// one pair of bfloat16 values each
+constexpr int64_t V = 8;
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
 inline uint16_t bits(c10::BFloat16 v) { return v.x; }
 
@@ -400,10 +404,14 @@ inline void channel_pairs(const uint16_t* a, const uint16_t* b, uint32_t* pairs,
   for (int64_t q = 0; q < n; ++q) pairs[q] = a[q] | static_cast<uint32_t>(b[q]) << 16;
 }
 
+// the first n lanes of v, rounded to bfloat16
 inline void store_bf16(c10::BFloat16* p, __m256 v, int64_t n) {
-  typename Vec<float>::type u;
-  std::memcpy(&u, &v, sizeof(u));
-  store<c10::BFloat16, float>(p, u, n);
+  if (n == V) {
+    const u16x8 half = round_bf16<u16x8, u32x8>((f32x8)v);
+    std::memcpy(p, &half, sizeof(half));
+  } else {
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<c10::BFloat16>(v[i]);
+  }
 }
 
 // gather_blocked for bfloat16 (same tiles, same order of the loops), taps in pairs
@@ -415,7 +423,9 @@ void gather(const c10::BFloat16* src, const Layout& in, const c10::BFloat16* wei
   const int64_t cpg = channels / groups, plane = height * width, top = K / 2;
   const int64_t before = transposed ? K - 1 - top : top;
   const int64_t ph = height + K - 1, pw = width + K - 1 + V;
-  const int64_t tw = (width + V - 1) / V * V;
+  // tile rows: whole vectors of store_planes (Vec<float>, a multiple of V)
+  constexpr int64_t VS = Vec<float>::size;
+  const int64_t tw = (width + VS - 1) / VS * VS;
   const int64_t R = tile_rows(height, cpg * tw);
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> padded(cpg * ph * (pw + 1), 0);

@@ -65,8 +65,13 @@ struct Prediction<c10::BFloat16, float> {
     return p[0].x | (rows > 1 ? static_cast<uint32_t>(p[stride].x) << 16 : 0u);
   }
   static vec step(vec acc, packed w, const packed* h) {
+#if MMDWNET_VEC_BYTES == 64
+    return (vec)_mm512_dpbf16_ps((__m512)acc, (__m512bh)_mm512_set1_epi32(w),
+                                 (__m512bh)_mm512_loadu_si512(h));
+#else
     return (vec)_mm256_dpbf16_ps((__m256)acc, (__m256bh)_mm256_set1_epi32(w),
                                  (__m256bh)_mm256_loadu_si256((const __m256i*)h));
+#endif
   }
 };
 #endif
@@ -202,11 +207,16 @@ void predicted_forward(const scalar_t* input, const Layout& lx, const scalar_t* 
   pack_weights<Pred>(weight, bias, groups, K, rows, wt, bi);
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> padded(cpg * ph * pw, acc_t(0)), row(cpg * tw);
+    PlanarInput<scalar_t> x(input, lx, channels, height, width);  // channels-last: NCHW
+    PlanarOutput<scalar_t> y(out, lo, channels, height, width);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t n = bg / groups, g = bg % groups;
-      pad_planes(input + lx.group(n, g, cpg), lx, padded.data(), cpg, height, width, top, ph,
-                 pw);
-      scalar_t* o = out + lo.group(n, g, cpg);
+      const auto xs = x.sample(n);
+      pad_planes(xs.first + xs.second.group(0, g, cpg), xs.second, padded.data(), cpg, height,
+                 width, top, ph, pw);
+      const auto ys = y.sample(n, g * cpg, (g + 1) * cpg);
+      scalar_t* o = ys.first + ys.second.group(0, g, cpg);
+      const Layout& lo_ = ys.second;
       for (int64_t h = 0; h < height; ++h) {
         std::fill(row.begin(), row.end(), acc_t(0));
         // kernel rows whose source row lies in the map (the others multiply zeros)
@@ -222,9 +232,10 @@ void predicted_forward(const scalar_t* input, const Layout& lx, const scalar_t* 
                 cpg);
           });
         }
-        store_planes(row.data(), cpg, 1, width, tw, tw, o + h * lo.h, lo);
+        store_planes(row.data(), cpg, 1, width, tw, tw, o + h * lo_.h, lo_);
       }
     }
+    y.flush();
   });
 }
 
@@ -281,15 +292,23 @@ void predicted_backward(const scalar_t* grad_out, const Layout& lg, const scalar
     std::vector<acc_t> hid(R * plane, acc_t(0)), gh(R * plane), x(cpg * ph * pw, acc_t(0));
     std::vector<acc_t> g(cpg * gh_ * kw, acc_t(0)), gx(cpg * plane), kb(K * kw, acc_t(0));
     std::vector<acc_t> gk(K * plane), gwb(groups * K * K * (R + 1), 0);
+    // channels-last maps as NCHW planes, a sample at a time
+    PlanarInput<scalar_t> xin(input, lx, channels, height, width);
+    PlanarInput<scalar_t> gin(grad_out, lg, channels, height, width);
+    PlanarOutput<scalar_t> gxout(grad_input, lgx, channels, height, width);
+    PlanarInput<scalar_t> hin(hidden, lh, R, height, width);
+    PlanarOutput<scalar_t> ghout(grad_hidden, lgh, R, height, width);
     for (int64_t n = begin; n < end; ++n) {
+      const auto xs = xin.sample(n), gs = gin.sample(n), hs = hin.sample(n);
       for (int64_t r = 0; r < R; ++r) {
-        pack_hidden<Pred>(hidden + n * lh.b, lh, R, r, height, width, tw, hid.data() + r * plane);
+        pack_hidden<Pred>(hs.first, hs.second, R, r, height, width, tw, hid.data() + r * plane);
       }
       std::fill(gh.begin(), gh.end(), acc_t(0));
       for (int64_t gr = 0; gr < groups; ++gr) {
-        pad_planes(input + lx.group(n, gr, cpg), lx, x.data(), cpg, height, width, top, ph, pw);
-        pad_planes(grad_out + lg.group(n, gr, cpg), lg, g.data(), cpg, height, width, before,
-                   gh_, kw);
+        pad_planes(xs.first + xs.second.group(0, gr, cpg), xs.second, x.data(), cpg, height,
+                   width, top, ph, pw);
+        pad_planes(gs.first + gs.second.group(0, gr, cpg), gs.second, g.data(), cpg, height,
+                   width, before, gh_, kw);
         std::fill(gx.begin(), gx.end(), acc_t(0));
         for (int64_t i = 0; i < K; ++i) {
           const acc_t* wp = wt.data() + (gr * K + i) * R * K;
@@ -400,11 +419,15 @@ void predicted_backward(const scalar_t* grad_out, const Layout& lg, const scalar
             gw[j * (R + 1) + R] += hsum<acc_t>(t);
           }
         }
+        const auto gxs = gxout.sample(n, gr * cpg, (gr + 1) * cpg);
         store_planes(gx.data(), cpg, height, width, tw, plane,
-                     grad_input + n * lgx.b + gr * cpg * lgx.c, lgx);
+                     gxs.first + gxs.second.group(0, gr, cpg), gxs.second);
       }
-      store_planes(gh.data(), R, height, width, tw, plane, grad_hidden + n * lgh.b, lgh);
+      const auto ghs = ghout.sample(n, 0, R);
+      store_planes(gh.data(), R, height, width, tw, plane, ghs.first, ghs.second);
     }
+    gxout.flush();
+    ghout.flush();
     std::lock_guard<std::mutex> guard(lock);
     for (size_t q = 0; q < gwb.size(); ++q) grad_weight_bias[q] += gwb[q];
   });
@@ -508,9 +531,13 @@ bool fused_bf16_dot_products() {
 #endif
 }
 
+// bytes of the vectors along a row of the map (cpu_extension.vector_bytes)
+int64_t vector_bytes() { return MMDWNET_VEC_BYTES; }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmdwnet_cpu, m) {
+  m.def("vector_bytes() -> int", &vector_bytes);
   m.def("fused_bf16_dot_products() -> bool", &fused_bf16_dot_products);
   m.def("predicted_idwconv2d_applies(int kernel_size, ScalarType dtype, bool backward) -> bool",
         &predicted_applies);
