@@ -355,3 +355,30 @@ def test_vector_width_of_the_build(monkeypatch):
     monkeypatch.setenv('MMDWNET_VEC_BYTES', '16')
     with pytest.raises(ValueError, match="MMDWNET_VEC_BYTES must be '32' or '64', got '16'"):
         width({'avx512f'}, 'GenuineIntel')
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('k', [3, 7])
+def test_channels_last_samples_shared_by_threads(dtype, k):
+    """The compiled kernels read and write channels-last maps through NCHW planes of one
+    sample, transposed back for the groups a thread computed. 3 samples of 3 groups split
+    between 2 threads, so that both work on the middle one: the same sums as from NCHW
+    maps, equal bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, weight = _pair(3, 9, 3, k, 7, 11, dtype=torch.float64)
+        x, weight = x.to(dtype), weight.to(dtype)
+        grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        results = []
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xl = x.contiguous(memory_format=layout).requires_grad_()
+            wl = weight.clone().requires_grad_()
+            y = inhomogeneous_dwconv2d(xl, wl)
+            gx, gw = torch.autograd.grad(y, (xl, wl), grad.contiguous(memory_format=layout))
+            assert y.is_contiguous(memory_format=layout)
+            results.append((y, gx, gw))
+    finally:
+        torch.set_num_threads(threads)
+    for name, nchw, channels_last in zip(('output', 'input grad', 'kernel grad'), *results):
+        assert torch.equal(nchw, channels_last), name

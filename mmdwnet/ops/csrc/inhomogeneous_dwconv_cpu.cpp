@@ -213,12 +213,18 @@ void gather_blocked(const scalar_t* src, const Layout& in, const scalar_t* weigh
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> padded(cpg * ph * pw, acc_t(0)), tile(cpg * R * tw);
     std::vector<acc_t> rows(transposed ? K * pw : 0, acc_t(0));
+    // channels-last maps as NCHW planes, a sample at a time (idwconv_common.h)
+    PlanarInput<scalar_t> srcs(src, in, channels, height, width);
+    PlanarOutput<scalar_t> outs(out, lo, channels, height, width);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t n_ = bg / groups, g_ = bg % groups;
-      pad_planes(src + in.group(n_, g_, cpg), in, padded.data(), cpg, height, width, before,
-                 ph, pw);
+      const auto s = srcs.sample(n_);
+      pad_planes(s.first + s.second.group(0, g_, cpg), s.second, padded.data(), cpg, height,
+                 width, before, ph, pw);
       const scalar_t* wt = weight + bg * K * K * plane;
-      scalar_t* o = out + lo.group(n_, g_, cpg);
+      const auto os = outs.sample(n_, g_ * cpg, (g_ + 1) * cpg);
+      scalar_t* o = os.first + os.second.group(0, g_, cpg);
+      const Layout lo_ = os.second;
       for_each_tile_row<K, transposed>(
           height, R, [&] { std::fill(tile.begin(), tile.end(), acc_t(0)); },
           [&](int64_t h0, int64_t i, int64_t h, int64_t src_row, int64_t kernel_row) {
@@ -261,9 +267,10 @@ void gather_blocked(const scalar_t* src, const Layout& in, const scalar_t* weigh
             }
           },
           [&](int64_t h0, int64_t h1) {
-            store_planes(tile.data(), cpg, h1 - h0, width, tw, R * tw, o + h0 * lo.h, lo);
+            store_planes(tile.data(), cpg, h1 - h0, width, tw, R * tw, o + h0 * lo_.h, lo_);
           });
     }
+    outs.flush();
   });
 }
 
@@ -301,12 +308,15 @@ void weight_gradient_blocked(const scalar_t* grad_out, const Layout& lg, const s
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     // grad_out widened, one vector of zeros past the end so that its loads stay inside
     std::vector<acc_t> padded(cpg * ph * pw, acc_t(0)), go(cpg * plane + V, acc_t(0));
+    PlanarInput<scalar_t> xs(input, lx, channels, height, width);  // channels-last: NCHW
+    PlanarInput<scalar_t> gs(grad_out, lg, channels, height, width);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t n_ = bg / groups, g_ = bg % groups;
-      pad_planes(input + lx.group(n_, g_, cpg), lx, padded.data(), cpg, height, width, top, ph,
-                 pw);
-      pad_planes(grad_out + lg.group(n_, g_, cpg), lg, go.data(), cpg, height, width, 0,
-                 height, width);
+      const auto xn = xs.sample(n_), gn = gs.sample(n_);
+      pad_planes(xn.first + xn.second.group(0, g_, cpg), xn.second, padded.data(), cpg, height,
+                 width, top, ph, pw);
+      pad_planes(gn.first + gn.second.group(0, g_, cpg), gn.second, go.data(), cpg, height,
+                 width, 0, height, width);
       scalar_t* gw = grad_weight + bg * K * K * plane;
       for_each_gradient_row<K>(gw, height, width, [&](int64_t i, int64_t h) {
         for (int64_t w0 = 0; w0 < width; w0 += V) {
@@ -432,15 +442,20 @@ void gather(const c10::BFloat16* src, const Layout& in, const c10::BFloat16* wei
     std::vector<uint32_t> pairs(cpg * ph * pw);
     std::vector<float> tile(cpg * R * tw);
     std::vector<uint16_t> rows(transposed ? K * pw : 0, 0);
+    PlanarInput<c10::BFloat16> srcs(src, in, channels, height, width);  // as gather_blocked
+    PlanarOutput<c10::BFloat16> outs(out, lo, channels, height, width);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t n_ = bg / groups, g_ = bg % groups;
-      pad_bits(src + in.group(n_, g_, cpg), in, padded.data(), cpg, height, width, before, ph,
-               pw + 1);
+      const auto s = srcs.sample(n_);
+      pad_bits(s.first + s.second.group(0, g_, cpg), s.second, padded.data(), cpg, height,
+               width, before, ph, pw + 1);
       for (int64_t r = 0; r < cpg * ph; ++r) {
         neighbour_pairs(padded.data() + r * (pw + 1), pairs.data() + r * pw, pw);
       }
       const uint16_t* wt = reinterpret_cast<const uint16_t*>(weight + bg * K * K * plane);
-      c10::BFloat16* o = out + lo.group(n_, g_, cpg);
+      const auto os = outs.sample(n_, g_ * cpg, (g_ + 1) * cpg);
+      c10::BFloat16* o = os.first + os.second.group(0, g_, cpg);
+      const Layout lo_ = os.second;
       for_each_tile_row<K, transposed>(
           height, R, [&] { std::fill(tile.begin(), tile.end(), 0.f); },
           [&](int64_t h0, int64_t i, int64_t h, int64_t src_row, int64_t kernel_row) {
@@ -503,9 +518,10 @@ void gather(const c10::BFloat16* src, const Layout& in, const c10::BFloat16* wei
             }
           },
           [&](int64_t h0, int64_t h1) {
-            store_planes(tile.data(), cpg, h1 - h0, width, tw, R * tw, o + h0 * lo.h, lo);
+            store_planes(tile.data(), cpg, h1 - h0, width, tw, R * tw, o + h0 * lo_.h, lo_);
           });
     }
+    outs.flush();
   });
 }
 
@@ -522,12 +538,15 @@ void weight_gradient(const c10::BFloat16* grad_out, const Layout& lg,
     std::vector<uint16_t> padded(cpg * ph * pw, 0), go(cpg * plane, 0);
     std::vector<uint32_t> xpairs(npairs * ph * pw), gpairs(npairs * plane + V, 0);
     std::vector<float> xlast(cpg % 2 ? ph * pw : 0), glast(cpg % 2 ? plane + V : 0, 0.f);
+    PlanarInput<c10::BFloat16> xs(input, lx, channels, height, width);  // channels-last: NCHW
+    PlanarInput<c10::BFloat16> gs(grad_out, lg, channels, height, width);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t n_ = bg / groups, g_ = bg % groups;
-      pad_bits(input + lx.group(n_, g_, cpg), lx, padded.data(), cpg, height, width, top, ph,
-               pw);
-      pad_bits(grad_out + lg.group(n_, g_, cpg), lg, go.data(), cpg, height, width, 0, height,
-               width);
+      const auto xn = xs.sample(n_), gn = gs.sample(n_);
+      const c10::BFloat16* xg = xn.first + xn.second.group(0, g_, cpg);  // the group's
+      const c10::BFloat16* gg = gn.first + gn.second.group(0, g_, cpg);
+      pad_bits(xg, xn.second, padded.data(), cpg, height, width, top, ph, pw);
+      pad_bits(gg, gn.second, go.data(), cpg, height, width, 0, height, width);
       for (int64_t m = 0; m < npairs; ++m) {
         channel_pairs(padded.data() + 2 * m * ph * pw, padded.data() + (2 * m + 1) * ph * pw,
                       xpairs.data() + m * ph * pw, ph * pw);
@@ -535,10 +554,10 @@ void weight_gradient(const c10::BFloat16* grad_out, const Layout& lg,
                       gpairs.data() + m * plane, plane);
       }
       if (cpg % 2) {  // the last channel widened, as the float32 path has it
-        pad_planes(input + lx.group(n_, g_, cpg) + (cpg - 1) * lx.c, lx, xlast.data(), 1,
-                   height, width, top, ph, pw);
-        pad_planes(grad_out + lg.group(n_, g_, cpg) + (cpg - 1) * lg.c, lg, glast.data(), 1,
-                   height, width, 0, height, width);
+        pad_planes(xg + (cpg - 1) * xn.second.c, xn.second, xlast.data(), 1, height, width,
+                   top, ph, pw);
+        pad_planes(gg + (cpg - 1) * gn.second.c, gn.second, glast.data(), 1, height, width, 0,
+                   height, width);
       }
       c10::BFloat16* gw = grad_weight + bg * K * K * plane;
       for_each_gradient_row<K>(gw, height, width, [&](int64_t i, int64_t h) {
