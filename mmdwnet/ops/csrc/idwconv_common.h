@@ -27,7 +27,7 @@ using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value
 
 // Bytes of the vectors the I-D-DW kernels work on (along a row of the map): 32 (AVX2,
 // AVX-512VL) unless the build asks for 64 (cpu_extension.vector_bytes: AVX-512 where
-// 512-bit FMAs outrun two 256-bit ones).
+// Intel CPUs with AVX-512).
 #ifndef MMDWNET_VEC_BYTES
 #define MMDWNET_VEC_BYTES 32
 #endif
@@ -137,13 +137,13 @@ struct Layout {
 // that touches a cache line per pixel for a few values of it, again for every group (at
 // DWNet-T's first stage 32 times over a 1.2 MiB map, which falls out of the L2 cache in
 // between). Transposed a row at a time instead - W x C values, which stay in the L1
-// cache - each line is read once. `planes` holds channels c0..c1 of one sample, H x W
-// each, `map` the sample in layout `l`.
+// cache - each line is read once. `planes` holds the `channels` channels of one sample
+// (back: channels c0..c1 of them), H x W each, `map` the sample in layout `l`.
 template <typename scalar_t>
 void channels_last_to_planes(const scalar_t* map, const Layout& l, scalar_t* planes,
-                             int64_t c0, int64_t c1, int64_t height, int64_t width) {
+                             int64_t channels, int64_t height, int64_t width) {
   for (int64_t h = 0; h < height; ++h) {
-    for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t c = 0; c < channels; ++c) {
       const scalar_t* s = map + h * l.h + c * l.c;
       scalar_t* d = planes + (c * height + h) * width;
       for (int64_t w = 0; w < width; ++w) d[w] = s[w * l.w];
@@ -164,10 +164,15 @@ void planes_to_channels_last(const scalar_t* planes, scalar_t* map, const Layout
   }
 }
 
+// The layout of one sample's `channels` NCHW planes of height x width
+inline Layout planes_layout(int64_t channels, int64_t height, int64_t width) {
+  return Layout(channels * height * width, height * width, width, 1);
+}
+
 // A thread's NCHW copy of the sample it works on, for tasks that take a (sample, group)
-// at a time: sample(n) returns sample n of `map` (layout `l`) as planes and their layout
-// (transposed once per sample, on the first group of it this thread takes), or the map
-// itself where its rows are contiguous already.
+// at a time: group(n, g, cpg) returns the first channel of group g of sample n of `map`
+// (layout `l`) as planes, and their layout (the sample transposed once, on the first of
+// its groups this thread takes), or of the map itself where its rows are contiguous.
 template <typename scalar_t>
 struct PlanarInput {
   const scalar_t* map;
@@ -178,19 +183,19 @@ struct PlanarInput {
       : map(map_), l(l_), channels(c), height(h), width(w) {
     if (!l.planar()) buf.resize(c * h * w);
   }
-  // (first element of sample n, its layout with the sample stride of the planes)
-  std::pair<const scalar_t*, Layout> sample(int64_t n) {
-    if (l.planar()) return {map + n * l.b, l};
+  std::pair<const scalar_t*, Layout> group(int64_t n, int64_t g, int64_t cpg) {
+    if (l.planar()) return {map + l.group(n, g, cpg), l};
     if (n != current) {
-      channels_last_to_planes(map + n * l.b, l, buf.data(), 0, channels, height, width);
+      channels_last_to_planes(map + n * l.b, l, buf.data(), channels, height, width);
       current = n;
     }
-    return {buf.data(), Layout(channels * height * width, height * width, width, 1)};
+    const Layout p = planes_layout(channels, height, width);
+    return {buf.data() + p.group(0, g, cpg), p};
   }
 };
 
 // The output side of PlanarInput: a thread writes the groups of a sample into NCHW
-// planes (`sample(n)`), and they go to the channels-last map, transposed, when the thread
+// planes (`group(n, g, cpg)`), and they go to the channels-last map, transposed, when the thread
 // moves to another sample or calls flush() at the end of its tasks; only the channels it
 // wrote. Where the map's rows are contiguous the planes are the map itself.
 template <typename scalar_t>
@@ -203,18 +208,18 @@ struct PlanarOutput {
       : map(map_), l(l_), channels(c), height(h), width(w) {
     if (!l.planar()) buf.resize(c * h * w);
   }
-  // sample n's planes for channels [first, last) and their layout
-  std::pair<scalar_t*, Layout> sample(int64_t n, int64_t first, int64_t last) {
-    if (l.planar()) return {map + n * l.b, l};
+  std::pair<scalar_t*, Layout> group(int64_t n, int64_t g, int64_t cpg) {
+    if (l.planar()) return {map + l.group(n, g, cpg), l};
     if (n != current) {
       flush();
       current = n;
-      c0 = first;
-      c1 = last;
+      c0 = g * cpg;
+      c1 = c0 + cpg;
     }
-    c0 = std::min(c0, first);
-    c1 = std::max(c1, last);
-    return {buf.data(), Layout(channels * height * width, height * width, width, 1)};
+    c0 = std::min(c0, g * cpg);
+    c1 = std::max(c1, (g + 1) * cpg);
+    const Layout p = planes_layout(channels, height, width);
+    return {buf.data() + p.group(0, g, cpg), p};
   }
   void flush() {
     if (current >= 0 && c1 > c0) {

@@ -218,12 +218,11 @@ void gather_blocked(const scalar_t* src, const Layout& in, const scalar_t* weigh
     PlanarOutput<scalar_t> outs(out, lo, channels, height, width);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t n_ = bg / groups, g_ = bg % groups;
-      const auto s = srcs.sample(n_);
-      pad_planes(s.first + s.second.group(0, g_, cpg), s.second, padded.data(), cpg, height,
-                 width, before, ph, pw);
+      const auto s = srcs.group(n_, g_, cpg);
+      pad_planes(s.first, s.second, padded.data(), cpg, height, width, before, ph, pw);
       const scalar_t* wt = weight + bg * K * K * plane;
-      const auto os = outs.sample(n_, g_ * cpg, (g_ + 1) * cpg);
-      scalar_t* o = os.first + os.second.group(0, g_, cpg);
+      const auto os = outs.group(n_, g_, cpg);
+      scalar_t* o = os.first;
       const Layout lo_ = os.second;
       for_each_tile_row<K, transposed>(
           height, R, [&] { std::fill(tile.begin(), tile.end(), acc_t(0)); },
@@ -312,11 +311,9 @@ void weight_gradient_blocked(const scalar_t* grad_out, const Layout& lg, const s
     PlanarInput<scalar_t> gs(grad_out, lg, channels, height, width);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t n_ = bg / groups, g_ = bg % groups;
-      const auto xn = xs.sample(n_), gn = gs.sample(n_);
-      pad_planes(xn.first + xn.second.group(0, g_, cpg), xn.second, padded.data(), cpg, height,
-                 width, top, ph, pw);
-      pad_planes(gn.first + gn.second.group(0, g_, cpg), gn.second, go.data(), cpg, height,
-                 width, 0, height, width);
+      const auto xn = xs.group(n_, g_, cpg), gn = gs.group(n_, g_, cpg);
+      pad_planes(xn.first, xn.second, padded.data(), cpg, height, width, top, ph, pw);
+      pad_planes(gn.first, gn.second, go.data(), cpg, height, width, 0, height, width);
       scalar_t* gw = grad_weight + bg * K * K * plane;
       for_each_gradient_row<K>(gw, height, width, [&](int64_t i, int64_t h) {
         for (int64_t w0 = 0; w0 < width; w0 += V) {
@@ -446,15 +443,14 @@ void gather(const c10::BFloat16* src, const Layout& in, const c10::BFloat16* wei
     PlanarOutput<c10::BFloat16> outs(out, lo, channels, height, width);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t n_ = bg / groups, g_ = bg % groups;
-      const auto s = srcs.sample(n_);
-      pad_bits(s.first + s.second.group(0, g_, cpg), s.second, padded.data(), cpg, height,
-               width, before, ph, pw + 1);
+      const auto s = srcs.group(n_, g_, cpg);
+      pad_bits(s.first, s.second, padded.data(), cpg, height, width, before, ph, pw + 1);
       for (int64_t r = 0; r < cpg * ph; ++r) {
         neighbour_pairs(padded.data() + r * (pw + 1), pairs.data() + r * pw, pw);
       }
       const uint16_t* wt = reinterpret_cast<const uint16_t*>(weight + bg * K * K * plane);
-      const auto os = outs.sample(n_, g_ * cpg, (g_ + 1) * cpg);
-      c10::BFloat16* o = os.first + os.second.group(0, g_, cpg);
+      const auto os = outs.group(n_, g_, cpg);
+      c10::BFloat16* o = os.first;
       const Layout lo_ = os.second;
       for_each_tile_row<K, transposed>(
           height, R, [&] { std::fill(tile.begin(), tile.end(), 0.f); },
@@ -542,11 +538,9 @@ void weight_gradient(const c10::BFloat16* grad_out, const Layout& lg,
     PlanarInput<c10::BFloat16> gs(grad_out, lg, channels, height, width);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t n_ = bg / groups, g_ = bg % groups;
-      const auto xn = xs.sample(n_), gn = gs.sample(n_);
-      const c10::BFloat16* xg = xn.first + xn.second.group(0, g_, cpg);  // the group's
-      const c10::BFloat16* gg = gn.first + gn.second.group(0, g_, cpg);
-      pad_bits(xg, xn.second, padded.data(), cpg, height, width, top, ph, pw);
-      pad_bits(gg, gn.second, go.data(), cpg, height, width, 0, height, width);
+      const auto xn = xs.group(n_, g_, cpg), gn = gs.group(n_, g_, cpg);
+      pad_bits(xn.first, xn.second, padded.data(), cpg, height, width, top, ph, pw);
+      pad_bits(gn.first, gn.second, go.data(), cpg, height, width, 0, height, width);
       for (int64_t m = 0; m < npairs; ++m) {
         channel_pairs(padded.data() + 2 * m * ph * pw, padded.data() + (2 * m + 1) * ph * pw,
                       xpairs.data() + m * ph * pw, ph * pw);
@@ -554,10 +548,10 @@ void weight_gradient(const c10::BFloat16* grad_out, const Layout& lg,
                       gpairs.data() + m * plane, plane);
       }
       if (cpg % 2) {  // the last channel widened, as the float32 path has it
-        pad_planes(xg + (cpg - 1) * xn.second.c, xn.second, xlast.data(), 1, height, width,
-                   top, ph, pw);
-        pad_planes(gg + (cpg - 1) * gn.second.c, gn.second, glast.data(), 1, height, width, 0,
-                   height, width);
+        pad_planes(xn.first + (cpg - 1) * xn.second.c, xn.second, xlast.data(), 1, height,
+                   width, top, ph, pw);
+        pad_planes(gn.first + (cpg - 1) * gn.second.c, gn.second, glast.data(), 1, height,
+                   width, 0, height, width);
       }
       c10::BFloat16* gw = grad_weight + bg * K * K * plane;
       for_each_gradient_row<K>(gw, height, width, [&](int64_t i, int64_t h) {

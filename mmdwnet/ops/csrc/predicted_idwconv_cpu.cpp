@@ -211,11 +211,10 @@ void predicted_forward(const scalar_t* input, const Layout& lx, const scalar_t* 
     PlanarOutput<scalar_t> y(out, lo, channels, height, width);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t n = bg / groups, g = bg % groups;
-      const auto xs = x.sample(n);
-      pad_planes(xs.first + xs.second.group(0, g, cpg), xs.second, padded.data(), cpg, height,
-                 width, top, ph, pw);
-      const auto ys = y.sample(n, g * cpg, (g + 1) * cpg);
-      scalar_t* o = ys.first + ys.second.group(0, g, cpg);
+      const auto xs = x.group(n, g, cpg);
+      pad_planes(xs.first, xs.second, padded.data(), cpg, height, width, top, ph, pw);
+      const auto ys = y.group(n, g, cpg);
+      scalar_t* o = ys.first;
       const Layout& lo_ = ys.second;
       for (int64_t h = 0; h < height; ++h) {
         std::fill(row.begin(), row.end(), acc_t(0));
@@ -299,16 +298,15 @@ void predicted_backward(const scalar_t* grad_out, const Layout& lg, const scalar
     PlanarInput<scalar_t> hin(hidden, lh, R, height, width);
     PlanarOutput<scalar_t> ghout(grad_hidden, lgh, R, height, width);
     for (int64_t n = begin; n < end; ++n) {
-      const auto xs = xin.sample(n), gs = gin.sample(n), hs = hin.sample(n);
+      const auto hs = hin.group(n, 0, R);
       for (int64_t r = 0; r < R; ++r) {
         pack_hidden<Pred>(hs.first, hs.second, R, r, height, width, tw, hid.data() + r * plane);
       }
       std::fill(gh.begin(), gh.end(), acc_t(0));
       for (int64_t gr = 0; gr < groups; ++gr) {
-        pad_planes(xs.first + xs.second.group(0, gr, cpg), xs.second, x.data(), cpg, height,
-                   width, top, ph, pw);
-        pad_planes(gs.first + gs.second.group(0, gr, cpg), gs.second, g.data(), cpg, height,
-                   width, before, gh_, kw);
+        const auto xs = xin.group(n, gr, cpg), gs = gin.group(n, gr, cpg);
+        pad_planes(xs.first, xs.second, x.data(), cpg, height, width, top, ph, pw);
+        pad_planes(gs.first, gs.second, g.data(), cpg, height, width, before, gh_, kw);
         std::fill(gx.begin(), gx.end(), acc_t(0));
         for (int64_t i = 0; i < K; ++i) {
           const acc_t* wp = wt.data() + (gr * K + i) * R * K;
@@ -419,11 +417,10 @@ void predicted_backward(const scalar_t* grad_out, const Layout& lg, const scalar
             gw[j * (R + 1) + R] += hsum<acc_t>(t);
           }
         }
-        const auto gxs = gxout.sample(n, gr * cpg, (gr + 1) * cpg);
-        store_planes(gx.data(), cpg, height, width, tw, plane,
-                     gxs.first + gxs.second.group(0, gr, cpg), gxs.second);
+        const auto gxs = gxout.group(n, gr, cpg);
+        store_planes(gx.data(), cpg, height, width, tw, plane, gxs.first, gxs.second);
       }
-      const auto ghs = ghout.sample(n, 0, R);
+      const auto ghs = ghout.group(n, 0, R);
       store_planes(gh.data(), R, height, width, tw, plane, ghs.first, ghs.second);
     }
     gxout.flush();
