@@ -125,13 +125,24 @@ def assert_demo_matches_in_process(config, checkpoint, image, pred_json):
             assert same == 1.0, f'{same:.4f} of the pixels agree'
 
 
-def reporting_config(config, tmp_path):
-    """``config``, or for a detector a child of it that reports its 20 best boxes at any
-    score, so that an untrained or synthetic model still predicts something to compare."""
+def reporting_config(config, tmp_path, scale=(320, 240)):
+    """``config``, or for a detector or segmentor a child of it that tests at ``scale``
+    (the generated images' own size, where the stock pipelines enlarge them to 1333x800 or
+    2048x512, which only costs time here) and, for a detector, reports its 20 best boxes at
+    any score, so that an untrained or synthetic model still predicts something to
+    compare."""
     from mmengine.config import Config
-    if Config.fromfile(config).default_scope != 'mmdet':
+    cfg = Config.fromfile(config)
+    if cfg.default_scope not in ('mmdet', 'mmseg'):
         return config
+    pipeline = [dict(t) for t in cfg.test_dataloader.dataset.pipeline]
+    resize, = [t for t in pipeline if t['type'] == 'Resize']
+    resize['scale'] = tuple(scale)
+    # the inferencers read test_dataloader's pipeline, mmseg's inference_model test_pipeline
+    body = (f'test_pipeline = {pipeline!r}\n'
+            'test_dataloader = dict(dataset=dict(pipeline=test_pipeline))\n')
+    if cfg.default_scope == 'mmdet':
+        body += 'model = dict(test_cfg=dict(rcnn=dict(score_thr=0.0, max_per_img=20)))\n'
     child = tmp_path / f'report_{osp.basename(config)}'
-    child.write_text(f'_base_ = {config!r}\n'
-                     'model = dict(test_cfg=dict(rcnn=dict(score_thr=0.0, max_per_img=20)))\n')
+    child.write_text(f'_base_ = {config!r}\n{body}')
     return str(child)

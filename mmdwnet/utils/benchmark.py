@@ -324,12 +324,23 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
 def add_efficiency(rows: List[Dict], peak_gflops: float) -> List[Dict]:
     """``gflops_per_s`` (2 FLOPs per counted multiply-accumulate, at the measured
     throughput) and ``peak_fraction`` (of the matrix-product peak ``peak_gflops`` in the
-    same dtype) for every row."""
+    same dtype) for every row; where a row has its own fp32 throughput from the same run
+    (a bf16/fp16 run), ``vs_fp32_ceiling``: the most ``vs_fp32`` could be here, its
+    throughput at 100% of ``peak_gflops`` over its fp32 throughput."""
     for r in rows:
         r['gflops_per_s'] = 2 * r['flops'] * r['img_per_s'] / 1e9
         r['peak_gflops'] = peak_gflops
         r['peak_fraction'] = r['gflops_per_s'] / peak_gflops
+        if r.get('fp32_img_per_s'):
+            r['vs_fp32_ceiling'] = peak_images_per_s(r) / r['fp32_img_per_s']
     return rows
+
+
+def peak_images_per_s(row: Dict) -> float:
+    """The images per second of ``row``'s model at 100% of the measured peak: an upper
+    bound on its throughput on this machine in the row's dtype (its counted FLOPs are
+    work that no kernel can do faster than the matrix products)."""
+    return row['peak_gflops'] * 1e9 / (2 * row['flops'])
 
 
 # ---------------------------------------------------------------------------------------
@@ -444,10 +455,15 @@ def measure_memory(name: str, device: str, batch_size: int, img_size: int, dtype
 
 def add_ratios(rows: List[Dict], baseline: str = BASELINE) -> List[Dict]:
     """``speedup`` (inference img/s) and ``train_speedup`` (training-step time) relative
-    to ``baseline`` when it was measured."""
+    to ``baseline`` when it was measured. Where :func:`add_efficiency` ran, also
+    ``speedup_ceiling``: the most ``speedup`` could be on this machine, the model at 100%
+    of the peak against the baseline as measured; a target above it is out of reach here.
+    """
     base = next((r for r in rows if r['model'] == baseline), None)
     for r in rows:
         r['speedup'] = r['img_per_s'] / base['img_per_s'] if base else None
+        if base and r.get('peak_gflops'):
+            r['speedup_ceiling'] = peak_images_per_s(r) / base['img_per_s']
         r['train_speedup'] = (base['train_step_s'] / r['train_step_s']
                               if base and r.get('train_step_s') else None)
     return rows
@@ -478,6 +494,7 @@ def format_table(rows: List[Dict], baseline: str = BASELINE) -> str:
         ('GMACs', 'right', lambda r: num(r.get('flops') and r['flops'] / 1e9, '.2f')),
         ('img/s', 'right', lambda r: f"{r['img_per_s']:.2f}"),
         (f'vs {baseline}', 'right', lambda r: ratio(r.get('speedup'))),
+        (f'vs {baseline} at peak', 'right', lambda r: ratio(r.get('speedup_ceiling'))),
         ('GFLOP/s', 'right', lambda r: num(r.get('gflops_per_s'), '.0f')),
         ('of peak', 'right', lambda r: percent(r.get('peak_fraction'))),
         ('batch-1 latency (ms)', 'right', lambda r: num(r.get('latency_ms'), '.1f')),
@@ -488,7 +505,9 @@ def format_table(rows: List[Dict], baseline: str = BASELINE) -> str:
         ('BN folded', 'left', lambda r: 'yes' if r['fused'] else 'no'),
     ]
     if any('vs_fp32' in r for r in rows):
-        columns.insert(5, ('vs own fp32', 'right', lambda r: ratio(r.get('vs_fp32'))))
+        columns[6:6] = [('vs own fp32', 'right', lambda r: ratio(r.get('vs_fp32'))),
+                        ('vs own fp32 at peak', 'right',
+                         lambda r: ratio(r.get('vs_fp32_ceiling')))]
     if any('top1_agreement' in r for r in rows):
         columns += [
             ('max logit diff vs fp32', 'right', lambda r: f"{num(r.get('max_logit_diff'), '.3f')}"

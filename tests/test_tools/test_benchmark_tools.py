@@ -34,6 +34,9 @@ def test_benchmark_side_by_side(tmp_path):
         # GFLOP/s from the counted multiply-accumulates, against the peak measured here
         assert r['gflops_per_s'] == pytest.approx(2 * r['flops'] * r['img_per_s'] / 1e9)
         assert r['peak_fraction'] == pytest.approx(r['gflops_per_s'] / r['peak_gflops'])
+        # the most the ratio to Swin-T could be here: the model at 100% of the peak
+        assert r['speedup_ceiling'] == pytest.approx(
+            r['peak_gflops'] * 1e9 / (2 * r['flops']) / by_name['swin_t']['img_per_s'])
         # measured once after each repeat, interleaved with the models; the median counts
         assert len(r['peak_gflops_measured']) == 2
         assert min(r['peak_gflops_measured']) > 0
@@ -84,6 +87,10 @@ def test_benchmark_writes_the_readme_section(tmp_path):
     assert row['dtype'] == 'bf16' and 'bf16 (autocast)' in out.stdout
     # its own fp32 throughput, timed in the same repeats
     assert row['vs_fp32'] == pytest.approx(row['img_per_s'] / row['fp32_img_per_s'])
+    # and the most that ratio could be: bf16 at 100% of the bf16 peak over its fp32
+    assert row['vs_fp32_ceiling'] == pytest.approx(
+        row['peak_gflops'] * 1e9 / (2 * row['flops']) / row['fp32_img_per_s'])
+    assert '| vs own fp32 at peak |' in out.stdout
     assert '| vs own fp32 |' in out.stdout and 'fp32 inference' in out.stderr
     assert 'bf16 matrix-product peak' in out.stdout and '| top-1 agreement |' in out.stdout
     assert 0 <= row['top1_agreement'] <= 1 and 0 <= row['max_logit_diff'] < row['logit_range']
@@ -185,3 +192,34 @@ def test_get_flops(tmp_path):
     assert row['flops'] == 3_742_668_288
     bad = run_tool('get_flops.py', 'configs/nope.py', check=False)
     assert bad.returncode != 0 and "config file 'configs/nope.py' does not exist" in bad.stderr
+
+
+def test_ceilings_say_what_the_peak_allows():
+    """`vs <baseline> at peak` and `vs own fp32 at peak`: a model's throughput at 100% of
+    the measured peak against the baseline as measured, and against its own fp32
+    throughput; a target above them is out of reach on the machine (exact arithmetic on
+    made-up rows, in-process)."""
+    from mmdwnet.utils.benchmark import add_efficiency, add_ratios, format_table
+    rows = [dict(model='dwconv_t', params=24e6, flops=4e9, img_per_s=40.0,
+                 fp32_img_per_s=20.0, vs_fp32=2.0, fused=True),
+            dict(model='swin_t', params=28e6, flops=5e9, img_per_s=25.0,
+                 fp32_img_per_s=14.0, vs_fp32=25 / 14, fused=False)]
+    add_ratios(add_efficiency(rows, peak_gflops=400.0))
+    ours, swin = rows
+    # 400 GFLOP/s / 8 GFLOP per image = 50 img/s at the peak
+    assert ours['peak_fraction'] == pytest.approx(320 / 400)
+    assert ours['speedup'] == pytest.approx(40 / 25)
+    assert ours['speedup_ceiling'] == pytest.approx(50 / 25)
+    assert ours['vs_fp32_ceiling'] == pytest.approx(50 / 20)
+    assert swin['speedup_ceiling'] == pytest.approx(40 / 25)  # 400 / 10 img/s at peak
+    assert swin['vs_fp32_ceiling'] == pytest.approx(40 / 14)
+    table = format_table(rows)
+    header = table.splitlines()[0]
+    assert '| vs swin_t | vs swin_t at peak | vs own fp32 | vs own fp32 at peak |' in header
+    assert '| dwconv_t | 24.0M | 4.00 | 40.00 | 1.60x | 2.00x | 2.00x | 2.50x | 320 | 80% |' \
+        in table
+    # fp32 runs have no own-fp32 columns; without a baseline no ceiling against it
+    rows = add_ratios(add_efficiency([dict(model='dwconv_t', params=24e6, flops=4e9,
+                                           img_per_s=40.0, fused=True)], 400.0))
+    assert 'vs_fp32_ceiling' not in rows[0] and 'speedup_ceiling' not in rows[0]
+    assert 'own fp32' not in format_table(rows)
