@@ -87,7 +87,9 @@ def vector_bytes(flags: Optional[set] = None, vendor: Optional[str] = None) -> i
     kernels are bound by loads and shuffles more than by multiply-adds, but 512-bit
     FMAs issue at 1.7-1.9x the rate of 256-bit ones there. AMD's Zen 4 splits a 512-bit
     operation into two 256-bit halves, and the rows of the last stage (7 values) would
-    fill less than half a vector, so it keeps 256 bits (not measured there).
+    fill less than half a vector: on an AMD EPYC (Zen 4, same layers) 512-bit vectors were
+    slower everywhere, the forward 156 -> 163 ms in float32 and 95 -> 118 ms in bfloat16,
+    forward + backward 727 -> 808 ms and 602 -> 817 ms, so it keeps 256 bits.
     """
     forced = os.environ.get('MMDWNET_VEC_BYTES')
     if forced is not None:
