@@ -61,7 +61,9 @@ _PER_SAMPLE_ONEDNN_MIN_PIXELS = 400
 # DWNet-T's stage shapes (2 threads, batch 16, K = 7 / K = 3, compiled kernel's time over
 # oneDNN's), float32: Intel Xeon (AMX) 1.21 / 1.39 at 56x56, 1.34 / 1.26 at 28x28,
 # 0.80 / 1.06 at 14x14 and 0.74 / 0.68 at 7x7; AMD EPYC 0.8-0.9 at every stage for K = 7;
-# bfloat16 (Intel Xeon): 1.1-1.7 at every stage. Per-sample kernels, against one oneDNN
+# bfloat16: Intel Xeon 1.1-1.7, AMD EPYC 1.4-1.6 at every stage. (On the AMD EPYC the
+# float32 gain at 56x56 and 28x28, 0.85-0.88, would be about 2 ms of DW-T's 710 ms per
+# batch: not worth a per-vendor threshold.) Per-sample kernels, against one oneDNN
 # convolution per sample, float32: 0.5-0.65 at 56x56 and 28x28, 0.15-0.3 below; bfloat16:
 # 0.98-0.99 at 56x56 and 28x28, 0.2-0.6 below.
 _SHARED_BLOCKED_MAX_PIXELS = 400
