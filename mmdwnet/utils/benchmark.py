@@ -337,9 +337,9 @@ def add_efficiency(rows: List[Dict], peak_gflops: float) -> List[Dict]:
 
 
 def peak_images_per_s(row: Dict) -> float:
-    """The images per second of ``row``'s model at 100% of the measured peak: an upper
-    bound on its throughput on this machine in the row's dtype (its counted FLOPs are
-    work that no kernel can do faster than the matrix products)."""
+    """The images per second of ``row``'s model with all its counted FLOPs at the rate of
+    the measured matrix-product peak, the fastest this machine was seen to multiply in
+    the row's dtype: what its throughput could at most be here."""
     return row['peak_gflops'] * 1e9 / (2 * row['flops'])
 
 
