@@ -276,12 +276,15 @@ def test_forward_backward_peak_memory_is_a_fifth_of_unfold():
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('layout', ['nchw', 'channels_last'])
 @pytest.mark.parametrize('k', [7, 12, 5])
-@pytest.mark.parametrize('shape', [(2, 24, 8, 9, 10), (2, 24, 6, 9, 10), (1, 32, 1, 60, 32)])
+@pytest.mark.parametrize('shape', [(2, 24, 8, 9, 10), (2, 24, 6, 9, 10), (1, 32, 1, 60, 32),
+                                   (2, 10, 5, 9, 10), (3, 5, 5, 7, 11)])
 def test_compiled_low_precision_kernels(dtype, layout, k, shape, compiled_ops):
     """The compiled kernels take float16/bfloat16 operands (NCHW or channels-last) as they
     are, sum in float32 and round once; a spy shows that they, not the fallback, ran. With
-    AVX-512 BF16, bfloat16 pairs taps (even and odd K) and channels (3, 4 and 32 per
-    group). The last shape splits the output into tiles of 48 and 12 rows."""
+    AVX-512 BF16, bfloat16 pairs taps (even and odd K) and channels (3, 4, 2, 1 and 32 per
+    group: the forward pass sums blocks of 3, 4, 2 or 1 channels in registers, and with 3
+    samples of 5 groups a thread prefetches the next sample-group's kernels mid-task). The
+    third shape splits the output into tiles of 48 and 12 rows."""
     b, c, g, h, w = shape
     x, weight = _pair(b, c, g, k, h, w, dtype=torch.float64)
     x, weight = x.to(dtype), weight.to(dtype)

@@ -285,6 +285,25 @@ inline typename Vec<acc_t>::type load_n(const T* p, int64_t n) {
   return v;
 }
 
+// Prefetches the next task's K*K kernel maps into the L2 cache in memory order, a slice at
+// each of `steps` calls, while the current task's maps are read. A gather reads a
+// sample-group's maps a row of each map at a time, and on an AMD EPYC (Zen 4, one thread,
+// 78 MiB of bfloat16 maps) memory delivered that order at 7-10 GB/s, against 18-20 GB/s
+// read front to back: ahead of time and front to back, the maps are in L2 when the
+// gather comes to them.
+struct NextMapsPrefetch {
+  const char* next;
+  int64_t bytes, chunk, done = 0;
+  NextMapsPrefetch(const void* next_, int64_t bytes_, int64_t steps)
+      : next(static_cast<const char*>(next_)), bytes(bytes_),
+        chunk(((bytes_ + steps - 1) / steps + 63) / 64 * 64) {}
+  inline void step() {
+    if (next == nullptr) return;
+    const int64_t stop = std::min(bytes, done + chunk);
+    for (; done < stop; done += 64) __builtin_prefetch(next + done, 0, 1);  // to L2
+  }
+};
+
 // Runs `fn.template operator()<K>()` for the kernel sizes with a blocked kernel; false
 // for the others, which take the plain loops.
 template <typename F>
