@@ -290,12 +290,14 @@ inline typename Vec<acc_t>::type load_n(const T* p, int64_t n) {
 // sample-group's maps a row of each map at a time, and on an AMD EPYC (Zen 4, one thread,
 // 78 MiB of bfloat16 maps) memory delivered that order at 7-10 GB/s, against 18-20 GB/s
 // read front to back: ahead of time and front to back, the maps are in L2 when the
-// gather comes to them.
+// gather comes to them. Only maps of up to 512 KiB a task (half of Zen 4's L2; 56x56 maps
+// of K = 7 in bfloat16 take 300 KiB): larger ones would not stay there until used.
 struct NextMapsPrefetch {
+  static constexpr int64_t max_bytes = 512 << 10;
   const char* next;
   int64_t bytes, chunk, done = 0;
   NextMapsPrefetch(const void* next_, int64_t bytes_, int64_t steps)
-      : next(static_cast<const char*>(next_)), bytes(bytes_),
+      : next(bytes_ <= max_bytes ? static_cast<const char*>(next_) : nullptr), bytes(bytes_),
         chunk(((bytes_ + steps - 1) / steps + 63) / 64 * 64) {}
   inline void step() {
     if (next == nullptr) return;

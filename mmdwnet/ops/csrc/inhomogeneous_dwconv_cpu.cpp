@@ -566,11 +566,12 @@ inline void gather_rows_block(const uint16_t* wrow0, int64_t plane, const uint32
 // stored once, rounded, instead of a tile read back and rewritten per kernel row; the next
 // task's kernel maps are read into L2 front to back meanwhile (NextMapsPrefetch). On an AMD
 // EPYC (Zen 4, 2 threads; B=8, 32 groups, K=7, channels-last input, medians of 13,
-// interleaved) the forward pass took 8.3 against 12.6 ms at 56x56 (C=96), 3.9 against
-// 6.1 ms at 28x28 (C=192) and 2.2 against 3.0 ms at 14x14 (C=384). The same loops for
-// float32 (FMAs, 8 taps' maps in registers) gained nothing there - 15.9 against 16.3 ms
-// at 56x56, 4.5 against 3.4 ms at 14x14 - so float32 keeps gather_blocked: reading twice
-// the bytes, it stays bound by memory either way.
+// interleaved with `gather` in one process) the forward pass took 9.6-11.2 against
+// 11.0-13.0 ms at 56x56 (C=96), 3.1 against 5.7 ms at 28x28 (C=192) and 2.4 against 3.3 ms
+// at 14x14 (C=384). Measured there and not kept: the same loops for float32 (FMAs) gained
+// nothing (reading twice the bytes, it stays bound by memory), nor did they for the input
+// gradient, which must first copy the kernel rows it reads at shifted columns (4.2
+// against 5.3 ms at 28x28, but 10.5 against 10.4 at 56x56 and 3.4 against 3.1 at 14x14).
 template <int64_t K, int64_t CB>
 void gather_rows(const c10::BFloat16* src, const Layout& in, const c10::BFloat16* weight,
                  c10::BFloat16* out, const Layout& lo, int64_t batch, int64_t channels,
