@@ -282,8 +282,9 @@ def test_compiled_low_precision_kernels(dtype, layout, k, shape, compiled_ops):
     """The compiled kernels take float16/bfloat16 operands (NCHW or channels-last) as they
     are, sum in float32 and round once; a spy shows that they, not the fallback, ran. With
     AVX-512 BF16, bfloat16 pairs taps (even and odd K) and channels (3, 4, 2, 1 and 32 per
-    group: the forward pass sums blocks of 3, 4, 2 or 1 channels in registers, and with 3
-    samples of 5 groups a thread prefetches the next sample-group's kernels mid-task). The
+    group: the forward pass and the input gradient sum blocks of 3, 4, 2 or 1 channels in
+    registers, and with 3 samples of 5 groups a thread prefetches the next sample-group's
+    kernels mid-task). The
     third shape splits the output into tiles of 48 and 12 rows."""
     b, c, g, h, w = shape
     x, weight = _pair(b, c, g, k, h, w, dtype=torch.float64)

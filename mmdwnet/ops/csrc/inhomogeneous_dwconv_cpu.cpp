@@ -420,26 +420,83 @@ inline void store_bf16(c10::BFloat16* p, __m256 v, int64_t n) {
   }
 }
 
-// gather_blocked for bfloat16 (same tiles, same order of the loops), taps in pairs; the
-// input gradient (transposed) takes it, the forward pass gather_rows below
-template <int64_t K, bool transposed>
-void gather(const c10::BFloat16* src, const Layout& in, const c10::BFloat16* weight,
-            c10::BFloat16* out, const Layout& lo, int64_t batch, int64_t channels,
-            int64_t groups, int64_t height, int64_t width) {
-  constexpr int64_t P = K / 2;  // tap pairs; an odd K leaves tap K - 1
+// One block of CB channels of gather_rows: out[c, h, w0..w0+V) summed over the taps of
+// kernel rows i0..i1-1 in registers (two partial sums per channel), rounded and stored
+// once. Kernel map (i, j) of the output vector starts at k0 + (i * K + j) * ks; the source
+// pairs of kernel row i at x0 + i * pw (forward) or x0 + (K - 1 - i) * pw. The forward
+// pass reads the maps themselves (ks: the plane; n lanes), the input gradient
+// zero-bordered copies of their rows (ks: a padded row) at shifted columns, as
+// gather_blocked does.
+template <int64_t K, int64_t CB, bool transposed>
+inline void gather_rows_block(const uint16_t* k0, int64_t ks, int64_t i0, int64_t i1,
+                              const uint32_t* x0, int64_t pw, int64_t cstride, int64_t n,
+                              c10::BFloat16* o, int64_t ostride) {
+  constexpr int64_t P = K / 2;
+  __m256 a[CB], b[CB];
+#pragma GCC unroll 8
+  for (int64_t c = 0; c < CB; ++c) a[c] = b[c] = _mm256_setzero_ps();
+  for (int64_t i = i0; i < i1; ++i) {
+    const uint16_t* ki = k0 + i * K * ks;
+    __m256bh wp[P > 0 ? P : 1];
+#pragma GCC unroll 16
+    for (int64_t m = 0; m < P; ++m) {
+      const int64_t j = 2 * m;
+      if constexpr (transposed) {  // lane q: taps j + 1 at s, j at s + 1
+        wp[m] = interleave(load8(ki + (j + 1) * ks + K - 2 - j, V),
+                           load8(ki + j * ks + K - 1 - j, V));
+      } else {
+        wp[m] = interleave(load8(ki + j * ks, n), load8(ki + (j + 1) * ks, n));
+      }
+    }
+    __m256 wl = _mm256_setzero_ps();
+    if constexpr (K % 2 == 1) wl = widen8(load8(ki + (K - 1) * ks, transposed ? V : n));
+    const uint32_t* x = x0 + (transposed ? K - 1 - i : i) * pw;
+#pragma GCC unroll 8
+    for (int64_t c = 0; c < CB; ++c) {
+      const uint32_t* xc = x + c * cstride;
+#pragma GCC unroll 16
+      for (int64_t m = 0; m < P; ++m) {
+        // forward: (x[q + j], x[q + j + 1]); transposed: (g[s], g[s + 1])
+        const __m256bh xs = (__m256bh)load_pairs(xc + (transposed ? K - 2 - 2 * m : 2 * m));
+        if (m % 2) b[c] = _mm256_dpbf16_ps(b[c], wp[m], xs);
+        else a[c] = _mm256_dpbf16_ps(a[c], wp[m], xs);
+      }
+      if constexpr (K % 2 == 1) {
+        const __m256i xs = load_pairs(xc + (transposed ? 0 : K - 1));
+        b[c] = _mm256_fmadd_ps(wl, first_of_pairs(xs), b[c]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int64_t c = 0; c < CB; ++c) store_bf16(o + c * ostride, _mm256_add_ps(a[c], b[c]), n);
+}
+
+// The forward pass and the input gradient for bfloat16 (as gather_blocked computes them
+// in float32), the taps in pairs: for each output vector, blocks of CB channels of the
+// group are summed over all K*K taps in registers and stored once, rounded, where
+// gather_blocked reads back and rewrites a tile per kernel row; the next task's kernel
+// maps are read into L2 front to back meanwhile (NextMapsPrefetch). The input gradient
+// first copies, per output row, the kernel rows it reads into zero-bordered rows (it reads
+// them at shifted columns). On an AMD EPYC (Zen 4, 2 threads; B=8, 32 groups, K=7,
+// channels-last maps, medians of 11-13 interleaved with the tiled form this replaced) the
+// forward pass took 9.6-11.2 against 11.0-13.0 ms at 56x56 (C=96), 3.1 against 5.7 ms at
+// 28x28 (C=192) and 2.4 against 3.3 ms at 14x14 (C=384); the input gradient 9.1-11.1
+// against 10.4-11.8, 4.6 against 6.1 and 2.7 against 3.3 ms (without the prefetch 11.8-14.9
+// ms at 56x56), and the operator's forward + backward in tools/benchmark_op.py 1.45x its
+// float32 speed against 1.36x (two runs each). The same loops for float32 (FMAs) gained
+// nothing there - reading twice the bytes, it stays bound by memory - and are not used.
+template <int64_t K, int64_t CB, bool transposed>
+void gather_rows(const c10::BFloat16* src, const Layout& in, const c10::BFloat16* weight,
+                 c10::BFloat16* out, const Layout& lo, int64_t batch, int64_t channels,
+                 int64_t groups, int64_t height, int64_t width) {
   const int64_t cpg = channels / groups, plane = height * width, top = K / 2;
-  const int64_t before = transposed ? K - 1 - top : top;
+  const int64_t before = transposed ? K - 1 - top : top;  // zero rows/columns before the map
   const int64_t ph = height + K - 1, pw = width + K - 1 + V;
-  // tile rows: whole vectors of store_planes (Vec<float>, a multiple of V)
-  constexpr int64_t VS = Vec<float>::size;
-  const int64_t tw = (width + VS - 1) / VS * VS;
-  const int64_t R = tile_rows(height, cpg * tw);
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> padded(cpg * ph * (pw + 1), 0);
     std::vector<uint32_t> pairs(cpg * ph * pw);
-    std::vector<float> tile(cpg * R * tw);
-    std::vector<uint16_t> rows(transposed ? K * pw : 0, 0);
-    PlanarInput<c10::BFloat16> srcs(src, in, channels, height, width);  // as gather_blocked
+    std::vector<uint16_t> rows(transposed ? K * K * pw : 0, 0);
+    PlanarInput<c10::BFloat16> srcs(src, in, channels, height, width);
     PlanarOutput<c10::BFloat16> outs(out, lo, channels, height, width);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t n_ = bg / groups, g_ = bg % groups;
@@ -452,164 +509,58 @@ void gather(const c10::BFloat16* src, const Layout& in, const c10::BFloat16* wei
       const auto os = outs.group(n_, g_, cpg);
       c10::BFloat16* o = os.first;
       const Layout lo_ = os.second;
-      for_each_tile_row<K, transposed>(
-          height, R, [&] { std::fill(tile.begin(), tile.end(), 0.f); },
-          [&](int64_t h0, int64_t i, int64_t h, int64_t src_row, int64_t kernel_row) {
-            const uint16_t* wrow = wt + i * K * plane + kernel_row * width;
-            if constexpr (transposed) {  // the K kernel rows, zero-bordered
-              for (int64_t j = 0; j < K; ++j) {
-                const uint16_t* p = wrow + j * plane;
-                for (int64_t w = 0; w < width; w += 32) {
-                  __builtin_prefetch(p + 2 * width + w);  // 32 values: a cache line
-                }
-                std::memcpy(rows.data() + j * pw + before, p, width * sizeof(uint16_t));
-              }
-            }
-            for (int64_t w0 = 0; w0 < width; w0 += V) {
-              const int64_t n = std::min(V, width - w0);
-              __m256bh wp[P > 0 ? P : 1];
-              __m256 wl = _mm256_setzero_ps();
-#pragma GCC unroll 16
-              for (int64_t m = 0; m < P; ++m) {
-                const int64_t j = 2 * m;
-                if constexpr (transposed) {  // lane q: taps j + 1 at s, j at s + 1
-                  const uint16_t* r = rows.data() + w0 + K - 2 - j;
-                  wp[m] = interleave(load8(r + (j + 1) * pw, V), load8(r + j * pw + 1, V));
-                } else {
-                  const uint16_t* p = wrow + j * plane + w0;
-                  __builtin_prefetch(p + 2 * width);
-                  __builtin_prefetch(p + plane + 2 * width);
-                  wp[m] = interleave(load8(p, n), load8(p + plane, n));
-                }
-              }
-              if constexpr (K % 2 == 1) {
-                if constexpr (transposed) {
-                  wl = widen8(load8(rows.data() + (K - 1) * pw + w0, V));
-                } else {
-                  const uint16_t* p = wrow + (K - 1) * plane + w0;
-                  __builtin_prefetch(p + 2 * width);
-                  wl = widen8(load8(p, n));
-                }
-              }
-              for (int64_t c = 0; c < cpg; ++c) {
-                float* t = tile.data() + (c * R + h - h0) * tw + w0;
-                const uint32_t* x = pairs.data() + (c * ph + h + src_row) * pw + w0;
-                __m256 a = _mm256_loadu_ps(t), b = _mm256_setzero_ps();
-#pragma GCC unroll 16
-                for (int64_t m = 0; m < P; ++m) {
-                  // forward: (x[q + j], x[q + j + 1]); transposed: (g[s], g[s + 1])
-                  const __m256i xs = load_pairs(x + (transposed ? K - 2 - 2 * m : 2 * m));
-                  if (m % 2) {
-                    b = _mm256_dpbf16_ps(b, wp[m], (__m256bh)xs);
-                  } else {
-                    a = _mm256_dpbf16_ps(a, wp[m], (__m256bh)xs);
-                  }
-                }
-                if constexpr (K % 2 == 1) {
-                  const __m256i xs = load_pairs(x + (transposed ? 0 : K - 1));
-                  b = _mm256_fmadd_ps(wl, first_of_pairs(xs), b);
-                }
-                _mm256_storeu_ps(t, _mm256_add_ps(a, b));
-              }
-            }
-          },
-          [&](int64_t h0, int64_t h1) {
-            store_planes(tile.data(), cpg, h1 - h0, width, tw, R * tw, o + h0 * lo_.h, lo_);
-          });
-    }
-    outs.flush();
-  });
-}
-
-// One block of CB channels of gather_rows: out[c, h, w0..w0+V) summed over all K*K taps
-// in registers (two partial sums per channel), rounded and stored once.
-template <int64_t K, int64_t CB>
-inline void gather_rows_block(const uint16_t* wrow0, int64_t plane, const uint32_t* x0,
-                              int64_t pw, int64_t cstride, int64_t n, c10::BFloat16* o,
-                              int64_t ostride) {
-  constexpr int64_t P = K / 2;
-  __m256 a[CB], b[CB];
-#pragma GCC unroll 8
-  for (int64_t c = 0; c < CB; ++c) a[c] = b[c] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < K; ++i) {
-    const uint16_t* wrow = wrow0 + i * K * plane;
-    __m256bh wp[P > 0 ? P : 1];
-#pragma GCC unroll 16
-    for (int64_t m = 0; m < P; ++m) {
-      const uint16_t* p = wrow + 2 * m * plane;
-      wp[m] = interleave(load8(p, n), load8(p + plane, n));
-    }
-    __m256 wl = _mm256_setzero_ps();
-    if constexpr (K % 2 == 1) wl = widen8(load8(wrow + (K - 1) * plane, n));
-    const uint32_t* x = x0 + i * pw;
-#pragma GCC unroll 8
-    for (int64_t c = 0; c < CB; ++c) {
-      const uint32_t* xc = x + c * cstride;
-#pragma GCC unroll 16
-      for (int64_t m = 0; m < P; ++m) {
-        const __m256bh xs = (__m256bh)load_pairs(xc + 2 * m);
-        if (m % 2) b[c] = _mm256_dpbf16_ps(b[c], wp[m], xs);
-        else a[c] = _mm256_dpbf16_ps(a[c], wp[m], xs);
-      }
-      if constexpr (K % 2 == 1) {
-        b[c] = _mm256_fmadd_ps(wl, first_of_pairs(load_pairs(xc + K - 1)), b[c]);
-      }
-    }
-  }
-#pragma GCC unroll 8
-  for (int64_t c = 0; c < CB; ++c) store_bf16(o + c * ostride, _mm256_add_ps(a[c], b[c]), n);
-}
-
-// The forward pass for bfloat16 (the input gradient keeps `gather` above): for each output
-// vector, blocks of CB channels of the group are summed over all K*K taps in registers and
-// stored once, rounded, instead of a tile read back and rewritten per kernel row; the next
-// task's kernel maps are read into L2 front to back meanwhile (NextMapsPrefetch). On an AMD
-// EPYC (Zen 4, 2 threads; B=8, 32 groups, K=7, channels-last input, medians of 13,
-// interleaved with `gather` in one process) the forward pass took 9.6-11.2 against
-// 11.0-13.0 ms at 56x56 (C=96), 3.1 against 5.7 ms at 28x28 (C=192) and 2.4 against 3.3 ms
-// at 14x14 (C=384). Measured there and not kept: the same loops for float32 (FMAs) gained
-// nothing (reading twice the bytes, it stays bound by memory), nor did they for the input
-// gradient, which must first copy the kernel rows it reads at shifted columns (4.2
-// against 5.3 ms at 28x28, but 10.5 against 10.4 at 56x56 and 3.4 against 3.1 at 14x14).
-template <int64_t K, int64_t CB>
-void gather_rows(const c10::BFloat16* src, const Layout& in, const c10::BFloat16* weight,
-                 c10::BFloat16* out, const Layout& lo, int64_t batch, int64_t channels,
-                 int64_t groups, int64_t height, int64_t width) {
-  const int64_t cpg = channels / groups, plane = height * width, top = K / 2;
-  const int64_t ph = height + K - 1, pw = width + K - 1 + V;
-  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint16_t> padded(cpg * ph * (pw + 1), 0);
-    std::vector<uint32_t> pairs(cpg * ph * pw);
-    PlanarInput<c10::BFloat16> srcs(src, in, channels, height, width);
-    PlanarOutput<c10::BFloat16> outs(out, lo, channels, height, width);
-    for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t n_ = bg / groups, g_ = bg % groups;
-      const auto s = srcs.group(n_, g_, cpg);
-      pad_bits(s.first, s.second, padded.data(), cpg, height, width, top, ph, pw + 1);
-      for (int64_t r = 0; r < cpg * ph; ++r) {
-        neighbour_pairs(padded.data() + r * (pw + 1), pairs.data() + r * pw, pw);
-      }
-      const uint16_t* wt = reinterpret_cast<const uint16_t*>(weight + bg * K * K * plane);
-      const auto os = outs.group(n_, g_, cpg);
-      c10::BFloat16* o = os.first;
-      const Layout lo_ = os.second;
       const int64_t cstride = ph * pw;
       NextMapsPrefetch next(bg + 1 < end ? wt + K * K * plane : nullptr,
                             K * K * plane * sizeof(uint16_t), height);
       for (int64_t h = 0; h < height; ++h) {
         next.step();
+        // transposed: kernel row i contributes where its map row h - i + K/2 exists
+        const int64_t i0 = transposed ? std::max<int64_t>(0, h + top - height + 1) : 0;
+        const int64_t i1 = transposed ? std::min<int64_t>(K, h + top + 1) : K;
+        if constexpr (transposed) {
+          for (int64_t i = i0; i < i1; ++i) {
+            for (int64_t j = 0; j < K; ++j) {
+              std::memcpy(rows.data() + (i * K + j) * pw + before,
+                          wt + (i * K + j) * plane + (h - i + top) * width,
+                          width * sizeof(uint16_t));
+            }
+          }
+        }
         for (int64_t w0 = 0; w0 < width; w0 += V) {
           const int64_t n = std::min(V, width - w0);
+          const uint16_t* k0 = transposed ? rows.data() + w0 : wt + h * width + w0;
           for (int64_t c0 = 0; c0 < cpg; c0 += CB) {
-            gather_rows_block<K, CB>(wt + h * width + w0, plane,
-                                     pairs.data() + c0 * cstride + h * pw + w0, pw, cstride,
-                                     n, o + c0 * lo_.c + h * lo_.h + w0, lo_.c);
+            gather_rows_block<K, CB, transposed>(
+                k0, transposed ? pw : plane, i0, i1, pairs.data() + c0 * cstride + h * pw + w0,
+                pw, cstride, n, o + c0 * lo_.c + h * lo_.h + w0, lo_.c);
           }
         }
       }
     }
     outs.flush();
   });
+}
+
+// gather_rows with channel blocks of 3, 4, 2 or 1, whichever divides the group's channels
+template <int64_t K, bool transposed>
+void gather_rows_blocks(const c10::BFloat16* src, const Layout& in,
+                        const c10::BFloat16* weight, c10::BFloat16* out, const Layout& lo,
+                        int64_t batch, int64_t channels, int64_t groups, int64_t height,
+                        int64_t width) {
+  const int64_t cpg = channels / groups;
+  if (cpg % 3 == 0) {
+    gather_rows<K, 3, transposed>(src, in, weight, out, lo, batch, channels, groups, height,
+                                  width);
+  } else if (cpg % 4 == 0) {
+    gather_rows<K, 4, transposed>(src, in, weight, out, lo, batch, channels, groups, height,
+                                  width);
+  } else if (cpg % 2 == 0) {
+    gather_rows<K, 2, transposed>(src, in, weight, out, lo, batch, channels, groups, height,
+                                  width);
+  } else {
+    gather_rows<K, 1, transposed>(src, in, weight, out, lo, batch, channels, groups, height,
+                                  width);
+  }
 }
 
 // weight_gradient_blocked for bfloat16, the group's channels in pairs
@@ -710,19 +661,9 @@ void forward_or_grad_input_into(const at::Tensor& src_, const at::Tensor& weight
 #ifdef MMDWNET_BF16_DOT
       if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
         if (transposed) {
-          bf16dot::gather<K, true>(x, in, wt, y, lo, b, c, g, h, w);
+          bf16dot::gather_rows_blocks<K, true>(x, in, wt, y, lo, b, c, g, h, w);
         } else {
-          // channel blocks of 3, 4, 2 or 1, whichever divides the group's channels
-          const int64_t cpg = c / g;
-          if (cpg % 3 == 0) {
-            bf16dot::gather_rows<K, 3>(x, in, wt, y, lo, b, c, g, h, w);
-          } else if (cpg % 4 == 0) {
-            bf16dot::gather_rows<K, 4>(x, in, wt, y, lo, b, c, g, h, w);
-          } else if (cpg % 2 == 0) {
-            bf16dot::gather_rows<K, 2>(x, in, wt, y, lo, b, c, g, h, w);
-          } else {
-            bf16dot::gather_rows<K, 1>(x, in, wt, y, lo, b, c, g, h, w);
-          }
+          bf16dot::gather_rows_blocks<K, false>(x, in, wt, y, lo, b, c, g, h, w);
         }
         return;
       }
