@@ -277,7 +277,7 @@ def test_forward_backward_peak_memory_is_a_fifth_of_unfold():
 @pytest.mark.parametrize('layout', ['nchw', 'channels_last'])
 @pytest.mark.parametrize('k', [7, 12, 5])
 @pytest.mark.parametrize('shape', [(2, 24, 8, 9, 10), (2, 24, 6, 9, 10), (1, 32, 1, 60, 32),
-                                   (2, 10, 5, 9, 10), (3, 5, 5, 7, 11)])
+                                   (2, 10, 5, 9, 10), (3, 5, 5, 7, 11), (1, 6, 2, 5, 21)])
 def test_compiled_low_precision_kernels(dtype, layout, k, shape, compiled_ops):
     """The compiled kernels take float16/bfloat16 operands (NCHW or channels-last) as they
     are, sum in float32 and round once; a spy shows that they, not the fallback, ran. With
@@ -285,7 +285,8 @@ def test_compiled_low_precision_kernels(dtype, layout, k, shape, compiled_ops):
     group: the forward pass and the input gradient sum blocks of 3, 4, 2 or 1 channels in
     registers, and with 3 samples of 5 groups a thread prefetches the next sample-group's
     kernels mid-task). The
-    third shape splits the output into tiles of 48 and 12 rows."""
+    third shape splits the output into tiles of 48 and 12 rows; the kernel gradient works
+    on 16 lanes a vector, whole and partial (widths 10, 11, 21 and 32)."""
     b, c, g, h, w = shape
     x, weight = _pair(b, c, g, k, h, w, dtype=torch.float64)
     x, weight = x.to(dtype), weight.to(dtype)
