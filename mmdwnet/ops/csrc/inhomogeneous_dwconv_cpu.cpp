@@ -352,34 +352,44 @@ void weight_gradient_blocked(const scalar_t* grad_out, const Layout& lg, const s
 
 namespace bf16dot {
 
-// The dot products work on 256-bit vectors, whatever the width of Vec: 8 float32 lanes,
-// one pair of bfloat16 values each
-constexpr int64_t V = 8;
+// The dot products work on 512-bit vectors, whatever the width of Vec: 16 float32 lanes,
+// one pair of bfloat16 values each. The gathers and the kernel gradient are bound by the
+// instructions they issue per output vector (loads, pairing, rounding, stores), not by the
+// multiply-adds: half as many instructions for the same lanes pay even on Zen 4, which
+// splits each 512-bit operation in two (where its float32 kernels keep 256 bits).
+constexpr int64_t V = 16;
 
 inline uint16_t bits(c10::BFloat16 v) { return v.x; }
 
-// 8 bfloat16 values at p, the lanes from n on zero
-inline __m128i load8(const uint16_t* p, int64_t n) {
-  if (n >= V) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1), p);
+// the first n of V lanes
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= V ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+// V bfloat16 values at p, the lanes from n on zero
+inline __m256i load16(const uint16_t* p, int64_t n) {
+  if (n >= V) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm256_maskz_loadu_epi16(first_lanes(n), p);
 }
 
 // lane k: (a[k], b[k]), a in the low half
-inline __m256bh interleave(__m128i a, __m128i b) {
-  return (__m256bh)_mm256_set_m128i(_mm_unpackhi_epi16(a, b), _mm_unpacklo_epi16(a, b));
+inline __m512bh interleave(__m256i a, __m256i b) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                         16, 0);
+  return (__m512bh)_mm512_permutexvar_epi16(
+      order, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
 }
 
-inline __m256 widen8(__m128i a) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16));
+inline __m512 widen16(__m256i a) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(a), 16));
 }
 
-inline __m256i load_pairs(const uint32_t* p) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-}
+inline __m512bh load_pairs(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 
-// the first value of each pair, as float32
-inline __m256 first_of_pairs(__m256i pairs) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+// the first value of each pair at p, as float32
+inline __m512 first_of_pairs(const uint32_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(p), 16));
 }
 
 // The group's `planes` channel planes of `src` (layout `in`) as bfloat16 bits in
@@ -408,16 +418,11 @@ inline void channel_pairs(const uint16_t* a, const uint16_t* b, uint32_t* pairs,
   for (int64_t q = 0; q < n; ++q) pairs[q] = a[q] | static_cast<uint32_t>(b[q]) << 16;
 }
 
-// The first n lanes of v, rounded to bfloat16: to nearest even, by VCVTNEPS2BF16 for a
-// whole vector (0.85-0.9x the time of the kernel gradient with the integer rounding of
-// round_bf16, whose result it equals except that it flushes float32 subnormals, below
-// 1.2e-38, to zero).
-inline void store_bf16(c10::BFloat16* p, __m256 v, int64_t n) {
-  if (n == V) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), (__m128i)_mm256_cvtneps_pbh(v));
-  } else {
-    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<c10::BFloat16>(v[i]);
-  }
+// The first n lanes of v, rounded to bfloat16: to nearest even, by VCVTNEPS2BF16 (0.85-0.9x
+// the time of the kernel gradient with the integer rounding of round_bf16, whose result it
+// equals except that it flushes float32 subnormals, below 1.2e-38, to zero).
+inline void store_bf16(c10::BFloat16* p, __m512 v, int64_t n) {
+  _mm256_mask_storeu_epi16(p, first_lanes(n), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
 // One block of CB channels of gather_rows: out[c, h, w0..w0+V) summed over the taps of
@@ -432,24 +437,24 @@ inline void gather_rows_block(const uint16_t* k0, int64_t ks, int64_t i0, int64_
                               const uint32_t* x0, int64_t pw, int64_t cstride, int64_t n,
                               c10::BFloat16* o, int64_t ostride) {
   constexpr int64_t P = K / 2;
-  __m256 a[CB], b[CB];
+  __m512 a[CB], b[CB];
 #pragma GCC unroll 8
-  for (int64_t c = 0; c < CB; ++c) a[c] = b[c] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < CB; ++c) a[c] = b[c] = _mm512_setzero_ps();
   for (int64_t i = i0; i < i1; ++i) {
     const uint16_t* ki = k0 + i * K * ks;
-    __m256bh wp[P > 0 ? P : 1];
+    __m512bh wp[P > 0 ? P : 1];
 #pragma GCC unroll 16
     for (int64_t m = 0; m < P; ++m) {
       const int64_t j = 2 * m;
       if constexpr (transposed) {  // lane q: taps j + 1 at s, j at s + 1
-        wp[m] = interleave(load8(ki + (j + 1) * ks + K - 2 - j, V),
-                           load8(ki + j * ks + K - 1 - j, V));
+        wp[m] = interleave(load16(ki + (j + 1) * ks + K - 2 - j, V),
+                           load16(ki + j * ks + K - 1 - j, V));
       } else {
-        wp[m] = interleave(load8(ki + j * ks, n), load8(ki + (j + 1) * ks, n));
+        wp[m] = interleave(load16(ki + j * ks, n), load16(ki + (j + 1) * ks, n));
       }
     }
-    __m256 wl = _mm256_setzero_ps();
-    if constexpr (K % 2 == 1) wl = widen8(load8(ki + (K - 1) * ks, transposed ? V : n));
+    __m512 wl = _mm512_setzero_ps();
+    if constexpr (K % 2 == 1) wl = widen16(load16(ki + (K - 1) * ks, transposed ? V : n));
     const uint32_t* x = x0 + (transposed ? K - 1 - i : i) * pw;
 #pragma GCC unroll 8
     for (int64_t c = 0; c < CB; ++c) {
@@ -457,18 +462,17 @@ inline void gather_rows_block(const uint16_t* k0, int64_t ks, int64_t i0, int64_
 #pragma GCC unroll 16
       for (int64_t m = 0; m < P; ++m) {
         // forward: (x[q + j], x[q + j + 1]); transposed: (g[s], g[s + 1])
-        const __m256bh xs = (__m256bh)load_pairs(xc + (transposed ? K - 2 - 2 * m : 2 * m));
-        if (m % 2) b[c] = _mm256_dpbf16_ps(b[c], wp[m], xs);
-        else a[c] = _mm256_dpbf16_ps(a[c], wp[m], xs);
+        const __m512bh xs = load_pairs(xc + (transposed ? K - 2 - 2 * m : 2 * m));
+        if (m % 2) b[c] = _mm512_dpbf16_ps(b[c], wp[m], xs);
+        else a[c] = _mm512_dpbf16_ps(a[c], wp[m], xs);
       }
       if constexpr (K % 2 == 1) {
-        const __m256i xs = load_pairs(xc + (transposed ? 0 : K - 1));
-        b[c] = _mm256_fmadd_ps(wl, first_of_pairs(xs), b[c]);
+        b[c] = _mm512_fmadd_ps(wl, first_of_pairs(xc + (transposed ? 0 : K - 1)), b[c]);
       }
     }
   }
 #pragma GCC unroll 8
-  for (int64_t c = 0; c < CB; ++c) store_bf16(o + c * ostride, _mm256_add_ps(a[c], b[c]), n);
+  for (int64_t c = 0; c < CB; ++c) store_bf16(o + c * ostride, _mm512_add_ps(a[c], b[c]), n);
 }
 
 // The forward pass and the input gradient for bfloat16 (as gather_blocked computes them
@@ -485,6 +489,12 @@ inline void gather_rows_block(const uint16_t* k0, int64_t ks, int64_t i0, int64_
 // ms at 56x56), and the operator's forward + backward in tools/benchmark_op.py 1.45x its
 // float32 speed against 1.36x (two runs each). The same loops for float32 (FMAs) gained
 // nothing there - reading twice the bytes, it stays bound by memory - and are not used.
+// 512-bit vectors of 16 lanes (equal results) then took, against 256-bit ones, 6.1-7.9
+// against 6.4-8.3 ms for the forward pass and 7.4-9.1 against 8.7-10.0 ms for the input
+// gradient at 56x56 (NCHW; channels-last 7.3 / 8.8 against 8.2 / 10.7), 2.5 / 3.4 against
+// 3.1 / 3.8 ms at 28x28, 1.7 / 2.0 against 2.2 / 2.3 at 14x14 and 1.4 / 1.4 against 1.5 /
+// 1.5 at 7x7; with K = 12 (the 384 fine-tuning) 39 / 72 against 51 / 83 ms at 96x96 and
+// even at 48x48, only at 24x24 (one and a half vectors a row) 3.3 / 5.0 against 3.0 / 4.9.
 template <int64_t K, int64_t CB, bool transposed>
 void gather_rows(const c10::BFloat16* src, const Layout& in, const c10::BFloat16* weight,
                  c10::BFloat16* out, const Layout& lo, int64_t batch, int64_t channels,
@@ -494,8 +504,9 @@ void gather_rows(const c10::BFloat16* src, const Layout& in, const c10::BFloat16
   const int64_t ph = height + K - 1, pw = width + K - 1 + V;
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> padded(cpg * ph * (pw + 1), 0);
-    std::vector<uint32_t> pairs(cpg * ph * pw);
-    std::vector<uint16_t> rows(transposed ? K * K * pw : 0, 0);
+    // a vector of zeros past the end: the last loads of a row read on into the next
+    std::vector<uint32_t> pairs(cpg * ph * pw + V, 0);
+    std::vector<uint16_t> rows(transposed ? K * K * pw + V : 0, 0);
     PlanarInput<c10::BFloat16> srcs(src, in, channels, height, width);
     PlanarOutput<c10::BFloat16> outs(out, lo, channels, height, width);
     for (int64_t bg = begin; bg < end; ++bg) {
@@ -563,35 +574,31 @@ void gather_rows_blocks(const c10::BFloat16* src, const Layout& in,
   }
 }
 
-// weight_gradient_blocked for bfloat16, the group's channels in pairs, in 512-bit vectors
-// of 16 output lanes (the operands' loads past a row's end are padded; partial vectors are
-// stored under a mask). The kernel gradient has only the group's channels to sum (3 at
-// stage 1): per output vector it is mostly loads, one or two dot products, the rounding and
-// the store, so it is bound by instructions, not by the multiply-adds or the writes, and
-// half as many instructions for the same lanes pay even where Zen 4 splits each 512-bit
-// operation in two. On an AMD EPYC (Zen 4, 2 threads, B=8, 32 groups, K=7, medians of 13
-// interleaved, equal results) it took 5.0-5.7 against 7.4-7.6 ms with 256-bit vectors at
-// 56x56 (C=96; float32 8.8-10.1 ms), 8.2 against 10.6 ms on channels-last maps, 3.1
-// against 3.7 ms at 28x28 (C=192), 1.5 against 2.0 ms at 14x14 (C=384) and 0.9 either way at
-// 7x7. Computing one or two maps at a time (one or two write streams instead of K) was
-// slower: 17.2 and 14.3 ms at 56x56.
+// weight_gradient_blocked for bfloat16, the group's channels in pairs. With only the
+// group's channels to sum (3 at stage 1) it is mostly loads, one or two dot products, the
+// rounding and the store per output vector. On an AMD EPYC (Zen 4, 2 threads, B=8, 32
+// groups, K=7, medians of 13 interleaved, equal results) 512-bit vectors took 5.0-5.7
+// against 7.4-7.6 ms for 256-bit ones at 56x56 (C=96; float32 8.8-10.1 ms), 8.2 against
+// 10.6 ms on channels-last maps, 3.1 against 3.7 ms at 28x28 (C=192), 1.5 against 2.0 ms at
+// 14x14 (C=384) and 0.9 either way at 7x7. Computing one or two maps at a time (one or two
+// write streams instead of K) was slower: 17.2 and 14.3 ms at 56x56.
 template <int64_t K>
 void weight_gradient(const c10::BFloat16* grad_out, const Layout& lg,
                      const c10::BFloat16* input, const Layout& lx, c10::BFloat16* grad_weight,
                      int64_t batch, int64_t channels, int64_t groups, int64_t height,
                      int64_t width) {
-  constexpr int64_t W = 16;
   const int64_t cpg = channels / groups, plane = height * width, top = K / 2;
   const int64_t ph = height + K - 1, pw = width + K - 1 + V;
   const int64_t npairs = cpg / 2;
   const bool odd = cpg % 2;
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> padded(cpg * ph * pw, 0), go(cpg * plane, 0);
-    std::vector<uint32_t> xpairs(npairs * ph * pw + W, 0), gpairs(npairs * plane + W, 0);
-    std::vector<float> xlast(odd ? ph * pw + W : 0, 0.f), glast(odd ? plane + W : 0, 0.f);
+    // a vector of zeros past the ends: the last loads of a row read on into the next
+    std::vector<uint32_t> xpairs(npairs * ph * pw + V, 0), gpairs(npairs * plane + V, 0);
+    std::vector<float> xlast(odd ? ph * pw + V : 0, 0.f), glast(odd ? plane + V : 0, 0.f);
     PlanarInput<c10::BFloat16> xs(input, lx, channels, height, width);
     PlanarInput<c10::BFloat16> gs(grad_out, lg, channels, height, width);
-    // sizes as locals: the masked stores may alias anything, and the compiler reloaded the
+    // sizes as locals: the stores may alias anything, and the compiler reloaded the
     // lambda's captured references after each of them
     const int64_t H = height, Wd = width, P = plane, PW = pw, PH = ph, NP = npairs;
     for (int64_t bg = begin; bg < end; ++bg) {
@@ -611,7 +618,7 @@ void weight_gradient(const c10::BFloat16* grad_out, const Layout& lg,
         pad_planes(gn.first + (cpg - 1) * gn.second.c, gn.second, glast.data(), 1, H,
                    Wd, 0, H, Wd);
       }
-      uint16_t* gw = reinterpret_cast<uint16_t*>(grad_weight + bg * K * K * P);
+      c10::BFloat16* gw = grad_weight + bg * K * K * P;
       const uint32_t* xp0 = xpairs.data();
       const uint32_t* gp0 = gpairs.data();
       const float* xl0 = xlast.data();
@@ -620,24 +627,23 @@ void weight_gradient(const c10::BFloat16* grad_out, const Layout& lg,
         const int64_t h0 = std::max<int64_t>(0, top - i);
         const int64_t h1 = std::min<int64_t>(H, H + top - i);
         for (int64_t j = 0; j < K; ++j) {
-          std::fill_n(gw + (i * K + j) * P, h0 * Wd, uint16_t(0));
-          std::fill_n(gw + (i * K + j) * P + h1 * Wd, (H - h1) * Wd, uint16_t(0));
+          std::fill_n(gw + (i * K + j) * P, h0 * Wd, c10::BFloat16(0));
+          std::fill_n(gw + (i * K + j) * P + h1 * Wd, (H - h1) * Wd, c10::BFloat16(0));
         }
         for (int64_t h = h0; h < h1; ++h) {
-          uint16_t* dst = gw + i * K * P + h * Wd;
-          for (int64_t w0 = 0; w0 < Wd; w0 += W) {
-            const int64_t n = std::min(W, Wd - w0);
-            const __mmask16 mask = n == W ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+          c10::BFloat16* dst = gw + i * K * P + h * Wd;
+          for (int64_t w0 = 0; w0 < Wd; w0 += V) {
+            const int64_t n = std::min(V, Wd - w0);
             __m512 acc[K];
 #pragma GCC unroll 16
             for (int64_t j = 0; j < K; ++j) acc[j] = _mm512_setzero_ps();
             for (int64_t m = 0; m < NP; ++m) {
-              const __m512bh g = (__m512bh)_mm512_loadu_si512(gp0 + m * P + h * Wd + w0);
+              const __m512bh g = load_pairs(gp0 + m * P + h * Wd + w0);
               // lanes past the row's end read the next row: their sums are not stored
               const uint32_t* row = xp0 + (m * PH + h + i) * PW + w0;
 #pragma GCC unroll 16
               for (int64_t j = 0; j < K; ++j) {
-                acc[j] = _mm512_dpbf16_ps(acc[j], g, (__m512bh)_mm512_loadu_si512(row + j));
+                acc[j] = _mm512_dpbf16_ps(acc[j], g, load_pairs(row + j));
               }
             }
             if (odd) {
@@ -650,8 +656,7 @@ void weight_gradient(const c10::BFloat16* grad_out, const Layout& lg,
             }
 #pragma GCC unroll 16
             for (int64_t j = 0; j < K; ++j) {
-              _mm256_mask_storeu_epi16(dst + j * P + w0, mask,
-                                       (__m256i)_mm512_cvtneps_pbh(acc[j]));
+              store_bf16(dst + j * P + w0, acc[j], n);
             }
           }
         }
