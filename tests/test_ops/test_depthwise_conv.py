@@ -111,6 +111,30 @@ def test_register_blocked_kernel(k, shared, c, h, w, dtype):
         ops.depthwise_conv2d(x, taps[:, :-1], bias, k)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('k', [3, 5, 7, 9])
+# whole vectors of channels (the register-blocked kernel: 48 and 32 channels) and a tail
+# (37: the scalar kernel); maps narrower and lower than K
+@pytest.mark.parametrize('c,h,w', [(48, 4, 19), (32, 9, 3), (37, 11, 13)])
+def test_kernel_gradient(k, c, h, w, dtype):
+    """The compiled per-sample kernel gradient (B, K*K, C) for K = 3, 5, 7, 9 against the
+    float64 gradient of the reference; bfloat16 sums are rounded once."""
+    ops = cpu_extension.load()
+    x, weight, _ = (t.detach().to(dtype) for t in _inputs(2, c, h, w, k, shared=False))
+    grad = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(3)).to(dtype)
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    got = ops.depthwise_conv2d_weight_grad(grad, x, k)
+    w64 = weight.double().requires_grad_()
+    want, = torch.autograd.grad(reference(x.double(), w64, None), w64, grad.double())
+    want = want.reshape(2, c, k * k).transpose(1, 2)  # (B, K*K, C)
+    assert got.shape == (2, k * k, c) and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=2**-7,
+                                   atol=1e-5)
+
+
 def test_fallback_path_agrees(monkeypatch, compiled_ops):
     """Without the extension (or for inputs it does not take) the same function is
     computed by PyTorch's convolution."""
