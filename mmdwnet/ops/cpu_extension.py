@@ -89,7 +89,9 @@ def vector_bytes(flags: Optional[set] = None, vendor: Optional[str] = None) -> i
     operation into two 256-bit halves, and the rows of the last stage (7 values) would
     fill less than half a vector: on an AMD EPYC (Zen 4, same layers) 512-bit vectors were
     slower everywhere, the forward 156 -> 163 ms in float32 and 95 -> 118 ms in bfloat16,
-    forward + backward 727 -> 808 ms and 602 -> 817 ms, so it keeps 256 bits.
+    forward + backward 727 -> 808 ms and 602 -> 817 ms, so it keeps 256 bits. (The
+    operator's own bfloat16 dot-product kernels, bound by the instructions per output
+    vector, are 512-bit on every CPU whatever this width: see inhomogeneous_dwconv_cpu.cpp.)
     """
     forced = os.environ.get('MMDWNET_VEC_BYTES')
     if forced is not None:
