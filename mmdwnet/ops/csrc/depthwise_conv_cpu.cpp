@@ -170,20 +170,26 @@ bool blocked_forward(int64_t kernel, at::ScalarType dtype) {
          (kernel == 3 || kernel == 5 || kernel == 7 || kernel == 9);
 }
 
+// Runs fn(std::integral_constant<int64_t, K>()) for a kernel size of the register-blocked
+// kernels (3, 5, 7 or 9: blocked_forward holds)
+template <typename F>
+void with_register_blocked_size(int64_t kernel, F&& fn) {
+  switch (kernel) {
+    case 3: return fn(std::integral_constant<int64_t, 3>());
+    case 5: return fn(std::integral_constant<int64_t, 5>());
+    case 7: return fn(std::integral_constant<int64_t, 7>());
+    default: return fn(std::integral_constant<int64_t, 9>());
+  }
+}
+
 template <typename scalar_t>
 void dw_forward_blocked(const scalar_t* x, const scalar_t* w, int64_t weight_batch_stride,
                         const scalar_t* bias, scalar_t* out, int64_t batch, int64_t height,
                         int64_t width, int64_t channels, int64_t kernel) {
-  const auto run = [&](auto k) {
+  with_register_blocked_size(kernel, [&](auto k) {
     dw_forward_blocked<decltype(k)::value>(x, w, weight_batch_stride, bias, out, batch, height,
                                            width, channels);
-  };
-  switch (kernel) {  // blocked_forward(kernel, ...) holds
-    case 3: return run(std::integral_constant<int64_t, 3>());
-    case 5: return run(std::integral_constant<int64_t, 5>());
-    case 7: return run(std::integral_constant<int64_t, 7>());
-    default: return run(std::integral_constant<int64_t, 9>());
-  }
+  });
 }
 
 // grad_w[b, k, c] = sum_{h, w} grad_out[b, h, w, c] * x[b, h + dy_k, w + dx_k, c]
@@ -285,16 +291,10 @@ template <typename scalar_t>
 void dw_weight_grad_blocked(const scalar_t* grad_out, const scalar_t* x, scalar_t* grad_w,
                             int64_t batch, int64_t height, int64_t width, int64_t channels,
                             int64_t kernel) {
-  const auto run = [&](auto k) {
+  with_register_blocked_size(kernel, [&](auto k) {
     dw_weight_grad_blocked<decltype(k)::value>(grad_out, x, grad_w, batch, height, width,
                                                channels);
-  };
-  switch (kernel) {  // blocked_weight_grad(kernel, ...) holds
-    case 3: return run(std::integral_constant<int64_t, 3>());
-    case 5: return run(std::integral_constant<int64_t, 5>());
-    case 7: return run(std::integral_constant<int64_t, 7>());
-    default: return run(std::integral_constant<int64_t, 9>());
-  }
+  });
 }
 
 void check_input(const at::Tensor& t, const char* name) {

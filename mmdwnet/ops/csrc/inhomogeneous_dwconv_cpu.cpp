@@ -558,20 +558,15 @@ void gather_rows_blocks(const c10::BFloat16* src, const Layout& in,
                         const c10::BFloat16* weight, c10::BFloat16* out, const Layout& lo,
                         int64_t batch, int64_t channels, int64_t groups, int64_t height,
                         int64_t width) {
+  const auto run = [&](auto cb) {
+    gather_rows<K, decltype(cb)::value, transposed>(src, in, weight, out, lo, batch, channels,
+                                                    groups, height, width);
+  };
   const int64_t cpg = channels / groups;
-  if (cpg % 3 == 0) {
-    gather_rows<K, 3, transposed>(src, in, weight, out, lo, batch, channels, groups, height,
-                                  width);
-  } else if (cpg % 4 == 0) {
-    gather_rows<K, 4, transposed>(src, in, weight, out, lo, batch, channels, groups, height,
-                                  width);
-  } else if (cpg % 2 == 0) {
-    gather_rows<K, 2, transposed>(src, in, weight, out, lo, batch, channels, groups, height,
-                                  width);
-  } else {
-    gather_rows<K, 1, transposed>(src, in, weight, out, lo, batch, channels, groups, height,
-                                  width);
-  }
+  if (cpg % 3 == 0) return run(std::integral_constant<int64_t, 3>());
+  if (cpg % 4 == 0) return run(std::integral_constant<int64_t, 4>());
+  if (cpg % 2 == 0) return run(std::integral_constant<int64_t, 2>());
+  run(std::integral_constant<int64_t, 1>());
 }
 
 // weight_gradient_blocked for bfloat16, the group's channels in pairs. With only the
@@ -623,44 +618,34 @@ void weight_gradient(const c10::BFloat16* grad_out, const Layout& lg,
       const uint32_t* gp0 = gpairs.data();
       const float* xl0 = xlast.data();
       const float* gl0 = glast.data();
-      for (int64_t i = 0; i < K; ++i) {
-        const int64_t h0 = std::max<int64_t>(0, top - i);
-        const int64_t h1 = std::min<int64_t>(H, H + top - i);
-        for (int64_t j = 0; j < K; ++j) {
-          std::fill_n(gw + (i * K + j) * P, h0 * Wd, c10::BFloat16(0));
-          std::fill_n(gw + (i * K + j) * P + h1 * Wd, (H - h1) * Wd, c10::BFloat16(0));
-        }
-        for (int64_t h = h0; h < h1; ++h) {
-          c10::BFloat16* dst = gw + i * K * P + h * Wd;
-          for (int64_t w0 = 0; w0 < Wd; w0 += V) {
-            const int64_t n = std::min(V, Wd - w0);
-            __m512 acc[K];
+      for_each_gradient_row<K>(gw, H, Wd, [&](int64_t i, int64_t h) {
+        c10::BFloat16* dst = gw + i * K * P + h * Wd;
+        for (int64_t w0 = 0; w0 < Wd; w0 += V) {
+          const int64_t n = std::min(V, Wd - w0);
+          __m512 acc[K];
 #pragma GCC unroll 16
-            for (int64_t j = 0; j < K; ++j) acc[j] = _mm512_setzero_ps();
-            for (int64_t m = 0; m < NP; ++m) {
-              const __m512bh g = load_pairs(gp0 + m * P + h * Wd + w0);
-              // lanes past the row's end read the next row: their sums are not stored
-              const uint32_t* row = xp0 + (m * PH + h + i) * PW + w0;
-#pragma GCC unroll 16
-              for (int64_t j = 0; j < K; ++j) {
-                acc[j] = _mm512_dpbf16_ps(acc[j], g, load_pairs(row + j));
-              }
-            }
-            if (odd) {
-              const __m512 g = _mm512_loadu_ps(gl0 + h * Wd + w0);
-              const float* row = xl0 + (h + i) * PW + w0;
-#pragma GCC unroll 16
-              for (int64_t j = 0; j < K; ++j) {
-                acc[j] = _mm512_fmadd_ps(g, _mm512_loadu_ps(row + j), acc[j]);
-              }
-            }
+          for (int64_t j = 0; j < K; ++j) acc[j] = _mm512_setzero_ps();
+          for (int64_t m = 0; m < NP; ++m) {
+            const __m512bh g = load_pairs(gp0 + m * P + h * Wd + w0);
+            // lanes past the row's end read the next row: their sums are not stored
+            const uint32_t* row = xp0 + (m * PH + h + i) * PW + w0;
 #pragma GCC unroll 16
             for (int64_t j = 0; j < K; ++j) {
-              store_bf16(dst + j * P + w0, acc[j], n);
+              acc[j] = _mm512_dpbf16_ps(acc[j], g, load_pairs(row + j));
             }
           }
+          if (odd) {
+            const __m512 g = _mm512_loadu_ps(gl0 + h * Wd + w0);
+            const float* row = xl0 + (h + i) * PW + w0;
+#pragma GCC unroll 16
+            for (int64_t j = 0; j < K; ++j) {
+              acc[j] = _mm512_fmadd_ps(g, _mm512_loadu_ps(row + j), acc[j]);
+            }
+          }
+#pragma GCC unroll 16
+          for (int64_t j = 0; j < K; ++j) store_bf16(dst + j * P + w0, acc[j], n);
         }
-      }
+      });
     }
   });
 }
