@@ -11,11 +11,118 @@ from mmdwnet.testing import smoke_run_options as overrides  # noqa: F401
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
+# The server the tool runs fork from. Its only work is ``import mmdwnet``: what every tool
+# under tools/ does first, and most of a tool run's start-up (8 s of import on 2 cores,
+# more when the other test worker is busy; the suite runs the tools about 80 times). It
+# starts no thread pool (OpenMP starts at the first parallel operation), so a child forked
+# from it runs as a fresh interpreter would: the child takes the caller's directory,
+# environment and arguments, its output goes to files, and the tool runs as ``__main__``
+# (``runpy``) with its own directory first on ``sys.path``. An exception or ``sys.exit``
+# ends the child as it would end ``python tools/<tool>``: traceback, exit status and exit
+# handlers alike.
+_FORK_SERVER = r"""
+import json, os, runpy, sys
+try:
+    import mmdwnet  # noqa: F401
+except BaseException as e:
+    print(json.dumps({'ready': False, 'error': repr(e)}), flush=True)
+    raise SystemExit(1)
+print(json.dumps({'ready': True}), flush=True)
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid:
+        status = os.waitpid(pid, 0)[1]
+        print(json.dumps({'returncode': os.waitstatus_to_exitcode(status)}), flush=True)
+        continue
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    for fd, path in ((1, request['stdout']), (2, request['stderr'])):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
+    os.chdir(request['cwd'])
+    os.environ.clear()
+    os.environ.update(request['env'])
+    sys.argv = request['argv']
+    sys.path[0] = os.path.dirname(request['argv'][0])
+    runpy.run_path(request['argv'][0], run_name='__main__')
+    raise SystemExit(0)
+"""
+
+
+def _environment():
+    """This process's environment but for the variable pytest sets to the current test."""
+    import os
+    return {k: v for k, v in os.environ.items() if k != 'PYTEST_CURRENT_TEST'}
+
+
+class _ToolForkServer:
+    """One per test process, started on first use; see ``_FORK_SERVER``."""
+
+    def __init__(self):
+        import json
+        import threading
+        self.env = _environment()
+        self.lock = threading.Lock()
+        self.proc = subprocess.Popen([sys.executable, '-c', _FORK_SERVER], cwd=ROOT,
+                                     env=self.env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+        reply = self.proc.stdout.readline()
+        self.ready = bool(reply) and json.loads(reply).get('ready', False)
+
+    def usable(self) -> bool:
+        return self.ready and self.proc.poll() is None and _environment() == self.env
+
+    def run(self, argv, cwd):
+        import json
+        import os
+        import tempfile
+        with self.lock, tempfile.TemporaryDirectory() as tmp:
+            out, err = osp.join(tmp, 'stdout'), osp.join(tmp, 'stderr')
+            env = dict(os.environ)  # pytest's PYTEST_CURRENT_TEST included
+            self.proc.stdin.write(json.dumps(dict(argv=list(argv), cwd=cwd, env=env,
+                                                  stdout=out, stderr=err)) + '\n')
+            self.proc.stdin.flush()
+            reply = self.proc.stdout.readline()
+            if not reply:
+                raise RuntimeError('the tool fork server ended')
+            returncode = json.loads(reply)['returncode']
+            with open(out) as f_out, open(err) as f_err:
+                stdout, stderr = f_out.read(), f_err.read()
+        return subprocess.CompletedProcess([sys.executable, *argv], returncode, stdout, stderr)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
+_fork_server = []
+
+
+def _tool_fork_server():
+    """The running fork server of this process, or None where it cannot serve (it failed
+    to import mmdwnet, or the environment changed since it started)."""
+    if not _fork_server:
+        import atexit
+        _fork_server.append(_ToolForkServer())
+        atexit.register(_fork_server[0].close)
+    server = _fork_server[0]
+    return server if server.usable() else None
+
+
 def run_tool(tool, *args, check=True, env=None):
     """Run ``tools/<tool>`` with this Python from the repository root; unless ``check`` is
-    False, a failure raises with the end of its output."""
-    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', tool), *args],
-                            capture_output=True, text=True, cwd=ROOT, env=env)
+    False, a failure raises with the end of its output. Without ``env`` the run is forked
+    from a process that has imported mmdwnet (``_FORK_SERVER``); with ``env`` (which may
+    change what is imported) it is a new process."""
+    argv = [osp.join(ROOT, 'tools', tool), *args]
+    server = _tool_fork_server() if env is None else None
+    if server is not None:
+        result = server.run(argv, ROOT)
+    else:
+        result = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                                cwd=ROOT, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f'{tool} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}')
     return result

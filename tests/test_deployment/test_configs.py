@@ -1,8 +1,9 @@
-"""Every tiny and base DWNet classifier, and the tiny UPerNet and Cascade Mask R-CNN models
-(backbone + neck), leave PyTorch: ONNX in standard operations with dynamic batch, height
-and width, run by ONNX Runtime at two sizes (one odd) within 1e-4 of eager PyTorch relative
-to the output scale; torch.export programs save, load back and agree; torch.compile runs
-the backbones in train and eval mode with no graph break, gradients included."""
+"""Every tiny and base DWNet classifier (the base ones with a shortened stage 3), and the
+tiny UPerNet and Cascade Mask R-CNN models (backbone + neck), leave PyTorch: ONNX in standard
+operations with dynamic batch, height and width, run by ONNX Runtime at two sizes (one odd)
+within 1e-4 of eager PyTorch relative to the output scale; torch.export programs save, load
+back and agree; torch.compile runs the backbones in train and eval mode with no graph
+break, gradients included."""
 import copy
 import importlib
 
@@ -35,6 +36,11 @@ def _randomise_bn_statistics(model, seed=0):
 
 def _prepared(config):
     cfg = Config.fromfile(f'{ROOT}/configs/{config}')
+    if '_b_' in config:
+        # base widths with 2 blocks in stage 3 instead of 18: the blocks left are the
+        # base's own operations at its widths, and the 16 more only repeat them (the
+        # exporter's graph passes took ~50 s per dynamic base classifier on 2 cores)
+        cfg.model.backbone.arch = dict(DWNet.arch_zoo['base'], depths=[2, 2, 2, 2])
     torch.manual_seed(0)
     model = build_model(cfg)
     model.init_weights()
