@@ -13,13 +13,12 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 # The server the tool runs fork from. Its only work is ``import mmdwnet``: what every tool
 # under tools/ does first, and most of a tool run's start-up (8 s of import on 2 cores,
-# more when the other test worker is busy; the suite runs the tools about 80 times). It
-# starts no thread pool (OpenMP starts at the first parallel operation), so a child forked
-# from it runs as a fresh interpreter would: the child takes the caller's directory,
-# environment and arguments, its output goes to files, and the tool runs as ``__main__``
-# (``runpy``) with its own directory first on ``sys.path``. An exception or ``sys.exit``
-# ends the child as it would end ``python tools/<tool>``: traceback, exit status and exit
-# handlers alike.
+# more when the other test worker is busy). It runs no torch operation, so OpenMP has
+# started no threads when it forks, and a child forked from it runs as a fresh interpreter
+# would: the child takes the caller's directory, environment and arguments, its output
+# goes to files, and the tool runs as ``__main__`` (``runpy``) with its own directory
+# first on ``sys.path``. An exception or ``sys.exit`` ends the child as it would end
+# ``python tools/<tool>``: traceback, exit status and exit handlers alike.
 _FORK_SERVER = r"""
 import json, os, runpy, sys
 try:
@@ -35,10 +34,12 @@ for line in sys.stdin:
         status = os.waitpid(pid, 0)[1]
         print(json.dumps({'returncode': os.waitstatus_to_exitcode(status)}), flush=True)
         continue
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    for fd, path in ((1, request['stdout']), (2, request['stderr'])):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY),
+                            (1, request['stdout'], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                            (2, request['stderr'], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+        opened = os.open(path, flags, 0o600)
+        os.dup2(opened, fd)
+        os.close(opened)
     os.chdir(request['cwd'])
     os.environ.clear()
     os.environ.update(request['env'])
