@@ -2,6 +2,8 @@
 checking that a run trained, comparing the demo with an in-process forward. (The generated
 data is the ``data_root`` fixture of ``tests/conftest.py``, which also puts this directory
 on ``sys.path``.)"""
+import atexit
+import functools
 import os.path as osp
 import subprocess
 import sys
@@ -21,12 +23,8 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 # ``python tools/<tool>``: traceback, exit status and exit handlers alike.
 _FORK_SERVER = r"""
 import json, os, runpy, sys
-try:
-    import mmdwnet  # noqa: F401
-except BaseException as e:
-    print(json.dumps({'ready': False, 'error': repr(e)}), flush=True)
-    raise SystemExit(1)
-print(json.dumps({'ready': True}), flush=True)
+import mmdwnet  # noqa: F401  (if this fails, the server ends and run_tool starts processes)
+print('ready', flush=True)
 for line in sys.stdin:
     request = json.loads(line)
     pid = os.fork()
@@ -60,7 +58,6 @@ class _ToolForkServer:
     """One per test process, started on first use; see ``_FORK_SERVER``."""
 
     def __init__(self):
-        import json
         import threading
         self.env = _environment()
         self.lock = threading.Lock()
@@ -69,7 +66,7 @@ class _ToolForkServer:
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True)
         reply = self.proc.stdout.readline()
-        self.ready = bool(reply) and json.loads(reply).get('ready', False)
+        self.ready = reply == 'ready\n'  # '' where the import failed and the server ended
 
     def usable(self) -> bool:
         return self.ready and self.proc.poll() is None and _environment() == self.env
@@ -98,17 +95,17 @@ class _ToolForkServer:
             self.proc.wait()
 
 
-_fork_server = []
+@functools.lru_cache(maxsize=None)
+def _started_fork_server():
+    server = _ToolForkServer()
+    atexit.register(server.close)
+    return server
 
 
 def _tool_fork_server():
     """The running fork server of this process, or None where it cannot serve (it failed
     to import mmdwnet, or the environment changed since it started)."""
-    if not _fork_server:
-        import atexit
-        _fork_server.append(_ToolForkServer())
-        atexit.register(_fork_server[0].close)
-    server = _fork_server[0]
+    server = _started_fork_server()
     return server if server.usable() else None
 
 

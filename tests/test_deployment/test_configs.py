@@ -36,7 +36,7 @@ def _randomise_bn_statistics(model, seed=0):
 
 def _prepared(config):
     cfg = Config.fromfile(f'{ROOT}/configs/{config}')
-    if '_b_' in config:
+    if cfg.model.backbone.arch == 'base':
         # base widths with 2 blocks in stage 3 instead of 18: the blocks left are the
         # base's own operations at its widths, and the 16 more only repeat them (the
         # exporter's graph passes took ~50 s per dynamic base classifier on 2 cores)

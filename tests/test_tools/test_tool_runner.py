@@ -2,13 +2,19 @@
 imported mmdwnet ends as the same run in a new process does."""
 import os
 
-from helpers import _tool_fork_server, run_tool
+import helpers
+from helpers import run_tool
 
 
-def test_forked_run_ends_as_a_new_process_run():
+def test_forked_run_ends_as_a_new_process_run(monkeypatch):
     args = ('get_flops.py', 'configs/nope.py', '--shape', '0')
-    forked = run_tool(*args, check=False)
-    assert _tool_fork_server() is not None  # it served the run above
+
+    def no_new_process(*args, **kwargs):
+        raise AssertionError('run_tool started a new process instead of forking')
+
+    with monkeypatch.context() as patched:  # the run below is served by the fork server
+        patched.setattr(helpers.subprocess, 'run', no_new_process)
+        forked = run_tool(*args, check=False)
     fresh = run_tool(*args, check=False, env=dict(os.environ))  # a new process
     # argparse's error: exit status 2, the usage line naming the tool
     assert forked.returncode == fresh.returncode == 2
