@@ -16,7 +16,8 @@ On CPU, glibc's malloc is set to keep freed memory for reuse (``--malloc retain`
 default; see :func:`mmdwnet.utils.benchmark.retain_freed_memory`), as PyTorch's CPU launcher
 does with tcmalloc or jemalloc; otherwise every step pays page faults on its large
 activations, which add noise of up to half a second per step. ``--malloc default`` keeps
-glibc's defaults. Peak memory is measured in separate processes either way.
+glibc's defaults. Peak memory is measured in separate processes either way, children of a
+copy of the tool taken before any model ran.
 
 ``--compile`` and ``--backend onnxruntime`` (CPU, fp32) compare instead how the same models
 run deployed: PyTorch eager, ``torch.compile`` (inductor) and ONNX Runtime, at batch 1 and
@@ -41,6 +42,7 @@ from mmdwnet.utils.benchmark import (DTYPES, MODELS, add_efficiency, add_ratios,
                                      is_native, isa_summary, machine_description,
                                      matmul_peak_gflops, measure_memory, measure_speed, plot,
                                      retain_freed_memory)
+from mmdwnet.utils.clean_process import CleanProcess, fork_available
 from mmdwnet.utils.markdown import replace_section, section_markers
 
 
@@ -110,6 +112,20 @@ def main():
     args = parse_args()
     check_args(args)
     torch.set_num_threads(args.threads)
+    # peak memory on CPU: each model in a child of a copy of this process taken now,
+    # before any model or torch operation ran (no import in every measurement)
+    clean = None
+    if (args.device == 'cpu' and not args.no_memory and not (args.compile or args.backend)
+            and fork_available()):
+        clean = CleanProcess()
+    try:
+        run(args, clean)
+    finally:
+        if clean is not None:
+            clean.close()
+
+
+def run(args, clean):
 
     def progress(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -142,7 +158,7 @@ def main():
         for row in rows:
             progress(f'peak memory of {row["model"]}')
             row.update(measure_memory(row['model'], args.device, args.batch_size,
-                                      args.img_size, args.dtype, fuse))
+                                      args.img_size, args.dtype, fuse, clean))
     add_ratios(rows)
     cpu = args.device == 'cpu'
     setting = dict(device=args.device, machine=machine_description(args.device),

@@ -4,7 +4,8 @@ and of the operator in bfloat16 (float32 sums) against its own float32.
 
 Times are medians of interleaved repeats in this process; peak memory is measured as by
 tools/benchmark.py (mmdwnet.utils.benchmark.peak_memory_mb) over one forward + backward,
-each implementation in a fresh process on CPU.
+each implementation on CPU in a process that has run nothing before (a child of a copy of
+the tool taken before any torch operation ran).
 
 Example:
     python tools/benchmark_op.py --json work_dirs/op.json
@@ -22,6 +23,7 @@ import torch
 from mmdwnet.ops import inhomogeneous_dwconv2d
 from mmdwnet.utils.benchmark import (in_fresh_process, machine_description, peak_memory_mb,
                                      retain_freed_memory)
+from mmdwnet.utils.clean_process import CleanProcess, fork_available
 from mmdwnet.utils.markdown import markdown_table, replace_section, section_markers
 
 # The unfold implementation (the portable rewrite of the reference's CUDA kernel: unfold
@@ -64,13 +66,16 @@ def peak_here(impl, args) -> float:
     return peak_memory_mb(lambda: step(fn, x, w, args.device), args.device)
 
 
-def peak_memory(impl, args, argv) -> float:
-    """:func:`peak_here` in a fresh process on CPU (this tool again, with the same
-    arguments ``argv``), in this one on CUDA."""
+def peak_memory(impl, args, argv, clean=None) -> float:
+    """:func:`peak_here` on CUDA in this process; on CPU in a process that has run
+    nothing before: a child of ``clean`` (a :class:`CleanProcess`) where given, else this
+    tool again in a fresh interpreter, with the same arguments ``argv``."""
     if args.device.startswith('cuda'):
         return peak_here(impl, args)
-    return float(in_fresh_process([__file__, '--peak-of', impl, *argv],
-                                  f'memory measurement of {impl}'))
+    what = f'memory measurement of {impl}'
+    if clean is not None:
+        return clean.call(peak_here, impl, args, what=what)
+    return float(in_fresh_process([__file__, '--peak-of', impl, *argv], what))
 
 
 def parse_args(argv=None):
@@ -105,9 +110,20 @@ def main():
     if args.peak_of:
         print(peak_here(args.peak_of, args))
         return
+    # peak memory on CPU: each implementation in a child of a copy of this process taken
+    # now, before any torch operation ran (no import in every measurement)
+    clean = CleanProcess() if args.device == 'cpu' and fork_available() else None
+    try:
+        run(args, argv, clean)
+    finally:
+        if clean is not None:
+            clean.close()
+
+
+def run(args, argv, clean):
     malloc = 'default'
     if args.device == 'cpu' and args.malloc == 'retain' and retain_freed_memory():
-        malloc = 'retain'  # the timings only: peak memory is measured in fresh processes
+        malloc = 'retain'  # the timings only: peak memory is measured in clean processes
     inputs = {name: make_inputs(args, args.device, dtype) for name, (_, dtype) in IMPLS.items()}
     times = {name: [] for name in IMPLS}
     for name, (fn, _) in IMPLS.items():
@@ -120,7 +136,8 @@ def main():
         print(f'repeat {i + 1}/{args.repeats}: ' + ', '.join(
             f'{n} {t[-1] * 1e3:.1f} ms' for n, t in times.items()), file=sys.stderr, flush=True)
     rows = {name: dict(fwd_bwd_ms=statistics.median(t) * 1e3,
-                       peak_mem_mb=peak_memory(name, args, argv)) for name, t in times.items()}
+                       peak_mem_mb=peak_memory(name, args, argv, clean))
+            for name, t in times.items()}
     ours, ref, low = rows['mmdwnet'], rows['unfold'], rows['mmdwnet-bf16']
     summary = dict(speedup=ref['fwd_bwd_ms'] / ours['fwd_bwd_ms'],
                    memory_fraction=ours['peak_mem_mb'] / ref['peak_mem_mb'],

@@ -1,10 +1,12 @@
 """Side-by-side speed and memory of DWNet classifiers and MMPretrain's Swin-T / ConvNeXt-T.
 
 All models run in one process on the same input and threads, interleaved repeat by repeat
-so that machine noise hits all of them alike. Peak memory on CPU is measured in a fresh
-subprocess per model (the process's resident-set high-water mark, reset before the measured
-step, with malloc returning large blocks to the system so that the mark sees them); on CUDA
-with the allocator's peak statistics.
+so that machine noise hits all of them alike. Peak memory on CPU is measured in a separate
+process per model that has run nothing before (the process's resident-set high-water mark,
+reset before the measured step, with malloc returning large blocks to the system so that
+the mark sees them): a child forked from a copy of the tool taken before any model ran
+(:class:`mmdwnet.utils.clean_process.CleanProcess`), or a fresh interpreter; on CUDA with
+the allocator's peak statistics.
 """
 import ctypes
 import json
@@ -26,6 +28,7 @@ from torch import nn
 
 from ..ops.cpu_extension import cpu_flags
 from .build import build_model
+from .clean_process import CleanProcess
 from .markdown import markdown_table
 
 # the configs of the installed packages (mmengine.hub.get_config paths)
@@ -439,15 +442,19 @@ def measure_memory_here(name: str, device: str, batch_size: int, img_size: int, 
 
 
 def measure_memory(name: str, device: str, batch_size: int, img_size: int, dtype: str,
-                   fuse: bool) -> Dict:
-    """:func:`measure_memory_here` in a fresh process on CPU (so that earlier models'
-    freed memory does not hide this one's peak), in this one on CUDA."""
+                   fuse: bool, clean: Optional[CleanProcess] = None) -> Dict:
+    """:func:`measure_memory_here` on CUDA in this process; on CPU in a process that has
+    run nothing before (so that earlier models' freed memory does not hide this one's
+    peak): a child of ``clean`` where given, else a fresh interpreter."""
     if device.startswith('cuda'):
         return measure_memory_here(name, device, batch_size, img_size, dtype, fuse)
+    what = f'memory measurement of {name}'
+    args = [name, device, batch_size, img_size, dtype, fuse]
+    if clean is not None:
+        return clean.call(measure_memory_here, *args, what=what)
     code = ('import json, sys, mmdwnet; from mmdwnet.utils.benchmark import '
             'measure_memory_here as m; print(json.dumps(m(*json.loads(sys.argv[1]))))')
-    args = json.dumps([name, device, batch_size, img_size, dtype, fuse])
-    return json.loads(in_fresh_process(['-c', code, args], f'memory measurement of {name}'))
+    return json.loads(in_fresh_process(['-c', code, json.dumps(args)], what))
 
 
 # ---------------------------------------------------------------------------------------

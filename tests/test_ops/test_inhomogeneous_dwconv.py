@@ -201,48 +201,56 @@ _MEMORY_SCRIPT = textwrap.dedent('''
     sys.path.insert(0, {tests_dir!r})
     from reference import idwconv as reference_idwconv
     from mmdwnet.ops import inhomogeneous_dwconv2d
+    from mmdwnet.utils.clean_process import CleanProcess
 
     def resident_kib(field):  # VmRSS: now, VmHWM: peak since the last reset
         with open('/proc/self/status') as f:
             return int(re.search(field + r':\\s+(\\d+)', f.read()).group(1))
 
+    def peak_extra(impl, dtype):  # the forward pass's growth of the resident set
+        fn = dict(op=inhomogeneous_dwconv2d, reference=reference_idwconv)[impl]
+        dtype = getattr(torch, dtype)
+        fn(torch.randn(2, 4, 8, 8, dtype=dtype), torch.randn(2, 2, 7, 7, 8, 8, dtype=dtype))
+        x = torch.randn(2, 96, 112, 112, dtype=dtype)
+        w = torch.randn(2, 32, 7, 7, 112, 112, dtype=dtype)
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # reset the peak resident set size to the current one
+        before = resident_kib('VmRSS')
+        with torch.no_grad():
+            y = fn(x, w)
+        return (resident_kib('VmHWM') - before) * 1024 / y.nbytes
+
     torch.set_num_threads(1)
-    fn = dict(op=inhomogeneous_dwconv2d, reference=reference_idwconv)[sys.argv[1]]
-    dtype = getattr(torch, sys.argv[2])
-    fn(torch.randn(2, 4, 8, 8, dtype=dtype), torch.randn(2, 2, 7, 7, 8, 8, dtype=dtype))
-    x = torch.randn(2, 96, 112, 112, dtype=dtype)
-    w = torch.randn(2, 32, 7, 7, 112, 112, dtype=dtype)
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')  # reset the peak resident set size to the current one
-    before = resident_kib('VmRSS')
-    with torch.no_grad():
-        y = fn(x, w)
-    print(json.dumps((resident_kib('VmHWM') - before) * 1024 / y.nbytes))
+    with CleanProcess() as clean:  # each measurement in a process that ran nothing before
+        print(json.dumps({{f'{{impl}} {{dtype}}': clean.call(peak_extra, impl, dtype)
+                          for impl, dtype in [('op', 'float32'), ('op', 'bfloat16'),
+                                              ('reference', 'float32')]}}))
 ''')
 
 
-def _peak_extra_memory(impl, dtype='float32'):
+@pytest.fixture(scope='module')
+def peak_extra_memory():
+    """The peak growth of the resident set during the forward pass, over the output's size,
+    of the operator (float32, bfloat16) and of the unfold reference (float32), each
+    measured in a child of one fresh process (Linux /proc; glibc's malloc returning
+    freed blocks to the system at once: see mmdwnet.utils.clean_process)."""
     script = _MEMORY_SCRIPT.format(tests_dir=_TESTS)
-    # A fixed mmap threshold makes glibc return every freed block of 64 KiB or more to the
-    # system at once, so the resident set follows the live allocations, not heap reuse.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
-    out = subprocess.run([sys.executable, '-c', script, impl, dtype],
-                         check=True, capture_output=True, text=True, env=env).stdout
+    out = subprocess.run([sys.executable, '-c', script], check=True, capture_output=True,
+                         text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_forward_peak_memory_within_twice_the_output(dtype):
-    # growth of the resident set during the call, in a fresh process (Linux /proc)
-    extra = _peak_extra_memory('op', dtype)
+def test_forward_peak_memory_within_twice_the_output(dtype, peak_extra_memory):
+    extra = peak_extra_memory[f'op {dtype}']
     assert extra < 2.0, f'peak extra memory {extra:.2f}x the output'
 
 
 @pytest.mark.slow
-def test_memory_measurement_sees_unfolded_inputs():
+def test_memory_measurement_sees_unfolded_inputs(peak_extra_memory):
     # the same measurement of the unfold reference shows its K*K-times larger buffers
-    assert _peak_extra_memory('reference') > 40
+    assert peak_extra_memory['reference float32'] > 40
 
 
 def test_registered_custom_ops_pass_opcheck():
@@ -258,15 +266,14 @@ def test_registered_custom_ops_pass_opcheck():
 
 
 @pytest.mark.slow
-def test_forward_backward_peak_memory_is_a_fifth_of_unfold():
-    """tools/benchmark_op.py's peak-memory measurement (fresh processes) at the stage-1
-    shape with B=2: forward + backward within 1/5 of the unfold implementation's."""
-    from mmdwnet.utils.benchmark import measurement_env
-    peaks = {}
-    for impl in ('mmdwnet', 'unfold'):
-        out = run_tool('benchmark_op.py', '--peak-of', impl, '--batch-size', '2', '--threads',
-                       '1', env=measurement_env())
-        peaks[impl] = float(out.stdout.strip().splitlines()[-1])
+def test_forward_backward_peak_memory_is_a_fifth_of_unfold(tmp_path):
+    """tools/benchmark_op.py's peak-memory measurement (each implementation in a clean
+    process) at the stage-1 shape with B=2: forward + backward within 1/5 of the unfold
+    implementation's."""
+    run_tool('benchmark_op.py', '--batch-size', '2', '--threads', '1', '--repeats', '1',
+             '--json', str(tmp_path / 'op.json'))
+    rows = json.loads((tmp_path / 'op.json').read_text())['rows']
+    peaks = {impl: rows[impl]['peak_mem_mb'] for impl in ('mmdwnet', 'unfold')}
     # the operator needs little more than the gradients themselves: grad of the kernels
     # (2*32*49*56*56 floats = 38.4 MiB) and of the input and the output (2.3 MiB each)
     assert peaks['mmdwnet'] < 60, peaks
