@@ -143,7 +143,7 @@ def _export_onnx(model: nn.Module, example: Tensor, path: str, dynamic: bool,
     with torch.no_grad(), export_mode(), warnings.catch_warnings():
         warnings.simplefilter('ignore')  # tracer warnings on shape checks, deprecation
         # the TorchScript-based exporter: seconds where the torch.export-based one takes
-        # minutes on the unrolled K*K shift-and-add graphs (docs/deployment.md)
+        # minutes on the unrolled shifted-slice graphs (docs/deployment.md)
         torch.onnx.export(model, (example, ), path, input_names=['input'], dynamo=False,
                           dynamic_axes=axes, opset_version=opset)
     domains = {node.domain for node in onnx.load(path).graph.node}
