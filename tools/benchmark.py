@@ -13,7 +13,7 @@ Inference uses the models' deploy form (BatchNorms folded, ``switch_to_deploy``)
 fused AdamW, for every model) in train mode.
 
 On CPU, glibc's malloc is set to keep freed memory for reuse (``--malloc retain``, the
-default; see :func:`mmdwnet.utils.benchmark.retain_freed_memory`), as PyTorch's CPU launcher
+default; see :func:`mmdwnet.utils.malloc.retain_freed_memory`), as PyTorch's CPU launcher
 does with tcmalloc or jemalloc; otherwise every step pays page faults on its large
 activations, which add noise of up to half a second per step. ``--malloc default`` keeps
 glibc's defaults. Peak memory is measured in separate processes either way, children of a
@@ -40,9 +40,9 @@ import torch
 import mmdwnet  # noqa: F401  (registers DWNet)
 from mmdwnet.utils.benchmark import (DTYPES, MODELS, add_efficiency, add_ratios, format_table,
                                      is_native, isa_summary, machine_description,
-                                     matmul_peak_gflops, measure_memory, measure_speed, plot,
-                                     retain_freed_memory)
-from mmdwnet.utils.clean_process import CleanProcess, fork_available
+                                     matmul_peak_gflops, measure_memory, measure_speed, plot)
+from mmdwnet.utils.clean_process import CleanProcess
+from mmdwnet.utils.malloc import retain_freed_memory
 from mmdwnet.utils.markdown import replace_section, section_markers
 
 
@@ -115,8 +115,7 @@ def main():
     # peak memory on CPU: each model in a child of a copy of this process taken now,
     # before any model or torch operation ran (no import in every measurement)
     clean = None
-    if (args.device == 'cpu' and not args.no_memory and not (args.compile or args.backend)
-            and fork_available()):
+    if args.device == 'cpu' and not args.no_memory and not (args.compile or args.backend):
         clean = CleanProcess()
     try:
         run(args, clean)

@@ -21,9 +21,9 @@ import time
 import torch
 
 from mmdwnet.ops import inhomogeneous_dwconv2d
-from mmdwnet.utils.benchmark import (in_fresh_process, machine_description, peak_memory_mb,
-                                     retain_freed_memory)
-from mmdwnet.utils.clean_process import CleanProcess, fork_available
+from mmdwnet.utils.benchmark import machine_description, peak_memory_mb
+from mmdwnet.utils.clean_process import CleanProcess
+from mmdwnet.utils.malloc import retain_freed_memory
 from mmdwnet.utils.markdown import markdown_table, replace_section, section_markers
 
 # The unfold implementation (the portable rewrite of the reference's CUDA kernel: unfold
@@ -66,16 +66,12 @@ def peak_here(impl, args) -> float:
     return peak_memory_mb(lambda: step(fn, x, w, args.device), args.device)
 
 
-def peak_memory(impl, args, argv, clean=None) -> float:
-    """:func:`peak_here` on CUDA in this process; on CPU in a process that has run
-    nothing before: a child of ``clean`` (a :class:`CleanProcess`) where given, else this
-    tool again in a fresh interpreter, with the same arguments ``argv``."""
+def peak_memory(impl, args, clean) -> float:
+    """:func:`peak_here` on CUDA in this process; on CPU in a child of ``clean``, a process
+    that has run nothing before."""
     if args.device.startswith('cuda'):
         return peak_here(impl, args)
-    what = f'memory measurement of {impl}'
-    if clean is not None:
-        return clean.call(peak_here, impl, args, what=what)
-    return float(in_fresh_process([__file__, '--peak-of', impl, *argv], what))
+    return clean.call(peak_here, impl, args, what=f'memory measurement of {impl}')
 
 
 def parse_args(argv=None):
@@ -96,7 +92,6 @@ def parse_args(argv=None):
     parser.add_argument('--json', help='write the results to this JSON file')
     parser.add_argument('--readme', help='write the table into this README between the '
                         f'lines {README_START!r} and {README_END!r}')
-    parser.add_argument('--peak-of', choices=list(IMPLS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.channels % args.groups:
         parser.error(f'--groups ({args.groups}) must divide --channels ({args.channels})')
@@ -107,12 +102,9 @@ def main():
     argv = sys.argv[1:]
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.peak_of:
-        print(peak_here(args.peak_of, args))
-        return
     # peak memory on CPU: each implementation in a child of a copy of this process taken
     # now, before any torch operation ran (no import in every measurement)
-    clean = CleanProcess() if args.device == 'cpu' and fork_available() else None
+    clean = CleanProcess() if args.device == 'cpu' else None
     try:
         run(args, argv, clean)
     finally:
@@ -136,7 +128,7 @@ def run(args, argv, clean):
         print(f'repeat {i + 1}/{args.repeats}: ' + ', '.join(
             f'{n} {t[-1] * 1e3:.1f} ms' for n, t in times.items()), file=sys.stderr, flush=True)
     rows = {name: dict(fwd_bwd_ms=statistics.median(t) * 1e3,
-                       peak_mem_mb=peak_memory(name, args, argv, clean))
+                       peak_mem_mb=peak_memory(name, args, clean))
             for name, t in times.items()}
     ours, ref, low = rows['mmdwnet'], rows['unfold'], rows['mmdwnet-bf16']
     summary = dict(speedup=ref['fwd_bwd_ms'] / ours['fwd_bwd_ms'],

@@ -5,16 +5,12 @@ so that machine noise hits all of them alike. Peak memory on CPU is measured in 
 process per model that has run nothing before (the process's resident-set high-water mark,
 reset before the measured step, with malloc returning large blocks to the system so that
 the mark sees them): a child forked from a copy of the tool taken before any model ran
-(:class:`mmdwnet.utils.clean_process.CleanProcess`), or a fresh interpreter; on CUDA with
-the allocator's peak statistics.
+(:class:`mmdwnet.utils.clean_process.CleanProcess`); on CUDA with the allocator's peak
+statistics.
 """
 import ctypes
-import json
-import os
 import platform
 import statistics
-import subprocess
-import sys
 import textwrap
 import time
 from contextlib import nullcontext
@@ -349,30 +345,6 @@ def peak_images_per_s(row: Dict) -> float:
 # ---------------------------------------------------------------------------------------
 # peak memory
 
-# glibc's mallopt parameters
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-def retain_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse rather than give it back to the
-    system: no separately mapped blocks (``M_MMAP_MAX`` 0) and no trimming of the heap.
-
-    By default glibc maps every block above 32 MiB separately and unmaps it when freed, so
-    each training step touches its large activations afresh: hundreds of thousands of page
-    faults, 0.1 to 1.5 s of system time per step here, varying from step to step. With
-    freed memory kept, the timings measure the models rather than the page-fault
-    handler. This is what PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu``)
-    gets by preloading tcmalloc or jemalloc configured to keep freed memory. It applies to
-    the whole process and cannot be undone; returns False (and changes nothing) where the
-    C library is not glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL('libc.so.6').mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-
-
 def _rss_kb(field: str) -> int:
     with open('/proc/self/status') as f:
         for line in f:
@@ -406,28 +378,9 @@ def _peak_cuda(fn: Callable[[], object]) -> float:
 
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
     """Peak memory (MiB) that ``fn()`` adds: the resident set's high-water mark on CPU
-    (meaningful in a process started with :func:`measurement_env`), the allocator's peak
-    on CUDA."""
+    (meaningful in a child of :class:`CleanProcess`; Linux ``/proc``), the allocator's
+    peak on CUDA."""
     return (_peak_cuda if device.startswith('cuda') else _peak_cpu)(fn)
-
-
-def measurement_env() -> Dict[str, str]:
-    """Environment for a CPU memory-measuring subprocess: glibc returns every freed block
-    of 1 MiB or more to the system at once, so the resident set follows the live tensors
-    rather than heap reuse."""
-    return dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20), MALLOC_TRIM_THRESHOLD_='0')
-
-
-def in_fresh_process(argv: Sequence[str], what: str) -> str:
-    """Run ``python *argv`` in a fresh process with :func:`measurement_env` (so that no
-    earlier allocation hides a peak) and return the last line it prints; raise with its
-    error output if it fails (``what`` names the measurement)."""
-    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
-                            env=measurement_env())
-    lines = result.stdout.strip().splitlines()
-    if result.returncode or not lines:
-        raise RuntimeError(f'{what} failed:\n{result.stderr[-3000:]}')
-    return lines[-1]
 
 
 def measure_memory_here(name: str, device: str, batch_size: int, img_size: int, dtype: str,
@@ -443,18 +396,16 @@ def measure_memory_here(name: str, device: str, batch_size: int, img_size: int, 
 
 def measure_memory(name: str, device: str, batch_size: int, img_size: int, dtype: str,
                    fuse: bool, clean: Optional[CleanProcess] = None) -> Dict:
-    """:func:`measure_memory_here` on CUDA in this process; on CPU in a process that has
-    run nothing before (so that earlier models' freed memory does not hide this one's
-    peak): a child of ``clean`` where given, else a fresh interpreter."""
+    """:func:`measure_memory_here` on CUDA in this process; on CPU in a child of ``clean``,
+    a process that has run nothing before (so that earlier models' freed memory does not
+    hide this one's peak)."""
     if device.startswith('cuda'):
         return measure_memory_here(name, device, batch_size, img_size, dtype, fuse)
-    what = f'memory measurement of {name}'
-    args = [name, device, batch_size, img_size, dtype, fuse]
-    if clean is not None:
-        return clean.call(measure_memory_here, *args, what=what)
-    code = ('import json, sys, mmdwnet; from mmdwnet.utils.benchmark import '
-            'measure_memory_here as m; print(json.dumps(m(*json.loads(sys.argv[1]))))')
-    return json.loads(in_fresh_process(['-c', code, json.dumps(args)], what))
+    if clean is None:
+        raise ValueError(f'measure_memory: peak memory on {device!r} is measured in a '
+                         'child of a CleanProcess; got clean=None')
+    return clean.call(measure_memory_here, name, device, batch_size, img_size, dtype, fuse,
+                      what=f'memory measurement of {name}')
 
 
 # ---------------------------------------------------------------------------------------

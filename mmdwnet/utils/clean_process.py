@@ -7,36 +7,14 @@ mmdwnet first: about 8 s on 2 cores, for a measurement that takes 1 to 3 s at sm
 :class:`CleanProcess` forks a copy of the tool once, right after its imports and before
 any model or torch operation ran, and every measurement runs in a child forked from that
 copy. No OpenMP thread exists at that point, so the children run torch's threads as a
-fresh process does.
+fresh process does. (The measurements read Linux's ``/proc``, where ``os.fork`` exists.)
 """
-import ctypes
 import os
 import pickle
 import traceback
 from typing import Callable
 
-# glibc's mallopt parameters
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def measurement_malloc() -> bool:
-    """Make glibc's malloc return every freed block of 1 MiB or more to the system at once
-    (separately mapped blocks, no trimming threshold), so that the resident set follows
-    the live tensors rather than heap reuse: what the environment of
-    :func:`mmdwnet.utils.benchmark.measurement_env` gives a fresh process
-    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``), for the allocations made
-    after the call. Returns False (and changes nothing) where the C library is not glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL('libc.so.6').mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 0))
-
-
-def fork_available() -> bool:
-    """Whether :class:`CleanProcess` can work here (``os.fork``: Linux, macOS)."""
-    return hasattr(os, 'fork')
+from .malloc import return_freed_memory
 
 
 class CleanProcess:
@@ -45,17 +23,17 @@ class CleanProcess:
 
     Create it before anything that should not be in the children ran: in the tools, right
     after parsing the arguments. The copy waits on a pipe and does nothing else; it ends
-    when :meth:`close` is called or this process ends. Each child sets glibc's malloc as
-    :func:`measurement_malloc` does, runs the function and sends back its result (which
-    must pickle); an exception in it, or its death, raises :class:`RuntimeError` here with
-    its traceback or exit status.
+    when :meth:`close` is called or this process ends. Each child makes glibc's malloc give
+    freed memory back at once (:func:`mmdwnet.utils.malloc.return_freed_memory`), runs the
+    function and sends back its result (which must pickle); an exception in it, or its
+    death, raises :class:`RuntimeError` here with its traceback or exit status.
 
     The function and its arguments are pickled: a function of a tool run as a script is
     found in the copy's ``__main__``, which is the same script.
     """
 
     def __init__(self):
-        if not fork_available():
+        if not hasattr(os, 'fork'):
             raise RuntimeError('CleanProcess: os.fork is not available on this platform')
         request_r, self._request_w = os.pipe()
         self._reply_r, reply_w = os.pipe()
@@ -96,7 +74,7 @@ class CleanProcess:
             os.close(result_r)
             status = 0
             try:
-                measurement_malloc()
+                return_freed_memory()
                 fn, args, kwargs = pickle.loads(request)
                 reply = ('ok', fn(*args, **kwargs))
             except BaseException:  # noqa: B036

@@ -99,7 +99,7 @@ def test_benchmark_writes_the_readme_section(tmp_path):
 
 RETAIN_PROBE = """
 import resource, sys, torch
-from mmdwnet.utils.benchmark import retain_freed_memory
+from mmdwnet.utils.malloc import retain_freed_memory
 if sys.argv[1] == 'retain':
     assert retain_freed_memory()
 for _ in range(4):  # the first rounds settle the heap

@@ -65,3 +65,10 @@ def test_children_run_as_in_a_fresh_process():
     assert died == 'the probe failed:\nthe child process ended with exit status 3 and no result'
     assert out['after_errors'] == 6
     assert out['closed'] == 'CleanProcess.call: the process was closed'
+
+
+def test_cpu_memory_needs_a_clean_process():
+    from mmdwnet.utils.benchmark import measure_memory
+    with pytest.raises(ValueError, match="peak memory on 'cpu' is measured in a child of a "
+                                         'CleanProcess; got clean=None'):
+        measure_memory('dwconv_t', 'cpu', 1, 32, 'fp32', True)
