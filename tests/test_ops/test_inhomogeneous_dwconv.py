@@ -394,3 +394,24 @@ def test_channels_last_samples_shared_by_threads(dtype, k):
         torch.set_num_threads(threads)
     for name, nchw, channels_last in zip(('output', 'input grad', 'kernel grad'), *results):
         assert torch.equal(nchw, channels_last), name
+
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_compiled_kernels_transpose_channels_last_maps_exactly(dtype, compiled_ops):
+    """Identity kernels (1 at the centre tap): the output is the input and the input
+    gradient the output gradient, bit for bit, through the compiled kernels' transposes of
+    channels-last maps (8 x 8 tiles, 2- and 4-byte types in vector registers; 20 channels
+    and 99 pixels leave partial tiles of both)."""
+    b, c, g, k, h, w = 3, 20, 5, 5, 9, 11
+    gen = torch.Generator().manual_seed(1)
+    x, grad = (torch.randn(b, c, h, w, generator=gen).to(dtype).contiguous(
+        memory_format=torch.channels_last) for _ in range(2))
+    weight = torch.zeros(b, g, k, k, h, w, dtype=dtype)
+    weight[:, :, k // 2, k // 2] = 1
+    x.requires_grad_()
+    y = inhomogeneous_dwconv2d(x, weight)
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, x.detach())
+    assert torch.equal(torch.autograd.grad(y, x, grad)[0], grad)
+    assert {'inhomogeneous_dwconv2d',
+            'inhomogeneous_dwconv2d_grad_input'} <= compiled_ops.ran(dtype), compiled_ops.calls

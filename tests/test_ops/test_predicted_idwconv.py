@@ -249,3 +249,25 @@ def test_empty_batch():
     assert out.shape == (0, 8, 5, 6)
     out.sum().backward()
     assert x.grad.shape == x.shape
+
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_fused_kernel_transposes_channels_last_maps_exactly(dtype):
+    """Identity kernels (every prediction weight zero, the bias 1 at the centre tap):
+    the output is the input and the input gradient the output gradient, bit for bit. The
+    fused kernels transpose channels-last maps to NCHW planes and back in 8 x 8 tiles (2-
+    and 4-byte types in vector registers): 20 channels and 99 pixels leave partial tiles
+    of both; `hidden`, a channel slice of a wider channels-last map, is transposed too."""
+    b, c, r, g, k, h, w = 3, 20, 4, 5, 3, 9, 11
+    gen = torch.Generator().manual_seed(1)
+    x, grad, hidden = (torch.randn(b, n, h, w, generator=gen).to(dtype).contiguous(
+        memory_format=torch.channels_last)[:, :m] for n, m in ((c, c), (c, c), (r + 3, r)))
+    weight = torch.zeros(g * k * k, r, dtype=dtype)
+    bias = torch.zeros(g, k * k, dtype=dtype)
+    bias[:, k * k // 2] = 1
+    bias = bias.flatten()
+    out = _fused_kernel().predicted_idwconv2d(x, hidden, weight, bias, k)
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, x)
+    grad_input = _fused_backward(grad, x, hidden, weight, bias, k)[0]
+    assert torch.equal(grad_input, grad)
