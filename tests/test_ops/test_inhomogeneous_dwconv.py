@@ -396,7 +396,6 @@ def test_channels_last_samples_shared_by_threads(dtype, k):
         assert torch.equal(nchw, channels_last), name
 
 
-
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_compiled_kernels_transpose_channels_last_maps_exactly(dtype, compiled_ops):
     """Identity kernels (1 at the centre tap): the output is the input and the input

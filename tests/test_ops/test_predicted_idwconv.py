@@ -251,7 +251,6 @@ def test_empty_batch():
     assert x.grad.shape == x.shape
 
 
-
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_fused_kernel_transposes_channels_last_maps_exactly(dtype):
     """Identity kernels (every prediction weight zero, the bias 1 at the centre tap):
