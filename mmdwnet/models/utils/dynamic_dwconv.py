@@ -6,7 +6,6 @@ Each predicts (or shares) its kernels and applies them with a functional operato
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
 from torch import Tensor, nn
@@ -14,6 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdwnet.ops import depthwise_conv2d, predicted_idwconv2d
 from .fuse_bn import bn_affine, fold_bn_after, is_foldable
+from .fused_layers import linear
 
 
 class _KernelPredictor(BaseModule):
@@ -95,10 +95,10 @@ class DynamicDWConv(_KernelPredictor):
         b, c = x.shape[:2]
         # the 1x1 convolutions act on pooled (B, C) vectors: run them as matrix products
         # (same parameters), much faster than convolutions on 1x1 maps, above all backward
-        hidden = F.linear(self.pool(x).flatten(1), self.conv1.weight.flatten(1),
-                          self.conv1.bias)
+        hidden = linear(self.pool(x).flatten(1), self.conv1.weight.flatten(1),
+                        self.conv1.bias)
         hidden = self.act(self._normalise(hidden[:, :, None, None])).flatten(1)
-        weight = F.linear(hidden, self.conv2.weight.flatten(1), self.conv2.bias)
+        weight = linear(hidden, self.conv2.weight.flatten(1), self.conv2.bias)
         weight = weight.reshape(b, c, self.kernel_size, self.kernel_size)
         return depthwise_conv2d(x, weight, self.bias)
 

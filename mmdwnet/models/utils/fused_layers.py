@@ -65,6 +65,29 @@ def _fused(name: str, layer: nn.Module, *tensors: Tensor, float32_only: bool = F
     return _mkldnn_op(name)
 
 
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)``; on CPU without autograd, in float32 or bfloat16
+    (under autocast too), oneDNN's linear layer instead of PyTorch's ``addmm``.
+
+    The dynamic depth-wise kernels are predicted by a product with one row per image,
+    (B, C/4) x (C/4, C*K*K), bound by reading its weight (28 MiB at D-DW-T's last stage,
+    27M of its 51M parameters in all). Measured on an AMD EPYC (2 threads, batch 16, fp32,
+    the 12 layers of D-DW-T): 17.0 ms with ``F.linear``, 10.5 ms with oneDNN's.
+    """
+    if _plain(x) or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias))):
+        return F.linear(x, weight, bias)
+    if torch.is_autocast_enabled('cpu'):
+        dtype = torch.get_autocast_dtype('cpu')
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    op = _mkldnn_op('_linear_pointwise')
+    dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+    if op is None or len(dtypes) != 1 or x.dtype not in (torch.float32, torch.bfloat16):
+        return F.linear(x, weight, bias)
+    return op(x, weight.contiguous(), bias, 'none', [], '')
+
+
 def _addable(identity: Tensor, x: Tensor, shape) -> bool:
     """Whether oneDNN can add ``identity`` to a product of ``shape`` computed in ``x``'s
     dtype: the identity must have that dtype and the product's shape (no broadcasting)."""

@@ -847,3 +847,36 @@ def test_block_ffn_trains_through_gelu_mlp(change, compiled_ops):
     torch.testing.assert_close(identity.grad.double(), idd.grad, rtol=1e-5, atol=1e-5)
     for (name, p), q in zip(block.ffn.named_parameters(), reference.ffn.parameters()):
         torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-5, atol=1e-4, msg=name)
+
+
+def test_linear_in_inference_is_onednns(monkeypatch):
+    """`linear` (the D-DW kernel predictor's products) equals F.linear, and is oneDNN's
+    linear layer on CPU without autograd in float32 and under bfloat16 autocast; with
+    autograd, and in float64, it is F.linear."""
+    from mmdwnet.models.utils.fused_layers import linear
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(16, 24), torch.randn(4704, 24), torch.randn(4704)
+    weight.requires_grad_()
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def spy(*args):
+        calls.append(args[0].dtype)
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, '_linear_pointwise', spy, raising=False)
+    expected = F.linear(x, weight, bias)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, weight, bias), expected, rtol=1e-6, atol=1e-5)
+        assert linear(x, weight).shape == (16, 4704)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = linear(x, weight, bias)
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.float(), expected, rtol=0.02, atol=0.1)
+        assert calls == [torch.float32, torch.float32, torch.bfloat16]
+        torch.testing.assert_close(linear(x.double(), weight.double(), bias.double()),
+                                   expected.double(), rtol=1e-6, atol=1e-5)
+    out = linear(x, weight, bias)
+    assert out.requires_grad and len(calls) == 3
+    out.sum().backward()
+    torch.testing.assert_close(weight.grad, x.sum(0).expand(4704, 24))
