@@ -654,8 +654,9 @@ def test_bf16_classifier_agrees_with_fp32(name):
 def test_deploy_fuses_layers(monkeypatch, conv_type):
     """switch_to_deploy turns the first 1x1 conv + ReLU into one Conv2dReLU, the last 1x1
     conv + residual addition into one Conv2dAdd, the FFN's first Linear + GELU into one
-    LinearGELU and its second Linear + residual addition into one LinearAdd (same keys);
-    without autograd on CPU in eval mode they run oneDNN's fused kernels, with autograd
+    LinearGELU and its second Linear + residual addition into one LinearAdd, and the I-D-DW
+    kernel predictor's first 1x1 conv + ReLU into one Conv2dReLU (same keys); without
+    autograd on CPU in eval mode they run oneDNN's fused kernels, with autograd
     the separate layers, in training mode no fused additions, under bfloat16 autocast only
     LinearGELU, all equal to the unfused block."""
     from mmdwnet.models.backbones.dwnet import DWBlock
@@ -672,6 +673,11 @@ def test_deploy_fuses_layers(monkeypatch, conv_type):
     assert type(block.ffn.layers[0][0]) is LinearGELU
     assert isinstance(block.ffn.layers[0][1], torch.nn.Identity)
     assert type(block.ffn.layers[1]) is LinearAdd
+    iddw = conv_type == 'iddw'
+    if iddw:
+        assert type(block.dw_conv.conv1) is Conv2dReLU
+        assert {'dw_conv.conv1.weight', 'dw_conv.conv1.bias'} <= set(block.state_dict())
+    predictor = ['relu'] if iddw else []  # the I-D-DW predictor's conv + ReLU
     # the fused layers' keys are those of the layers they replace (biases from the folds)
     fused_keys = ('pw_conv', 'ffn.layers')
     assert {k for k in block.state_dict() if k.startswith(fused_keys)} == \
@@ -699,11 +705,12 @@ def test_deploy_fuses_layers(monkeypatch, conv_type):
         out = block(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert calls == ['relu', 'add', 'gelu', 'add']
+    assert calls == ['relu', *predictor, 'add', 'gelu', 'add']
     with torch.enable_grad():
         out = block(x.requires_grad_())
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert len(calls) == 4  # autograd took the separate layers
+    n = len(calls)
+    assert n == 4 + iddw  # autograd took the separate layers
     block.train()
     for m in block.modules():  # I-D-DW's norm2 stays: its running statistics
         if isinstance(m, _BatchNorm):
@@ -711,12 +718,13 @@ def test_deploy_fuses_layers(monkeypatch, conv_type):
     with torch.no_grad():
         out = block(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert calls[4:] == ['relu', 'gelu']  # training mode: no fused additions
+    assert calls[n:] == ['relu', *predictor, 'gelu']  # training: no fused additions
     block.eval()
+    n = len(calls)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         low = block(x)
     torch.testing.assert_close(low.float(), expected, rtol=0.05, atol=0.05)
-    assert calls[6:] == ['gelu']  # bfloat16: the convolutions and additions unfused
+    assert calls[n:] == ['gelu']  # bfloat16: the convolutions and additions unfused
 
 
 def test_linear_add():
