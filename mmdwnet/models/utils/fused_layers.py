@@ -37,55 +37,57 @@ def _plain(x: Tensor) -> bool:
             or x.device.type != 'cpu' or not x.numel())
 
 
-def _operands(layer: nn.Module, x: Tensor):
-    """``x``, the weight and the bias of ``layer`` in the dtype the fused kernel takes:
-    the autocast dtype under CPU autocast, as for ``F.linear``. ``x`` keeps its memory
-    format: oneDNN's convolutions return their output in the input's (channels-last maps
-    stay channels-last), and the linear layers take any strides."""
-    weight, bias = layer.weight, layer.bias
+def _operands(owner: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """``x``, ``weight`` and ``bias`` in the dtype the fused kernel takes: the autocast
+    dtype under CPU autocast, as for ``F.linear``. ``x`` keeps its memory format: oneDNN's
+    convolutions return their output in the input's (channels-last maps stay
+    channels-last), and the linear layers take any strides. ``owner`` names the layer in
+    the error for an input whose dtype is not the weight's."""
     if torch.is_autocast_enabled('cpu'):
         dtype = torch.get_autocast_dtype('cpu')
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     elif x.dtype != weight.dtype:
-        raise TypeError(f'{type(layer).__name__}: input dtype {x.dtype} differs from the '
-                        f'weight dtype {weight.dtype}')
+        raise TypeError(f'{owner}: input dtype {x.dtype} differs from the weight dtype '
+                        f'{weight.dtype}')
     return x, weight, bias
 
 
-def _fused(name: str, layer: nn.Module, *tensors: Tensor, float32_only: bool = False):
-    """The oneDNN operator ``name`` where it may run: on CPU, outside tracing and export,
-    and without autograd (it has no backward); else None. ``float32_only``: only for
-    float32 operands outside autocast (CPU autocast always lowers the precision)."""
+# the dtypes oneDNN's kernels take (not float64)
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fused(name: str, weight: Tensor, *tensors: Tensor, float32_only: bool = False):
+    """The oneDNN operator ``name`` where it may run with the parameter ``weight`` on
+    ``tensors``: on CPU, outside tracing and export, without autograd (it has no
+    backward), and in a dtype oneDNN takes (the autocast dtype, else the weight's); else
+    None. ``float32_only``: only for float32 operands outside autocast (CPU autocast always
+    lowers the precision)."""
     if _plain(tensors[0]) or (torch.is_grad_enabled() and (
-            layer.weight.requires_grad or any(t.requires_grad for t in tensors))):
+            weight.requires_grad or any(t.requires_grad for t in tensors))):
         return None
-    if float32_only and (tensors[0].dtype != torch.float32 or torch.is_autocast_enabled('cpu')):
+    autocast = torch.is_autocast_enabled('cpu')
+    dtype = torch.get_autocast_dtype('cpu') if autocast else weight.dtype
+    if dtype not in _ONEDNN_DTYPES:
+        return None
+    if float32_only and (tensors[0].dtype != torch.float32 or autocast):
         return None
     return _mkldnn_op(name)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear(x, weight, bias)``; on CPU without autograd, in float32 or bfloat16
-    (under autocast too), oneDNN's linear layer instead of PyTorch's ``addmm``.
+    """``F.linear(x, weight, bias)``; on CPU without autograd, oneDNN's linear layer
+    instead of PyTorch's ``addmm`` (under autocast too, as the fused layers below).
 
     The dynamic depth-wise kernels are predicted by a product with one row per image,
     (B, C/4) x (C/4, C*K*K), bound by reading its weight (28 MiB at D-DW-T's last stage,
     27M of its 51M parameters in all). Measured on an AMD EPYC (2 threads, batch 16, fp32,
     the 12 layers of D-DW-T): 17.0 ms with ``F.linear``, 10.5 ms with oneDNN's.
     """
-    if _plain(x) or (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias))):
+    fused = _fused('_linear_pointwise', weight, x, *([] if bias is None else [bias]))
+    if fused is None:
         return F.linear(x, weight, bias)
-    if torch.is_autocast_enabled('cpu'):
-        dtype = torch.get_autocast_dtype('cpu')
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    op = _mkldnn_op('_linear_pointwise')
-    dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
-    if op is None or len(dtypes) != 1 or x.dtype not in (torch.float32, torch.bfloat16):
-        return F.linear(x, weight, bias)
-    return op(x, weight.contiguous(), bias, 'none', [], '')
+    return fused(*_operands('linear', x, weight, bias), 'none', [], '')
 
 
 def _addable(identity: Tensor, x: Tensor, shape) -> bool:
@@ -118,9 +120,10 @@ class LinearGELU(_FusedLinear):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        fused = _fused('_linear_pointwise', self, x)
+        fused = _fused('_linear_pointwise', self.weight, x)
         if fused is not None:
-            return fused(*_operands(self, x), 'gelu', [], 'none')
+            x, weight, bias = _operands(type(self).__name__, x, self.weight, self.bias)
+            return fused(x, weight, bias, 'gelu', [], 'none')
         return F.gelu(F.linear(x, self.weight, self.bias))
 
 
@@ -141,9 +144,9 @@ class LinearAdd(_FusedLinear):
     def forward(self, x: Tensor, identity: Optional[Tensor] = None) -> Tensor:
         if identity is None:
             return F.linear(x, self.weight, self.bias)
-        fused = _fused('_linear_pointwise', self, x, identity, float32_only=True)
+        fused = _fused('_linear_pointwise', self.weight, x, identity, float32_only=True)
         if fused is not None:
-            x, weight, bias = _operands(self, x)
+            x, weight, bias = _operands(type(self).__name__, x, self.weight, self.bias)
             if _addable(identity, x, (*x.shape[:-1], self.out_features)):
                 return fused.binary(x, identity.contiguous(), weight, bias, 'add')
         return identity + F.linear(x, self.weight, self.bias)
@@ -177,9 +180,10 @@ class Conv2dReLU(_FusedConv2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        fused = _fused('_convolution_pointwise', self, x, float32_only=True)
+        fused = _fused('_convolution_pointwise', self.weight, x, float32_only=True)
         if fused is not None:
-            return fused(*_operands(self, x), *self._geometry(), 'relu', [], '')
+            x, weight, bias = _operands(type(self).__name__, x, self.weight, self.bias)
+            return fused(x, weight, bias, *self._geometry(), 'relu', [], '')
         return F.relu(super().forward(x))
 
 
@@ -196,9 +200,9 @@ class Conv2dAdd(_FusedConv2d):
     def forward(self, x: Tensor, identity: Optional[Tensor] = None) -> Tensor:
         if identity is None:
             return super().forward(x)
-        fused = _fused('_convolution_pointwise', self, x, identity, float32_only=True)
+        fused = _fused('_convolution_pointwise', self.weight, x, identity, float32_only=True)
         if fused is not None:
-            x, weight, bias = _operands(self, x)
+            x, weight, bias = _operands(type(self).__name__, x, self.weight, self.bias)
             shape = (x.shape[0], self.out_channels, *self._out_size(x))
             if _addable(identity, x, shape):
                 return fused.binary(x, identity, weight, bias, *self._geometry(), 'add',

@@ -750,6 +750,13 @@ def test_linear_add():
                        r'from the weight dtype torch.float32'):
         with torch.no_grad():
             LinearGELU.from_linear(linear)(x.double())
+    # float64 layers, which oneDNN does not take, run the standard layers
+    linear.double()
+    with torch.no_grad():
+        torch.testing.assert_close(LinearGELU.from_linear(linear)(x.double()),
+                                   F.gelu(linear(x.double())), rtol=0, atol=0)
+        torch.testing.assert_close(LinearAdd.from_linear(linear)(x.double(), identity.double()),
+                                   identity.double() + linear(x.double()), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
