@@ -52,7 +52,11 @@ def test_matches_unfold_reference_and_gradcheck(chunk_samples, tile, layout, k, 
 # 3 groups: with 2 threads each takes part of the middle sample, whose channels-last
 # output each transposes back for its own groups only
 FUSED_SHAPES = [(2, 96, 24, 32, 7, 13, 21), (1, 12, 5, 4, 5, 9, 20), (2, 8, 3, 2, 3, 7, 7),
-                (1, 16, 6, 4, 12, 15, 17), (1, 64, 16, 32, 7, 5, 32), (3, 9, 4, 3, 3, 6, 10)]
+                (1, 16, 6, 4, 12, 15, 17), (1, 64, 16, 32, 7, 5, 32), (3, 9, 4, 3, 3, 6, 10),
+                (1, 24, 200, 8, 7, 40, 14)]
+# the forward pass's tiles of 3 vectors span output rows where a row is not a multiple of
+# 3 vectors, in blocks of rows sized by R: the last shape has rows of 2 (4 in float64)
+# vectors and 14 blocks of 3 rows, the last one short
 
 
 @pytest.mark.parametrize('shape', FUSED_SHAPES)
@@ -72,7 +76,7 @@ def test_fused_kernel_matches_unfold_reference(shape, layout):
                              if layout == 'channels_last' else torch.contiguous_format)
 
 
-@pytest.mark.parametrize('shape', FUSED_SHAPES[:4])
+@pytest.mark.parametrize('shape', FUSED_SHAPES[:4] + FUSED_SHAPES[-1:])
 @pytest.mark.parametrize('dtype,tol', [(torch.float32, 2**-20), (torch.bfloat16, 2**-7),
                                        (torch.float16, 2**-10)])
 def test_fused_kernel_in_low_precision(shape, dtype, tol):
