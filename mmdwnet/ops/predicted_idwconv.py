@@ -19,9 +19,10 @@ On CUDA the same operator is a ``torch.library.triton_op`` (prediction by batche
 products, application and gradients by the Triton kernels of
 :mod:`mmdwnet.ops.triton_idwconv`), so that ``torch.compile`` sees the kernels.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import export_form, triton_idwconv
@@ -233,8 +234,32 @@ else:  # pragma: no cover - torch builds without Triton
     _triton_forward = None
 
 
-def predicted_idwconv2d(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
-                        kernel_size: int) -> Tensor:
+def _epilogue(out: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+              relu: bool) -> Tensor:
+    """``relu(out * scale + shift)`` per channel, each part where asked for."""
+    if scale is not None:
+        out = torch.addcmul(shift.to(out.dtype).view(-1, 1, 1), out,
+                            scale.to(out.dtype).view(-1, 1, 1))
+    return F.relu(out) if relu else out
+
+
+def _fused_inference(ops, input: Tensor, operands, kernel_size: int) -> bool:
+    """Whether the fused CPU kernel may take the output's affine map and ReLU: it has
+    no backward, so only where no gradient is asked for, and not under
+    ``torch.compile``, which sees the registered operator."""
+    return (ops is not None and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in operands))
+            and ops.predicted_idwconv2d_applies(kernel_size, input.dtype, False))
+
+
+def predicted_idwconv2d(input: Tensor,
+                        hidden: Tensor,
+                        weight: Tensor,
+                        bias: Tensor,
+                        kernel_size: int,
+                        scale: Optional[Tensor] = None,
+                        shift: Optional[Tensor] = None,
+                        relu: bool = False) -> Tensor:
     """Inhomogeneous dynamic depth-wise convolution whose kernels a 1x1 convolution
     predicts from ``hidden``; the kernels are never stored (see the module docstring).
 
@@ -244,14 +269,21 @@ def predicted_idwconv2d(input: Tensor, hidden: Tensor, weight: Tensor, bias: Ten
         weight (Tensor): 1x1 convolution weight (G*K*K, R), rows ordered (g, i, j).
         bias (Tensor): Its bias (G*K*K).
         kernel_size (int): K.
+        scale (Tensor, optional): Per-channel factors (C) applied to the output, with
+            ``shift``: e.g. an inference BatchNorm after the operator. Defaults to None.
+        shift (Tensor, optional): Per-channel offsets (C) added after ``scale``.
+            Defaults to None.
+        relu (bool): Apply a ReLU last. Defaults to False.
 
     Returns:
         Tensor: (B, C, H, W) in the memory format of ``input``, equal to
-        :func:`mmdwnet.ops.inhomogeneous_dwconv2d` applied to the predicted kernels. Under
-        autocast every operand is cast to the autocast dtype, so the kernels are predicted
-        from operands in that dtype too; float16/bfloat16 sums run in float32 (the fused CPU
-        kernel keeps the predicted kernel values in float32; the other paths round them to
-        the dtype).
+        :func:`mmdwnet.ops.inhomogeneous_dwconv2d` applied to the predicted kernels
+        (then ``relu(y * scale + shift)`` where asked for). Under autocast every operand
+        is cast to the autocast dtype, so the kernels are predicted from operands in that
+        dtype too; float16/bfloat16 sums run in float32 (the fused CPU kernel keeps the
+        predicted kernel values in float32; the other paths round them to the dtype). In
+        inference on CPU the fused kernel applies ``scale``, ``shift`` and the ReLU to
+        its float32 sums before it rounds them: no extra pass over the output.
     """
     if not isinstance(input, Tensor) or input.dim() != 4:
         raise ValueError('predicted_idwconv2d: `input` must be a 4-D (B, C, H, W) tensor, '
@@ -267,6 +299,12 @@ def predicted_idwconv2d(input: Tensor, hidden: Tensor, weight: Tensor, bias: Ten
             f'predicted_idwconv2d: `weight` must be (G*K*K, R) = (G*{rows}, '
             f'{hidden.shape[1]}) with G dividing the {input.shape[1]} channels and `bias` '
             f'(G*K*K), got {tuple(weight.shape)} and {tuple(bias.shape)}')
+    if (scale is None) != (shift is None) or scale is not None and not (
+            isinstance(scale, Tensor) and isinstance(shift, Tensor)
+            and scale.shape == shift.shape == input.shape[1:2]):
+        raise ValueError('predicted_idwconv2d: `scale` and `shift` must both be given as '
+                         f'({input.shape[1]},) tensors or both be None, got '
+                         f'{_describe(scale)} and {_describe(shift)}')
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -275,8 +313,19 @@ def predicted_idwconv2d(input: Tensor, hidden: Tensor, weight: Tensor, bias: Ten
         raise TypeError('predicted_idwconv2d: all operands must have the same dtype, got '
                         f'{input.dtype}, {hidden.dtype}, {weight.dtype} and {bias.dtype}')
     if export_form.in_export_mode():
-        return export_form.predicted_idwconv_shift_add(input, hidden, weight, bias, kernel_size)
+        return _epilogue(
+            export_form.predicted_idwconv_shift_add(input, hidden, weight, bias, kernel_size),
+            scale, shift, relu)
     out = triton_or_none(_triton_forward, input, hidden, weight, bias, kernel_size)
     if out is not None:
-        return like_input_layout(out, input)
-    return _forward(input, hidden, weight, bias, kernel_size)
+        return _epilogue(like_input_layout(out, input), scale, shift, relu)
+    if scale is not None or relu:
+        ops = _compiled(input)
+        operands = (input, hidden, weight, bias) + (() if scale is None else (scale, shift))
+        if _fused_inference(ops, input, operands, kernel_size):
+            acc = torch.promote_types(input.dtype, torch.float32)
+            return ops.predicted_idwconv2d(
+                input, hidden, weight, bias, kernel_size,
+                None if scale is None else scale.to(acc), None if shift is None else
+                shift.to(acc), relu)
+    return _epilogue(_forward(input, hidden, weight, bias, kernel_size), scale, shift, relu)

@@ -247,6 +247,57 @@ def test_bad_operands_are_named():
         predicted_idwconv2d(x.float(), hidden, weight, bias, 3)
 
 
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-12), (torch.float32, 2**-20),
+                                       (torch.bfloat16, 2**-7)])
+def test_output_affine_map_and_relu(dtype, tol, monkeypatch):
+    """``relu(y * scale + shift)``: in inference on CPU inside the fused kernel, on its
+    float32 sums before they are rounded (the registered operator is not called); with
+    autograd after the operator, with gradients for ``scale`` and ``shift`` too. Both
+    within a rounding of the dtype (relative to the largest output) of float64."""
+    b, c, r, g, k, h, w = FUSED_SHAPES[0]
+    operands = [t.to(dtype) for t in _operands(b, c, r, g, k, h, w)]
+    operands[2] = operands[2] * 0.25
+    gen = torch.Generator().manual_seed(1)
+    acc = torch.promote_types(dtype, torch.float32)
+    scale, shift = (torch.randn(c, generator=gen, dtype=acc) for _ in range(2))
+    y = unfold_reference(*(t.double() for t in operands), k)
+    expected = torch.relu(y * scale.double()[:, None, None] + shift.double()[:, None, None])
+    calls, forward = [], module._forward
+    monkeypatch.setattr(module, '_forward', lambda *a: calls.append(a) or forward(*a))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x, hidden = (t.contiguous(memory_format=layout) for t in operands[:2])
+        with torch.no_grad():
+            out = predicted_idwconv2d(x, hidden, *operands[2:], k, scale, shift, relu=True)
+        assert calls == [] and out.dtype == dtype and out.is_contiguous(memory_format=layout)
+        error = (out.double() - expected).abs().max() / expected.abs().max()
+        assert error <= tol, (layout, error.item())
+        assert (out >= 0).all() and (out == 0).float().mean() > 0.3  # the ReLU applied
+    # with autograd: the operator, then the map and the ReLU, differentiable
+    leaves = [t.detach().requires_grad_() for t in (*operands, scale, shift)]
+    out = predicted_idwconv2d(*leaves[:4], k, *leaves[4:], relu=True)
+    assert len(calls) == 1
+    error = (out.double() - expected).abs().max() / expected.abs().max()
+    assert error <= tol, ('autograd', error.item())
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    # d/d shift: the output gradient where the ReLU passed it, summed per channel
+    ref = (grad.double() * (out > 0)).sum((0, 2, 3))
+    assert (leaves[5].grad.double() - ref).abs().max() <= 2 * tol * ref.abs().max()
+    # only the affine map, no ReLU: values below zero stay
+    with torch.no_grad():
+        out = predicted_idwconv2d(*operands, k, scale, shift)
+    assert len(calls) == 1 and (out < 0).any()
+
+
+def test_bad_output_map_is_named():
+    x, hidden, weight, bias = _operands()
+    with pytest.raises(ValueError, match=r'`scale` and `shift` must both be given as \(8,\) '
+                       r'tensors or both be None, got a tensor of shape \(8,\) and NoneType'):
+        predicted_idwconv2d(x, hidden, weight, bias, 3, torch.ones(8))
+    with pytest.raises(ValueError, match=r'got a tensor of shape \(4,\) and a tensor'):
+        predicted_idwconv2d(x, hidden, weight, bias, 3, torch.ones(4), torch.ones(4))
+
+
 def test_empty_batch():
     x, hidden, weight, bias = (t[:0] if t.dim() == 4 else t for t in _operands())
     out = predicted_idwconv2d(x.requires_grad_(), hidden, weight, bias, 3)

@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdwnet.models.utils import (ChannelSharedDWConv, ChannelsLastPatchMerging, Conv2dAdd,
                                   Conv2dReLU, DynamicDWConv, InhomogeneousDynamicDWConv, LinearAdd,
-                                  LinearGELU, fold_bn_after, fold_bn_before_linear,
+                                  LinearGELU, fold_bn_after, fold_bn_before_linear, is_foldable,
                                   missing_pretrained_checkpoint, residual_drop_path)
 from mmdwnet.ops import DepthwiseConv2d, gelu_mlp
 from mmdwnet.ops.export_form import tracing_shapes
@@ -127,7 +127,7 @@ class DWBlock(BaseModule):
                 y = self.pw_conv1(x)
             else:
                 y = self.act(self.norm1(self.pw_conv1(x)))
-            y = self.act(self.norm2(self.dw_conv(y)))
+            y = self._dw_norm_act(y)
             if self.se is not None:
                 y = self.se(y)
             if isinstance(self.pw_conv2, Conv2dAdd) and not self.training:
@@ -144,6 +144,18 @@ class DWBlock(BaseModule):
         if self.with_cp and x.requires_grad:
             return cp.checkpoint(_inner_forward, x, use_reentrant=False)
         return _inner_forward(x)
+
+    def _dw_norm_act(self, y: Tensor) -> Tensor:
+        """``act(norm2(dw_conv(y)))``. For I-D-DW in inference (no gradients) with an
+        eval-mode BatchNorm (which cannot fold into kernels its group's channels share)
+        and a ReLU, the operator's fused CPU kernel applies both to its sums before it
+        writes them: on an AMD EPYC (2 threads, batch 16, bf16) the separate norm and ReLU
+        took about 6 ms of I-D-DW-T's 500 ms."""
+        if (isinstance(self.dw_conv, InhomogeneousDynamicDWConv) and not torch.is_grad_enabled()
+                and type(self.act) is nn.ReLU and is_foldable(self.norm2)
+                and not self.norm2.training):
+            return self.dw_conv(y, out_norm=self.norm2)
+        return self.act(self.norm2(self.dw_conv(y)))
 
     def _ffn(self, x: Tensor, identity: Tensor) -> Tensor:
         """``self.ffn(x, identity)``: mmcv's FFN, with its residual addition and drop

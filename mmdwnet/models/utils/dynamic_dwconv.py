@@ -149,16 +149,20 @@ class InhomogeneousDynamicDWConv(_KernelPredictor):
                          norm_cfg, conv1_bias=True, init_cfg=init_cfg)
         self.groups = channels // group_channels
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, out_norm: Optional[_BatchNorm] = None) -> Tensor:
+        """The operator on ``x``; with ``out_norm`` (an eval-mode BatchNorm, for
+        inference: its parameters get no gradient), ``ReLU(out_norm(.))`` of it, which the
+        fused CPU kernel applies before it writes the output."""
         if isinstance(self.conv1, Conv2dReLU):  # deploy form: the norm folded
             hidden = self.conv1(x)
         else:
             hidden = self.act(self._normalise(self.conv1(x)))
+        scale, shift = bn_affine(out_norm) if out_norm is not None else (None, None)
         # one operator predicts the (B, G, K, K, H, W) kernels - 16x the size of x at the
         # paper's settings - a few samples at a time and applies them, and predicts them
         # again in the backward pass instead of storing them
         return predicted_idwconv2d(x, hidden, self.conv2.weight.flatten(1), self.conv2.bias,
-                                   self.kernel_size)
+                                   self.kernel_size, scale, shift, relu=out_norm is not None)
 
     @torch.no_grad()
     def switch_to_deploy(self) -> None:

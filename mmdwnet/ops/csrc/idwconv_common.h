@@ -345,18 +345,25 @@ inline void store_strided(T* p, int64_t stride, typename Vec<acc_t>::type v, int
 }
 
 // `planes` (rows x width, `stride` apart in `src`, of `ld` values per row) to the strided
-// map `dst` (layout `lo`), rounded to scalar_t
+// map `dst` (layout `lo`), rounded to scalar_t; where given, first the per-plane affine
+// map v * scale[c] + shift[c] (a folded BatchNorm), then a ReLU
 template <typename scalar_t, typename acc_t>
 void store_planes(const acc_t* src, int64_t planes, int64_t rows, int64_t width, int64_t ld,
-                  int64_t stride, scalar_t* dst, const Layout& lo) {
+                  int64_t stride, scalar_t* dst, const Layout& lo,
+                  const acc_t* scale = nullptr, const acc_t* shift = nullptr,
+                  bool relu = false) {
+  using vec = typename Vec<acc_t>::type;
   constexpr int64_t V = Vec<acc_t>::size;
   for (int64_t c = 0; c < planes; ++c) {
+    const vec a = vec{} + (scale ? scale[c] : acc_t(1)), b = vec{} + (shift ? shift[c] : acc_t(0));
     for (int64_t h = 0; h < rows; ++h) {
       const acc_t* t = src + c * stride + h * ld;
       scalar_t* d = dst + c * lo.c + h * lo.h;
       for (int64_t w0 = 0; w0 < width; w0 += V) {
-        store_strided<scalar_t, acc_t>(d + w0 * lo.w, lo.w, load<acc_t>(t + w0),
-                                       std::min(V, width - w0));
+        vec v = load<acc_t>(t + w0);
+        if (scale) v = v * a + b;
+        if (relu) v = v > 0 ? v : vec{};
+        store_strided<scalar_t, acc_t>(d + w0 * lo.w, lo.w, v, std::min(V, width - w0));
       }
     }
   }

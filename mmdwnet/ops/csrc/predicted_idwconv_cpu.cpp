@@ -193,7 +193,9 @@ template <typename scalar_t, int64_t K>
 void predicted_forward(const scalar_t* input, const Layout& lx, const scalar_t* hidden,
                        const Layout& lh, const scalar_t* weight, const scalar_t* bias,
                        scalar_t* out, const Layout& lo, int64_t batch, int64_t channels,
-                       int64_t groups, int64_t rows, int64_t height, int64_t width) {
+                       int64_t groups, int64_t rows, int64_t height, int64_t width,
+                       const acc_type<scalar_t>* scale, const acc_type<scalar_t>* shift,
+                       bool relu) {
   using acc_t = acc_type<scalar_t>;
   using Pred = Prediction<scalar_t, acc_t>;
   using packed = typename Pred::packed;
@@ -251,7 +253,8 @@ void predicted_forward(const scalar_t* input, const Layout& lx, const scalar_t* 
         }
       }
       const auto ys = y.group(n, g, cpg);
-      store_planes(acc.data(), cpg, height, width, tw, plane, ys.first, ys.second);
+      store_planes(acc.data(), cpg, height, width, tw, plane, ys.first, ys.second,
+                   scale ? scale + g * cpg : nullptr, shift ? shift + g * cpg : nullptr, relu);
     }
     y.flush();
   });
@@ -462,10 +465,13 @@ bool predicted_applies(int64_t kernel, at::ScalarType dtype, bool backward) {
 }
 
 // y in the memory format of `input` (NCHW or channels-last; others are made NCHW);
-// `hidden` may have any strides
+// `hidden` may have any strides. `scale` and `shift` (C, float32 - float64 for double),
+// where given, map each channel of y affinely before it is rounded (an inference
+// BatchNorm), and `relu` applies a ReLU last.
 at::Tensor predicted_idwconv2d(const at::Tensor& input_, const at::Tensor& hidden_,
                                const at::Tensor& weight_, const at::Tensor& bias_,
-                               int64_t kernel) {
+                               int64_t kernel, const c10::optional<at::Tensor>& scale_,
+                               const c10::optional<at::Tensor>& shift_, bool relu) {
   TORCH_CHECK(input_.device().is_cpu() && input_.dim() == 4 && hidden_.device().is_cpu() &&
                   hidden_.dim() == 4,
               "mmdwnet_cpu: `input` and `hidden` must be 4-D CPU tensors");
@@ -483,6 +489,18 @@ at::Tensor predicted_idwconv2d(const at::Tensor& input_, const at::Tensor& hidde
               "mmdwnet_cpu: `weight` must be (G*K*K, R) with G dividing the channels, "
               "and `bias` (G*K*K)");
   const int64_t g = weight_.size(0) / kk;
+  const auto acc = input_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(scale_.has_value() == shift_.has_value(),
+              "mmdwnet_cpu: `scale` and `shift` come together");
+  at::Tensor scale, shift;
+  if (scale_.has_value()) {
+    scale = scale_->contiguous();
+    shift = shift_->contiguous();
+    TORCH_CHECK(scale.device().is_cpu() && shift.device().is_cpu() && scale.dim() == 1 &&
+                    shift.dim() == 1 && scale.size(0) == c && shift.size(0) == c &&
+                    scale.scalar_type() == acc && shift.scalar_type() == acc,
+                "mmdwnet_cpu: `scale` and `shift` must be (C) CPU tensors of ", acc);
+  }
   const at::Tensor input = is_nchw_or_channels_last(input_) ? input_ : input_.contiguous();
   const at::Tensor weight = weight_.contiguous(), bias = bias_.contiguous();
   auto out = at::empty_like(input, at::MemoryFormat::Preserve);
@@ -492,7 +510,9 @@ at::Tensor predicted_idwconv2d(const at::Tensor& input_, const at::Tensor& hidde
       predicted_forward<scalar_t, decltype(size)::value>(
           input.data_ptr<scalar_t>(), Layout(input), hidden_.data_ptr<scalar_t>(),
           Layout(hidden_), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
-          out.data_ptr<scalar_t>(), Layout(out), b, c, g, r, h, w);
+          out.data_ptr<scalar_t>(), Layout(out), b, c, g, r, h, w,
+          scale.defined() ? scale.data_ptr<acc_type<scalar_t>>() : nullptr,
+          shift.defined() ? shift.data_ptr<acc_type<scalar_t>>() : nullptr, relu);
     });
     TORCH_CHECK(done, "mmdwnet_cpu: predicted_idwconv2d has no kernel for kernel_size ",
                 kernel, " (see predicted_idwconv2d_applies)");
@@ -558,7 +578,7 @@ TORCH_LIBRARY_FRAGMENT(mmdwnet_cpu, m) {
   m.def("predicted_idwconv2d_applies(int kernel_size, ScalarType dtype, bool backward) -> bool",
         &predicted_applies);
   m.def("predicted_idwconv2d(Tensor input, Tensor hidden, Tensor weight, Tensor bias, "
-        "int kernel_size) -> Tensor",
+        "int kernel_size, Tensor? scale=None, Tensor? shift=None, bool relu=False) -> Tensor",
         &predicted_idwconv2d);
   m.def("predicted_idwconv2d_backward(Tensor grad_output, Tensor input, Tensor hidden, "
         "Tensor weight, Tensor bias, int kernel_size, Tensor(a!) grad_input, "

@@ -727,6 +727,36 @@ def test_deploy_fuses_layers(monkeypatch, conv_type):
     assert calls[n:] == ['gelu']  # bfloat16: the convolutions and additions unfused
 
 
+def test_iddw_norm_and_relu_run_in_the_kernel(monkeypatch):
+    """The I-D-DW block's norm2 (a BatchNorm, which cannot fold into kernels that the
+    channels of a group share) and its ReLU run inside the fused CPU kernel in inference,
+    before and after switch_to_deploy: neither the norm nor the registered operator is
+    called; with autograd, the separate layers; the same outputs. A norm in training mode
+    (batch statistics) is no affine map: the separate layers."""
+    from mmdwnet.models.backbones.dwnet import DWBlock
+    from mmdwnet.ops import predicted_idwconv as op_module
+    torch.manual_seed(0)
+    block = DWBlock(16, 'iddw', kernel_size=3, group_channels=4).eval()
+    _randomise_bn_stats(block)
+    x = torch.randn(2, 16, 5, 6).contiguous(memory_format=torch.channels_last)
+    expected = block(x.clone().requires_grad_()).detach()  # autograd: the separate layers
+    norm_calls, op_calls, forward = [], [], op_module._forward
+    block.norm2.register_forward_hook(lambda *args: norm_calls.append(1))
+    monkeypatch.setattr(op_module, '_forward', lambda *a: op_calls.append(1) or forward(*a))
+    for deploy in (False, True):
+        if deploy:
+            block.switch_to_deploy()
+        with torch.no_grad():
+            out = block(x)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert norm_calls == [] and op_calls == [], deploy
+    block.norm2.train()
+    with torch.no_grad():
+        block(x)
+    assert norm_calls == [1] and op_calls == [1]
+
+
 def test_linear_add():
     """LinearAdd is the nn.Linear called with one argument, identity + Linear(x) with two
     (fused or not), and keeps the sum in the identity's dtype under autocast."""
