@@ -29,7 +29,7 @@ from . import export_form, triton_idwconv
 from .inhomogeneous_dwconv import _compiled, _describe, grad_weight_impl, into, triton_or_none
 from .layout import empty_like_layout, like_input_layout
 
-__all__ = ['predicted_idwconv2d']
+__all__ = ['predicted_idwconv2d', 'predicted_idwconv2d_fuses_output']
 
 # Bytes of predicted kernels (and, backward, of their gradient) that exist at once: on CPU
 # a few MiB, which stay in the last-level cache between prediction and use; on GPUs, where
@@ -243,13 +243,26 @@ def _epilogue(out: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
     return F.relu(out) if relu else out
 
 
-def _fused_inference(ops, input: Tensor, operands, kernel_size: int) -> bool:
+def _fused_inference(ops, dtype: torch.dtype, operands, kernel_size: int) -> bool:
     """Whether the fused CPU kernel may take the output's affine map and ReLU: it has
-    no backward, so only where no gradient is asked for, and not under
-    ``torch.compile``, which sees the registered operator."""
+    no backward, so only where no gradient is asked for, and not where the registered
+    operator is to be seen: under ``torch.compile``, tracing (mmengine's FLOP count) and
+    export."""
     return (ops is not None and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and not export_form.in_export_mode()
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in operands))
-            and ops.predicted_idwconv2d_applies(kernel_size, input.dtype, False))
+            and ops.predicted_idwconv2d_applies(kernel_size, dtype, False))
+
+
+def predicted_idwconv2d_fuses_output(input: Tensor, kernel_size: int) -> bool:
+    """Whether :func:`predicted_idwconv2d` on ``input`` (under the current autocast)
+    applies ``scale``, ``shift`` and ``relu`` inside its fused CPU kernel: in inference
+    (gradients off) on CPU, where a kernel exists for ``kernel_size``; elsewhere it
+    applies them after the operator, and a layer may as well keep its own norm."""
+    dtype = (torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu')
+             and input.is_floating_point() else input.dtype)
+    return not torch.is_grad_enabled() and _fused_inference(_compiled(input), dtype, (),
+                                                            kernel_size)
 
 
 def predicted_idwconv2d(input: Tensor,
@@ -322,7 +335,7 @@ def predicted_idwconv2d(input: Tensor,
     if scale is not None or relu:
         ops = _compiled(input)
         operands = (input, hidden, weight, bias) + (() if scale is None else (scale, shift))
-        if _fused_inference(ops, input, operands, kernel_size):
+        if _fused_inference(ops, input.dtype, operands, kernel_size):
             acc = torch.promote_types(input.dtype, torch.float32)
             return ops.predicted_idwconv2d(
                 input, hidden, weight, bias, kernel_size,

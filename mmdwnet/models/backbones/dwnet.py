@@ -24,7 +24,7 @@ from mmdwnet.models.utils import (ChannelSharedDWConv, ChannelsLastPatchMerging,
                                   Conv2dReLU, DynamicDWConv, InhomogeneousDynamicDWConv, LinearAdd,
                                   LinearGELU, fold_bn_after, fold_bn_before_linear, is_foldable,
                                   missing_pretrained_checkpoint, residual_drop_path)
-from mmdwnet.ops import DepthwiseConv2d, gelu_mlp
+from mmdwnet.ops import DepthwiseConv2d, gelu_mlp, predicted_idwconv2d_fuses_output
 from mmdwnet.ops.export_form import tracing_shapes
 from mmdwnet.registry import MODELS
 
@@ -146,14 +146,15 @@ class DWBlock(BaseModule):
         return _inner_forward(x)
 
     def _dw_norm_act(self, y: Tensor) -> Tensor:
-        """``act(norm2(dw_conv(y)))``. For I-D-DW in inference (no gradients) with an
-        eval-mode BatchNorm (which cannot fold into kernels its group's channels share)
-        and a ReLU, the operator's fused CPU kernel applies both to its sums before it
-        writes them: on an AMD EPYC (2 threads, batch 16, bf16) the separate norm and ReLU
-        took about 6 ms of I-D-DW-T's 500 ms."""
-        if (isinstance(self.dw_conv, InhomogeneousDynamicDWConv) and not torch.is_grad_enabled()
-                and type(self.act) is nn.ReLU and is_foldable(self.norm2)
-                and not self.norm2.training):
+        """``act(norm2(dw_conv(y)))``. For I-D-DW with an eval-mode BatchNorm (which
+        cannot fold into kernels its group's channels share) and a ReLU, where the
+        operator runs its fused CPU kernel in inference, the kernel applies both to its
+        sums before it writes them: on an AMD EPYC (2 threads, batch 16, bf16) the
+        separate norm and ReLU took about 6 ms of I-D-DW-T's 500 ms. Elsewhere (autograd,
+        tracing, export, other devices) the separate layers."""
+        if (isinstance(self.dw_conv, InhomogeneousDynamicDWConv) and type(self.act) is nn.ReLU
+                and is_foldable(self.norm2) and not self.norm2.training
+                and predicted_idwconv2d_fuses_output(y, self.dw_conv.kernel_size)):
             return self.dw_conv(y, out_norm=self.norm2)
         return self.act(self.norm2(self.dw_conv(y)))
 
