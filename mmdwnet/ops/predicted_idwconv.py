@@ -336,9 +336,8 @@ def predicted_idwconv2d(input: Tensor,
         ops = _compiled(input)
         operands = (input, hidden, weight, bias) + (() if scale is None else (scale, shift))
         if _fused_inference(ops, input.dtype, operands, kernel_size):
-            acc = torch.promote_types(input.dtype, torch.float32)
-            return ops.predicted_idwconv2d(
-                input, hidden, weight, bias, kernel_size,
-                None if scale is None else scale.to(acc), None if shift is None else
-                shift.to(acc), relu)
+            acc = torch.promote_types(input.dtype, torch.float32)  # the kernel's sums
+            affine = (None, None) if scale is None else (scale.to(acc), shift.to(acc))
+            return ops.predicted_idwconv2d(input, hidden, weight, bias, kernel_size, *affine,
+                                           relu)
     return _epilogue(_forward(input, hidden, weight, bias, kernel_size), scale, shift, relu)

@@ -283,6 +283,10 @@ def test_output_affine_map_and_relu(dtype, tol, monkeypatch):
     # d/d shift: the output gradient where the ReLU passed it, summed per channel
     ref = (grad.double() * (out > 0)).sum((0, 2, 3))
     assert (leaves[5].grad.double() - ref).abs().max() <= 2 * tol * ref.abs().max()
+    # d/d scale: the same times the operator's output (within its rounding, term by term)
+    terms = grad.double() * (out > 0) * y
+    error = (leaves[4].grad.double() - terms.sum((0, 2, 3))).abs()
+    assert (error <= 2 * tol * terms.abs().sum((0, 2, 3))).all()
     # only the affine map, no ReLU: values below zero stay
     with torch.no_grad():
         out = predicted_idwconv2d(*operands, k, scale, shift)

@@ -157,7 +157,14 @@ class InhomogeneousDynamicDWConv(_KernelPredictor):
             hidden = self.conv1(x)
         else:
             hidden = self.act(self._normalise(self.conv1(x)))
-        scale, shift = bn_affine(out_norm) if out_norm is not None else (None, None)
+        scale = shift = None
+        if out_norm is not None:
+            if torch.is_grad_enabled() and any(p.requires_grad for p in out_norm.parameters()):
+                raise ValueError(
+                    f'{type(self).__name__}: `out_norm` is applied as a constant affine map '
+                    'and would get no gradient; call it without autograd (torch.no_grad()) '
+                    'or apply the norm after the layer')
+            scale, shift = bn_affine(out_norm)
         # one operator predicts the (B, G, K, K, H, W) kernels - 16x the size of x at the
         # paper's settings - a few samples at a time and applies them, and predicts them
         # again in the backward pass instead of storing them

@@ -355,7 +355,8 @@ void store_planes(const acc_t* src, int64_t planes, int64_t rows, int64_t width,
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t V = Vec<acc_t>::size;
   for (int64_t c = 0; c < planes; ++c) {
-    const vec a = vec{} + (scale ? scale[c] : acc_t(1)), b = vec{} + (shift ? shift[c] : acc_t(0));
+    const vec a = vec{} + (scale ? scale[c] : acc_t(1));
+    const vec b = vec{} + (shift ? shift[c] : acc_t(0));
     for (int64_t h = 0; h < rows; ++h) {
       const acc_t* t = src + c * stride + h * ld;
       scalar_t* d = dst + c * lo.c + h * lo.h;

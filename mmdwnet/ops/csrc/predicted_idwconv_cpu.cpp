@@ -12,8 +12,9 @@
 // Here each tile of kernel values - the K taps of one kernel row by (up to) three vectors
 // of positions, which may span output rows - is predicted in registers, as the
 // micro-kernel of a matrix product (the R rows of `hidden` streamed, the weights
-// broadcast), and applied at once to the group's C/G channels. The kernels never reach memory; the backward pass
-// (predicted_backward) predicts them again the same way, a row at a time.
+// broadcast), and applied at once to the group's C/G channels. The kernels never reach
+// memory; the backward pass (predicted_backward) predicts them again the same way, a row
+// at a time.
 //
 // bfloat16 on CPUs with AVX-512 BF16 predicts with dot products of bfloat16 pairs
 // (VDPBF16PS, two rows of `hidden` per instruction); the kernel values stay float32 and

@@ -755,6 +755,9 @@ def test_iddw_norm_and_relu_run_in_the_kernel(monkeypatch):
     with torch.no_grad():
         block(x)
     assert norm_calls == [1] and op_calls == [1]
+    # as a constant map the norm would get no gradient: refused under autograd
+    with pytest.raises(ValueError, match='`out_norm` is applied as a constant affine map'):
+        block.dw_conv(x, out_norm=block.norm2)
 
 
 def test_linear_add():
