@@ -657,8 +657,9 @@ def test_deploy_fuses_layers(monkeypatch, conv_type):
     LinearGELU and its second Linear + residual addition into one LinearAdd, and the I-D-DW
     kernel predictor's first 1x1 conv + ReLU into one Conv2dReLU (same keys); without
     autograd on CPU in eval mode they run oneDNN's fused kernels, with autograd
-    the separate layers, in training mode no fused additions, under bfloat16 autocast only
-    LinearGELU, all equal to the unfused block."""
+    the separate layers, in training mode no fused additions, under bfloat16 autocast
+    the products with their ReLU or GELU and no fused additions, all equal to the unfused
+    block."""
     from mmdwnet.models.backbones.dwnet import DWBlock
     from mmdwnet.models.utils import Conv2dAdd, Conv2dReLU, LinearAdd, LinearGELU
     torch.manual_seed(0)
@@ -724,7 +725,7 @@ def test_deploy_fuses_layers(monkeypatch, conv_type):
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         low = block(x)
     torch.testing.assert_close(low.float(), expected, rtol=0.05, atol=0.05)
-    assert calls[n:] == ['gelu']  # bfloat16: the convolutions and additions unfused
+    assert calls[n:] == ['relu', *predictor, 'gelu']  # bfloat16: the additions unfused
 
 
 def test_iddw_norm_and_relu_run_in_the_kernel(monkeypatch):
@@ -816,6 +817,10 @@ def test_fused_convolutions(memory_format):
             low = add(x, identity)
             assert low.dtype == torch.float32
             torch.testing.assert_close(low, identity + conv(x).float())
+            low = relu(x)  # the ReLU inside oneDNN's bfloat16 convolution
+            assert low.dtype == torch.bfloat16
+            assert low.is_contiguous(memory_format=memory_format)
+            torch.testing.assert_close(low, F.relu(conv(x)), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"Conv2dAdd: the convolution must have numeric zero "
                        r"padding, got padding='same', padding_mode='zeros'"):
         Conv2dAdd.from_conv(torch.nn.Conv2d(8, 8, 3, padding='same'))
