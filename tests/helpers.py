@@ -3,7 +3,6 @@ checking that a run trained, comparing the demo with an in-process forward. (The
 data is the ``data_root`` fixture of ``tests/conftest.py``, which also puts this directory
 on ``sys.path``.)"""
 import atexit
-import functools
 import os.path as osp
 import subprocess
 import sys
@@ -95,17 +94,21 @@ class _ToolForkServer:
             self.proc.wait()
 
 
-@functools.lru_cache(maxsize=None)
-def _started_fork_server():
-    server = _ToolForkServer()
-    atexit.register(server.close)
-    return server
+_SERVERS = []  # this process's fork servers, the current one last
 
 
 def _tool_fork_server():
     """The running fork server of this process, or None where it cannot serve (it failed
-    to import mmdwnet, or the environment changed since it started)."""
-    server = _started_fork_server()
+    to import mmdwnet). Where the environment changed since it started (a library or a
+    test in this process set a variable, which might change what the server imported), a
+    new server starts from the current environment: falling back to new processes would
+    cost each later run of a tool its imports again."""
+    if not _SERVERS or (_SERVERS[-1].ready and _environment() != _SERVERS[-1].env):
+        if _SERVERS:
+            _SERVERS[-1].close()
+        _SERVERS.append(_ToolForkServer())
+        atexit.register(_SERVERS[-1].close)
+    server = _SERVERS[-1]
     return server if server.usable() else None
 
 

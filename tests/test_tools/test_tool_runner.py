@@ -1,5 +1,6 @@
 """The tests' tool runner (``helpers.run_tool``): a run forked from the process that has
-imported mmdwnet ends as the same run in a new process does."""
+imported mmdwnet ends as the same run in a new process does, also after the environment
+changed."""
 import os
 
 import helpers
@@ -12,9 +13,14 @@ def test_forked_run_ends_as_a_new_process_run(monkeypatch):
     def no_new_process(*args, **kwargs):
         raise AssertionError('run_tool started a new process instead of forking')
 
-    with monkeypatch.context() as patched:  # the run below is served by the fork server
+    with monkeypatch.context() as patched:  # the runs below are served by fork servers
         patched.setattr(helpers.subprocess, 'run', no_new_process)
         forked = run_tool(*args, check=False)
+        # a variable set since the server started: a new server, from this environment
+        patched.setenv('MMDWNET_TEST_NEW_VARIABLE', '1')
+        again = run_tool(*args, check=False)
+        assert helpers._SERVERS[-1].env['MMDWNET_TEST_NEW_VARIABLE'] == '1'
+    assert again.returncode == 2 and again.stderr == forked.stderr
     fresh = run_tool(*args, check=False, env=dict(os.environ))  # a new process
     # argparse's error: exit status 2, the usage line naming the tool
     assert forked.returncode == fresh.returncode == 2
