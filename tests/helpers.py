@@ -68,7 +68,7 @@ class _ToolForkServer:
         self.ready = reply == 'ready\n'  # '' where the import failed and the server ended
 
     def usable(self) -> bool:
-        return self.ready and self.proc.poll() is None and _environment() == self.env
+        return self.ready and self.proc.poll() is None
 
     def run(self, argv, cwd):
         import json
@@ -94,22 +94,23 @@ class _ToolForkServer:
             self.proc.wait()
 
 
-_SERVERS = []  # this process's fork servers, the current one last
+_SERVER = None  # this process's fork server, started on first use
 
 
 def _tool_fork_server():
     """The running fork server of this process, or None where it cannot serve (it failed
-    to import mmdwnet). Where the environment changed since it started (a library or a
-    test in this process set a variable, which might change what the server imported), a
-    new server starts from the current environment: falling back to new processes would
-    cost each later run of a tool its imports again."""
-    if not _SERVERS or (_SERVERS[-1].ready and _environment() != _SERVERS[-1].env):
-        if _SERVERS:
-            _SERVERS[-1].close()
-        _SERVERS.append(_ToolForkServer())
-        atexit.register(_SERVERS[-1].close)
-    server = _SERVERS[-1]
-    return server if server.usable() else None
+    to import mmdwnet, or it ended). Where the environment changed since it started (a
+    library or a test in this process set a variable, which might change what the server
+    imported), a new server starts from the current environment: falling back to new
+    processes would cost each later run of a tool its imports again."""
+    global _SERVER
+    if _SERVER is None or (_SERVER.ready and _environment() != _SERVER.env):
+        if _SERVER is None:
+            atexit.register(lambda: _SERVER.close())  # whichever server runs at the end
+        else:
+            _SERVER.close()
+        _SERVER = _ToolForkServer()
+    return _SERVER if _SERVER.usable() else None
 
 
 def run_tool(tool, *args, check=True, env=None):

@@ -19,7 +19,7 @@ def test_forked_run_ends_as_a_new_process_run(monkeypatch):
         # a variable set since the server started: a new server, from this environment
         patched.setenv('MMDWNET_TEST_NEW_VARIABLE', '1')
         again = run_tool(*args, check=False)
-        assert helpers._SERVERS[-1].env['MMDWNET_TEST_NEW_VARIABLE'] == '1'
+        assert helpers._SERVER.env['MMDWNET_TEST_NEW_VARIABLE'] == '1'
     assert again.returncode == 2 and again.stderr == forked.stderr
     fresh = run_tool(*args, check=False, env=dict(os.environ))  # a new process
     # argparse's error: exit status 2, the usage line naming the tool
