@@ -13,6 +13,7 @@ import platform
 import statistics
 import textwrap
 import time
+from collections import Counter
 from contextlib import nullcontext
 from copy import deepcopy
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -26,6 +27,8 @@ from ..ops.cpu_extension import cpu_flags
 from .build import build_model
 from .clean_process import CleanProcess
 from .markdown import markdown_table
+from .matrix_products import (product_flops, products_seconds, record_matrix_products, synchronize,
+                              time_product)
 
 # the configs of the installed packages (mmengine.hub.get_config paths)
 MODELS = {
@@ -124,11 +127,6 @@ def precision_agreement(model: nn.Module, images: torch.Tensor, dtype: str) -> D
                 top1_agreement=(low.argmax(1) == reference.argmax(1)).float().mean().item())
 
 
-def _sync(device: str) -> None:
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
-
-
 # /proc/cpuinfo flags that decide which matrix-product and conversion paths a CPU has
 ISA_FLAGS = {
     'avx2': 'AVX2',
@@ -177,10 +175,10 @@ def matmul_peak_gflops(dtype: str = 'fp32', device: str = 'cpu', repeats: int = 
         torch.mm(a, b)  # warm-up (oneDNN/MKL kernel selection, page faults)
         times = []
         for _ in range(repeats):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             torch.mm(a, b)
-            _sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - start)
         best = max(best, 2 * n**3 / statistics.median(times) / 1e9)
     return best
@@ -225,15 +223,21 @@ class BenchmarkedModel:
     def inference(self, single: bool = False, fp32: bool = False) -> float:
         """Seconds for one inference of the batch (or of one image, ``single``); with
         ``fp32``, without autocast (the model's own float32 speed)."""
-        _sync(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         with torch.inference_mode(), nullcontext() if fp32 else self._autocast():
             self.infer(self.single if single else self.inputs, mode='tensor')
-        _sync(self.device)
+        synchronize(self.device)
         return time.perf_counter() - start
 
+    def matrix_products(self) -> Counter:
+        """The matrix products of one inference of the batch, as timed
+        (:func:`~mmdwnet.utils.matrix_products.record_matrix_products`)."""
+        with torch.inference_mode(), self._autocast():
+            return record_matrix_products(lambda: self.infer(self.inputs, mode='tensor'))
+
     def train_step(self) -> float:
-        _sync(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         with self._autocast():
             logits = self.model(self.inputs, mode='tensor')
@@ -241,7 +245,7 @@ class BenchmarkedModel:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        _sync(self.device)
+        synchronize(self.device)
         return time.perf_counter() - start
 
 
@@ -252,7 +256,10 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
                   after_each_repeat: Optional[Callable[[], None]] = None) -> List[Dict]:
     """Median inference throughput (batch ``batch_size``), batch-1 latency and
     training-step time of each model, interleaved; and its multiply-accumulates per image
-    (``flops``). For fp16/bf16, also how its logits agree with fp32
+    (``flops``); the GFLOP of its matrix products per image (``product_gflop``) and the
+    throughput the model would have if nothing but those products took time, each timed
+    alone in every repeat (``products_img_per_s``, see :mod:`mmdwnet.utils.matrix_products`).
+    For fp16/bf16, also how its logits agree with fp32
     (:func:`precision_agreement`) on 8 natural-looking images, for the model conditioned
     as training would (:func:`trained_like`) and in the timed (folded) form, and its
     float32 inference throughput timed in the same repeats (``fp32_img_per_s``), so that
@@ -260,11 +267,12 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
     ``after_each_repeat`` runs after the models of every repeat: a measurement interleaved
     with theirs (the matrix-product peak, :func:`matmul_peak_gflops`), so that both see the
     same state of the machine."""
-    timed = []
+    timed, products = [], {}
     for name in names:
         if progress:
             progress(f'building {name}')
         timed.append(BenchmarkedModel(name, device, batch_size, img_size, dtype, fuse))
+        products[name] = timed[-1].matrix_products()
     for i in range(warmup):
         for m in timed:
             if progress:
@@ -277,6 +285,7 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
     infer_fp32 = {m.name: [] for m in timed}  # fp16/bf16 runs: the same models in fp32
     latency = {m.name: [] for m in timed}
     step = {m.name: [] for m in timed}
+    alone = {m.name: [] for m in timed}  # the model's matrix products, each timed alone
     for i in range(repeats):
         for m in timed:
             infer[m.name].append(m.inference())
@@ -287,6 +296,8 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
                                                      for _ in range(3)))
             if train:
                 step[m.name].append(m.train_step())
+            alone[m.name].append(products_seconds(
+                products[m.name], lambda product: time_product(product, device)))
             if progress:
                 msg = (f'repeat {i + 1}/{repeats}: {m.name} inference {infer[m.name][-1]:.3f} s'
                        f', batch-1 latency {latency[m.name][-1] * 1e3:.1f} ms')
@@ -294,6 +305,7 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
                     msg += f', fp32 inference {infer_fp32[m.name][-1]:.3f} s'
                 if train:
                     msg += f', training step {step[m.name][-1]:.3f} s'
+                msg += f', its matrix products alone {alone[m.name][-1]:.3f} s'
                 progress(msg)
         if after_each_repeat is not None:
             after_each_repeat()
@@ -305,7 +317,9 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
             img_per_s=batch_size / seconds,
             latency_ms=statistics.median(latency[m.name]) * 1e3,
             train_step_s=statistics.median(step[m.name]) if train else None,
-            flops=count_model_flops(m.model, img_size, device)))
+            flops=count_model_flops(m.model, img_size, device),
+            product_gflop=product_flops(products[m.name]) / batch_size / 1e9,
+            products_img_per_s=batch_size / statistics.median(alone[m.name])))
         if dtype != 'fp32':
             rows[-1]['fp32_img_per_s'] = batch_size / statistics.median(infer_fp32[m.name])
             rows[-1]['vs_fp32'] = rows[-1]['img_per_s'] / rows[-1]['fp32_img_per_s']
@@ -325,11 +339,16 @@ def add_efficiency(rows: List[Dict], peak_gflops: float) -> List[Dict]:
     throughput) and ``peak_fraction`` (of the matrix-product peak ``peak_gflops`` in the
     same dtype) for every row; where a row has its own fp32 throughput from the same run
     (a bf16/fp16 run), ``vs_fp32_ceiling``: the most ``vs_fp32`` could be here, its
-    throughput at 100% of ``peak_gflops`` over its fp32 throughput."""
+    throughput at 100% of ``peak_gflops`` over its fp32 throughput. Where its matrix
+    products were timed alone, ``products_peak_fraction``: their rate then, as a fraction
+    of the peak (how close the library gets at the model's shapes)."""
     for r in rows:
         r['gflops_per_s'] = 2 * r['flops'] * r['img_per_s'] / 1e9
         r['peak_gflops'] = peak_gflops
         r['peak_fraction'] = r['gflops_per_s'] / peak_gflops
+        if r.get('products_img_per_s'):
+            r['products_peak_fraction'] = (r['product_gflop'] * r['products_img_per_s']
+                                           / peak_gflops)
         if r.get('fp32_img_per_s'):
             r['vs_fp32_ceiling'] = peak_images_per_s(r) / r['fp32_img_per_s']
     return rows
@@ -416,12 +435,16 @@ def add_ratios(rows: List[Dict], baseline: str = BASELINE) -> List[Dict]:
     to ``baseline`` when it was measured. Where :func:`add_efficiency` ran, also
     ``speedup_ceiling``: the most ``speedup`` could be on this machine, the model at 100%
     of the peak against the baseline as measured; a target above it is out of reach here.
+    Where the rows have it, ``speedup_products``: the ratio if the model took only the
+    time of its matrix products, each alone (a tighter bound of the same kind).
     """
     base = next((r for r in rows if r['model'] == baseline), None)
     for r in rows:
         r['speedup'] = r['img_per_s'] / base['img_per_s'] if base else None
         if base and r.get('peak_gflops'):
             r['speedup_ceiling'] = peak_images_per_s(r) / base['img_per_s']
+        if base and r.get('products_img_per_s'):
+            r['speedup_products'] = r['products_img_per_s'] / base['img_per_s']
         r['train_speedup'] = (base['train_step_s'] / r['train_step_s']
                               if base and r.get('train_step_s') else None)
     return rows
@@ -452,6 +475,7 @@ def format_table(rows: List[Dict], baseline: str = BASELINE) -> str:
         ('GMACs', 'right', lambda r: num(r.get('flops') and r['flops'] / 1e9, '.2f')),
         ('img/s', 'right', lambda r: f"{r['img_per_s']:.2f}"),
         (f'vs {baseline}', 'right', lambda r: ratio(r.get('speedup'))),
+        (f'vs {baseline}, products alone', 'right', lambda r: ratio(r.get('speedup_products'))),
         (f'vs {baseline} at peak', 'right', lambda r: ratio(r.get('speedup_ceiling'))),
         ('GFLOP/s', 'right', lambda r: num(r.get('gflops_per_s'), '.0f')),
         ('of peak', 'right', lambda r: percent(r.get('peak_fraction'))),
@@ -463,7 +487,7 @@ def format_table(rows: List[Dict], baseline: str = BASELINE) -> str:
         ('BN folded', 'left', lambda r: 'yes' if r['fused'] else 'no'),
     ]
     if any('vs_fp32' in r for r in rows):
-        columns[6:6] = [('vs own fp32', 'right', lambda r: ratio(r.get('vs_fp32'))),
+        columns[7:7] = [('vs own fp32', 'right', lambda r: ratio(r.get('vs_fp32'))),
                         ('vs own fp32 at peak', 'right',
                          lambda r: ratio(r.get('vs_fp32_ceiling')))]
     if any('top1_agreement' in r for r in rows):

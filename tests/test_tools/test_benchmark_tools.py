@@ -37,6 +37,13 @@ def test_benchmark_side_by_side(tmp_path):
         # the most the ratio to Swin-T could be here: the model at 100% of the peak
         assert r['speedup_ceiling'] == pytest.approx(
             r['peak_gflops'] * 1e9 / (2 * r['flops']) / by_name['swin_t']['img_per_s'])
+        # the tighter bound: the model's matrix products (a part of its counted FLOPs),
+        # each timed alone; their rate as a fraction of the peak
+        assert 0 < r['product_gflop'] * 1e9 <= 2 * r['flops']
+        assert r['speedup_products'] == pytest.approx(
+            r['products_img_per_s'] / by_name['swin_t']['img_per_s'])
+        assert r['products_peak_fraction'] == pytest.approx(
+            r['product_gflop'] * r['products_img_per_s'] / r['peak_gflops'])
         # measured once after each repeat, interleaved with the models; the median counts
         assert len(r['peak_gflops_measured']) == 2
         assert min(r['peak_gflops_measured']) > 0
@@ -51,6 +58,8 @@ def test_benchmark_side_by_side(tmp_path):
     assert f'{cpu_model()}, ' in out.stdout and 'fp32 matrix-product peak' in out.stdout
     assert 'glibc malloc keeping freed memory (--malloc retain)' in out.stdout
     assert 'repeat 2/2: swin_t inference' in out.stderr  # progress
+    assert out.stderr.count('its matrix products alone ') == 4
+    assert '| vs swin_t | vs swin_t, products alone | vs swin_t at peak |' in out.stdout
     assert out.stderr.count('matrix-product peak in fp32: ') == 2
     assert '(median of 2, one after each repeat; ' in out.stdout
     picture = np.asarray(Image.open(tmp_path / 'plot.png'))
@@ -197,11 +206,13 @@ def test_get_flops(tmp_path):
 def test_ceilings_say_what_the_peak_allows():
     """`vs <baseline> at peak` and `vs own fp32 at peak`: a model's throughput at 100% of
     the measured peak against the baseline as measured, and against its own fp32
-    throughput; a target above them is out of reach on the machine (exact arithmetic on
-    made-up rows, in-process)."""
+    throughput; a target above them is out of reach on the machine. `vs <baseline>,
+    products alone`: the tighter bound of the model's matrix products timed alone (exact
+    arithmetic on made-up rows, in-process)."""
     from mmdwnet.utils.benchmark import add_efficiency, add_ratios, format_table
     rows = [dict(model='dwconv_t', params=24e6, flops=4e9, img_per_s=40.0,
-                 fp32_img_per_s=20.0, vs_fp32=2.0, fused=True),
+                 fp32_img_per_s=20.0, vs_fp32=2.0, fused=True, product_gflop=7.0,
+                 products_img_per_s=45.0),
             dict(model='swin_t', params=28e6, flops=5e9, img_per_s=25.0,
                  fp32_img_per_s=14.0, vs_fp32=25 / 14, fused=False)]
     add_ratios(add_efficiency(rows, peak_gflops=400.0))
@@ -211,13 +222,19 @@ def test_ceilings_say_what_the_peak_allows():
     assert ours['speedup'] == pytest.approx(40 / 25)
     assert ours['speedup_ceiling'] == pytest.approx(50 / 25)
     assert ours['vs_fp32_ceiling'] == pytest.approx(50 / 20)
+    # its products alone: 45 img/s, 7 GFLOP each at 315 GFLOP/s
+    assert ours['speedup_products'] == pytest.approx(45 / 25)
+    assert ours['products_peak_fraction'] == pytest.approx(315 / 400)
+    assert 'speedup_products' not in swin and 'products_peak_fraction' not in swin
     assert swin['speedup_ceiling'] == pytest.approx(40 / 25)  # 400 / 10 img/s at peak
     assert swin['vs_fp32_ceiling'] == pytest.approx(40 / 14)
     table = format_table(rows)
     header = table.splitlines()[0]
-    assert '| vs swin_t | vs swin_t at peak | vs own fp32 | vs own fp32 at peak |' in header
-    assert '| dwconv_t | 24.0M | 4.00 | 40.00 | 1.60x | 2.00x | 2.00x | 2.50x | 320 | 80% |' \
-        in table
+    assert ('| vs swin_t | vs swin_t, products alone | vs swin_t at peak | vs own fp32 | '
+            'vs own fp32 at peak |') in header
+    assert ('| dwconv_t | 24.0M | 4.00 | 40.00 | 1.60x | 1.80x | 2.00x | 2.00x | 2.50x | 320 '
+            '| 80% |') in table
+    assert '| swin_t | 28.0M | 5.00 | 25.00 | 1.00x | - | 1.60x |' in table
     # fp32 runs have no own-fp32 columns; without a baseline no ceiling against it
     rows = add_ratios(add_efficiency([dict(model='dwconv_t', params=24e6, flops=4e9,
                                            img_per_s=40.0, fused=True)], 400.0))

@@ -1,0 +1,71 @@
+"""mmdwnet.utils.matrix_products: the products a model computes, for the benchmark's
+products-alone bound (exact shapes and counts, in-process; no timings asserted)."""
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmdwnet.utils.benchmark import build_classifier, inference_model
+from mmdwnet.utils.matrix_products import (Product, product_flops, products_seconds,
+                                           record_matrix_products)
+
+STAGES = ((96, 56, 2), (192, 28, 2), (384, 14, 6), (768, 7, 2))  # DWNet-T: C, H = W, depth
+
+
+def dwnet_t_products(dtype, batch=1, predictor=False):
+    """DWNet-T's products at 224x224, from the architecture: the stem's 4x4 patches, per
+    block two 1x1 convolutions and the FFN's two layers, patch merging, the head; with
+    ``predictor``, I-D-DW's kernel prediction (C -> C/4 -> 32 groups x 7 x 7)."""
+    expected = Counter({Product(1, batch * 56 * 56, 48, 96, dtype): 1,
+                        Product(1, batch, 768, 1000, dtype): 1})
+    for i, (c, h, depth) in enumerate(STAGES):
+        m = batch * h * h
+        if i:
+            expected[Product(1, m, 2 * c, c, dtype)] += 1  # 2x2 patches of C / 2 channels
+        for k, n in ((c, c), (c, c), (c, 4 * c), (4 * c, c)):
+            expected[Product(1, m, k, n, dtype)] += depth
+        if predictor:
+            expected[Product(1, m, c, c // 4, dtype)] += depth
+            expected[Product(1, m, c // 4, 32 * 49, dtype)] += depth
+    return expected
+
+
+@pytest.mark.parametrize('name', ['dwconv_t', 'iddwconv_t'])
+def test_records_dwnet_products_exactly(name):
+    """The deploy form (oneDNN's fused layers, I-D-DW's fused operator) in fp32 and bf16
+    autocast, and the training form under autograd, compute the same products; the
+    depth-wise convolutions are not among them."""
+    model = build_classifier(name).eval()
+    deployed = inference_model(model, True)[0]
+    x = torch.randn(2, 3, 224, 224)
+    for dtype in ('float32', 'bfloat16'):
+        with torch.inference_mode(), torch.autocast('cpu', torch.bfloat16,
+                                                    enabled=dtype == 'bfloat16'):
+            products = record_matrix_products(lambda: deployed(x, mode='tensor'))
+        assert products == dwnet_t_products(dtype, 2, name == 'iddwconv_t'), dtype
+    products = record_matrix_products(lambda: model(x[:1], mode='tensor'))
+    assert products == dwnet_t_products('float32', 1, name == 'iddwconv_t')
+
+
+def test_records_matmul_broadcasting_convolutions_and_linear_layers():
+    a, w = torch.randn(2, 3, 4, 5), torch.randn(6, 5)
+    conv_w, dw_w = torch.randn(8, 3, 3, 3), torch.randn(3, 1, 7, 7)
+    image = torch.randn(2, 3, 16, 16)
+    for grad in (False, True):  # composite ops (F.linear) are seen once either way
+        a.requires_grad_(grad)
+        products = record_matrix_products(lambda: (
+            a @ w.t(), a @ torch.randn(2, 3, 5, 7), torch.matmul(a, torch.randn(5)),
+            F.linear(a, w), F.conv2d(image, conv_w, stride=2, padding=1),
+            F.conv2d(image, dw_w, padding=3, groups=3)))
+        assert products == Counter({Product(1, 24, 5, 6, 'float32'): 2,
+                                    Product(6, 4, 5, 7, 'float32'): 1,
+                                    Product(1, 24, 5, 1, 'float32'): 1,
+                                    Product(1, 2 * 8 * 8, 27, 8, 'float32'): 1}), grad
+
+
+def test_products_seconds_and_flops_add_up():
+    p, q = Product(1, 10, 20, 30, 'bfloat16'), Product(4, 5, 6, 7, 'float32')
+    products = Counter({p: 2, q: 3})
+    assert product_flops(products) == 2 * (10 * 20 * 30 * 2 + 4 * 5 * 6 * 7 * 3)
+    assert products_seconds(products, timer={p: 0.5, q: 0.25}.get) == pytest.approx(1.75)
