@@ -99,6 +99,8 @@ def test_benchmark_writes_the_readme_section(tmp_path):
     # and the most that ratio could be: bf16 at 100% of the bf16 peak over its fp32
     assert row['vs_fp32_ceiling'] == pytest.approx(
         row['peak_gflops'] * 1e9 / (2 * row['flops']) / row['fp32_img_per_s'])
+    assert row['vs_fp32_products'] == pytest.approx(
+        row['products_img_per_s'] / row['fp32_img_per_s'])
     assert '| vs own fp32 at peak |' in out.stdout
     assert '| vs own fp32 |' in out.stdout and 'fp32 inference' in out.stderr
     assert 'bf16 matrix-product peak' in out.stdout and '| top-1 agreement |' in out.stdout
@@ -225,16 +227,17 @@ def test_ceilings_say_what_the_peak_allows():
     # its products alone: 45 img/s, 7 GFLOP each at 315 GFLOP/s
     assert ours['speedup_products'] == pytest.approx(45 / 25)
     assert ours['products_peak_fraction'] == pytest.approx(315 / 400)
-    assert 'speedup_products' not in swin and 'products_peak_fraction' not in swin
+    assert ours['vs_fp32_products'] == pytest.approx(45 / 20)
+    assert not {'speedup_products', 'products_peak_fraction', 'vs_fp32_products'} & set(swin)
     assert swin['speedup_ceiling'] == pytest.approx(40 / 25)  # 400 / 10 img/s at peak
     assert swin['vs_fp32_ceiling'] == pytest.approx(40 / 14)
     table = format_table(rows)
     header = table.splitlines()[0]
     assert ('| vs swin_t | vs swin_t, products alone | vs swin_t at peak | vs own fp32 | '
-            'vs own fp32 at peak |') in header
-    assert ('| dwconv_t | 24.0M | 4.00 | 40.00 | 1.60x | 1.80x | 2.00x | 2.00x | 2.50x | 320 '
-            '| 80% |') in table
-    assert '| swin_t | 28.0M | 5.00 | 25.00 | 1.00x | - | 1.60x |' in table
+            'vs own fp32, products alone | vs own fp32 at peak |') in header
+    assert ('| dwconv_t | 24.0M | 4.00 | 40.00 | 1.60x | 1.80x | 2.00x | 2.00x | 2.25x | 2.50x '
+            '| 320 | 80% |') in table
+    assert '| swin_t | 28.0M | 5.00 | 25.00 | 1.00x | - | 1.60x | 1.79x | - | 2.86x |' in table
     # fp32 runs have no own-fp32 columns; without a baseline no ceiling against it
     rows = add_ratios(add_efficiency([dict(model='dwconv_t', params=24e6, flops=4e9,
                                            img_per_s=40.0, fused=True)], 400.0))
