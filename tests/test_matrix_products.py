@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from mmdwnet.utils.benchmark import build_classifier, inference_model
-from mmdwnet.utils.matrix_products import (Product, product_flops, products_seconds,
-                                           record_matrix_products)
+from mmdwnet.utils.matrix_products import (Product, matmul_libraries, product_flops,
+                                           products_seconds, record_matrix_products)
 
 STAGES = ((96, 56, 2), (192, 28, 2), (384, 14, 6), (768, 7, 2))  # DWNet-T: C, H = W, depth
 
@@ -69,3 +69,23 @@ def test_products_seconds_and_flops_add_up():
     products = Counter({p: 2, q: 3})
     assert product_flops(products) == 2 * (10 * 20 * 30 * 2 + 4 * 5 * 6 * 7 * 3)
     assert products_seconds(products, timer={p: 0.5, q: 0.25}.get) == pytest.approx(1.75)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_every_matmul_library_computes_the_product(dtype):
+    """The libraries the products and the peak are timed with (the fastest counts) all
+    compute ``a @ b_t.T`` (``b_t`` laid out as a linear layer's weight)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b_t = torch.randn(33, 20, generator=gen), torch.randn(17, 20, generator=gen)
+    libraries = matmul_libraries('cpu')
+    assert set(libraries) == ({'torch.mm', 'oneDNN linear'} if torch.backends.mkldnn.is_available()
+                              else {'torch.mm'})
+    expected = (a.to(dtype).float() @ b_t.to(dtype).float().T)
+    for name, library in libraries.items():
+        out = library(a.to(dtype), b_t.to(dtype))
+        assert out.dtype == dtype and out.shape == (33, 17), name
+        torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2, msg=name)
+    batched, = matmul_libraries('cpu', batched=True).values()
+    out = batched(torch.stack([a, 2 * a]).to(dtype), torch.stack([b_t, b_t]).to(dtype))
+    torch.testing.assert_close(out.float(), torch.stack([expected, 2 * expected]), rtol=1e-2,
+                               atol=2e-2)

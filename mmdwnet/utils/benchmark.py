@@ -27,8 +27,8 @@ from ..ops.cpu_extension import cpu_flags
 from .build import build_model
 from .clean_process import CleanProcess
 from .markdown import markdown_table
-from .matrix_products import (product_flops, products_seconds, record_matrix_products, synchronize,
-                              time_product)
+from .matrix_products import (Product, product_flops, products_seconds, record_matrix_products,
+                              synchronize, time_product)
 
 # the configs of the installed packages (mmengine.hub.get_config paths)
 MODELS = {
@@ -166,22 +166,18 @@ def is_native(dtype: str, flags: Optional[set] = None) -> bool:
 def matmul_peak_gflops(dtype: str = 'fp32', device: str = 'cpu', repeats: int = 3,
                        sizes: Sequence[int] = (1024, 2048, 3072)) -> float:
     """The machine's matrix-product peak in ``dtype`` (GFLOP/s, 2 FLOPs per
-    multiply-add), measured now: the best median over square products of ``sizes``, with
-    the threads the models use. Computed in ``dtype`` directly, as autocast runs ``mm``."""
-    best = 0.
-    gen = torch.Generator().manual_seed(0)
-    for n in sizes:
-        a, b = (torch.randn(n, n, generator=gen).to(device, DTYPES[dtype]) for _ in range(2))
-        torch.mm(a, b)  # warm-up (oneDNN/MKL kernel selection, page faults)
-        times = []
-        for _ in range(repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            torch.mm(a, b)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        best = max(best, 2 * n**3 / statistics.median(times) / 1e9)
-    return best
+    multiply-add), measured now: the best median over square products of ``sizes`` by
+    the fastest of the libraries the models' products run in
+    (:func:`~mmdwnet.utils.matrix_products.time_product`: ``torch.mm`` and, on CPU,
+    oneDNN's linear layer), with the threads the models use. Computed in ``dtype``
+    directly, as autocast runs the products.
+
+    Until session 22 (2026-12-04) this was ``torch.mm`` alone, which runs MKL in float32:
+    on the AMD EPYC hosts about 20% slower than oneDNN, which DWNet's deploy form uses,
+    so the fp32 peak fractions of the earlier sessions were measured against too low a
+    peak."""
+    return max(2 * n**3 / time_product(Product(1, n, n, n, str(DTYPES[dtype]).split('.')[-1]),
+                                       device, calls=repeats) / 1e9 for n in sizes)
 
 
 def count_model_flops(model: nn.Module, img_size: int, device: str = 'cpu') -> int:
