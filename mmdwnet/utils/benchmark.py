@@ -336,16 +336,15 @@ def add_efficiency(rows: List[Dict], peak_gflops: float) -> List[Dict]:
     same dtype) for every row; where a row has its own fp32 throughput from the same run
     (a bf16/fp16 run), ``vs_fp32_ceiling``: the most ``vs_fp32`` could be here, its
     throughput at 100% of ``peak_gflops`` over its fp32 throughput. Where its matrix
-    products were timed alone, ``products_peak_fraction``: their rate then, as a fraction
-    of the peak (how close the library gets at the model's shapes), and with its own fp32
-    throughput ``vs_fp32_products``: the most ``vs_fp32`` could be with nothing but those
-    products taking time."""
+    products were timed alone, the most ``peak_fraction`` and ``vs_fp32`` could be with
+    nothing but those products taking time: ``peak_fraction_products`` (its counted
+    FLOPs at that throughput) and ``vs_fp32_products``."""
     for r in rows:
         r['gflops_per_s'] = 2 * r['flops'] * r['img_per_s'] / 1e9
         r['peak_gflops'] = peak_gflops
         r['peak_fraction'] = r['gflops_per_s'] / peak_gflops
         if r.get('products_img_per_s'):
-            r['products_peak_fraction'] = (r['product_gflop'] * r['products_img_per_s']
+            r['peak_fraction_products'] = (2 * r['flops'] * r['products_img_per_s'] / 1e9
                                            / peak_gflops)
             if r.get('fp32_img_per_s'):
                 r['vs_fp32_products'] = r['products_img_per_s'] / r['fp32_img_per_s']
@@ -479,6 +478,7 @@ def format_table(rows: List[Dict], baseline: str = BASELINE) -> str:
         (f'vs {baseline} at peak', 'right', lambda r: ratio(r.get('speedup_ceiling'))),
         ('GFLOP/s', 'right', lambda r: num(r.get('gflops_per_s'), '.0f')),
         ('of peak', 'right', lambda r: percent(r.get('peak_fraction'))),
+        ('of peak, products alone', 'right', lambda r: percent(r.get('peak_fraction_products'))),
         ('batch-1 latency (ms)', 'right', lambda r: num(r.get('latency_ms'), '.1f')),
         ('train step (s)', 'right', lambda r: num(r.get('train_step_s'), '.3f')),
         (f'train vs {baseline}', 'right', lambda r: ratio(r.get('train_speedup'))),
