@@ -131,7 +131,7 @@ def test_stem_and_patch_merging_layout():
 
 
 @pytest.mark.parametrize('size', [(6, 8), (5, 7)])
-def test_channels_last_patch_merging_equals_mmcv(size):
+def test_channels_last_patch_merging_equals_mmcv(size, monkeypatch):
     from mmcv.cnn.bricks.transformer import PatchMerging
 
     from mmdwnet.models.utils import ChannelsLastPatchMerging
@@ -144,6 +144,14 @@ def test_channels_last_patch_merging_equals_mmcv(size):
     (ya, hwa), (yb, hwb) = ours(xa, size), theirs(xb, size)
     assert hwa == hwb == (math.ceil(size[0] / 2), math.ceil(size[1] / 2))
     torch.testing.assert_close(ya, yb)
+    # in inference on CPU the reduction is oneDNN's linear layer, with the same output
+    calls = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, '_linear_pointwise',
+                        lambda *args: calls.append(args[3]) or onednn(*args), raising=False)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, size)[0], yb, rtol=1e-5, atol=1e-5)
+    assert calls == ['none']
     grad = torch.randn_like(ya)
     ya.backward(grad)
     yb.backward(grad)
