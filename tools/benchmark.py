@@ -7,10 +7,11 @@ multiply-accumulate counted as by ``tools/get_flops.py``) as a fraction of the m
 matrix-product peak in the same dtype, which the tool measures in the same run, once after
 each repeat of the models (the median is the reference). The header
 names the CPU and its relevant instruction sets (AVX-512, AVX-512 BF16/FP16, AMX).
-Beside the peak's bound, a tighter one: each model's matrix products (recorded from one
-inference, in the dtype they run in) timed alone in every repeat, the throughput it would
-have if nothing else took time (``vs Swin-T, products alone``): a target above it cannot
-be reached on the machine by any work outside the products.
+Beside the peak's bound, usually a tighter one: each model's matrix products (recorded
+from one inference, in the dtype they run in) timed alone in every repeat by the fastest
+library, the throughput it would have if nothing else took time (the "products alone"
+columns; :mod:`mmdwnet.utils.matrix_products` says what it assumes): a target above it
+cannot be reached on the machine by any work outside the products.
 ``--dtype bf16`` / ``fp16`` run everything under ``torch.autocast`` on the device.
 Inference uses the models' deploy form (BatchNorms folded, ``switch_to_deploy``) unless
 ``--no-fuse``; a training step is forward + cross-entropy + backward + AdamW step (torch's

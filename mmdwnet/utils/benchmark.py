@@ -170,14 +170,11 @@ def matmul_peak_gflops(dtype: str = 'fp32', device: str = 'cpu', repeats: int = 
     the fastest of the libraries the models' products run in
     (:func:`~mmdwnet.utils.matrix_products.time_product`: ``torch.mm`` and, on CPU,
     oneDNN's linear layer), with the threads the models use. Computed in ``dtype``
-    directly, as autocast runs the products.
-
-    Until session 22 (2026-12-04) this was ``torch.mm`` alone, which runs MKL in float32:
-    on the AMD EPYC hosts about 20% slower than oneDNN, which DWNet's deploy form uses,
-    so the fp32 peak fractions of the earlier sessions were measured against too low a
-    peak."""
-    return max(2 * n**3 / time_product(Product(1, n, n, n, str(DTYPES[dtype]).split('.')[-1]),
-                                       device, calls=repeats) / 1e9 for n in sizes)
+    directly, as autocast runs the products. (``torch.mm`` alone, which runs MKL in
+    float32, reached about 20% less than oneDNN on the AMD EPYC hosts.)"""
+    name = str(DTYPES[dtype]).removeprefix('torch.')
+    return max(2 * n**3 / time_product(Product(1, n, n, n, name), device, calls=repeats) / 1e9
+               for n in sizes)
 
 
 def count_model_flops(model: nn.Module, img_size: int, device: str = 'cpu') -> int:
@@ -252,9 +249,10 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
                   after_each_repeat: Optional[Callable[[], None]] = None) -> List[Dict]:
     """Median inference throughput (batch ``batch_size``), batch-1 latency and
     training-step time of each model, interleaved; and its multiply-accumulates per image
-    (``flops``); the GFLOP of its matrix products per image (``product_gflop``) and the
-    throughput the model would have if nothing but those products took time, each timed
-    alone in every repeat (``products_img_per_s``, see :mod:`mmdwnet.utils.matrix_products`).
+    (``flops``); the GFLOP of its matrix products per image (``product_gflop``, 2 FLOPs
+    per multiply-add) and the throughput the model would have if nothing but those
+    products took time, each timed alone in every repeat (``products_img_per_s``, None
+    for a model without products; see :mod:`mmdwnet.utils.matrix_products`).
     For fp16/bf16, also how its logits agree with fp32
     (:func:`precision_agreement`) on 8 natural-looking images, for the model conditioned
     as training would (:func:`trained_like`) and in the timed (folded) form, and its
@@ -315,7 +313,8 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
             train_step_s=statistics.median(step[m.name]) if train else None,
             flops=count_model_flops(m.model, img_size, device),
             product_gflop=product_flops(products[m.name]) / batch_size / 1e9,
-            products_img_per_s=batch_size / statistics.median(alone[m.name])))
+            products_img_per_s=(batch_size / statistics.median(alone[m.name])
+                                if products[m.name] else None)))
         if dtype != 'fp32':
             rows[-1]['fp32_img_per_s'] = batch_size / statistics.median(infer_fp32[m.name])
             rows[-1]['vs_fp32'] = rows[-1]['img_per_s'] / rows[-1]['fp32_img_per_s']
@@ -435,7 +434,7 @@ def add_ratios(rows: List[Dict], baseline: str = BASELINE) -> List[Dict]:
     ``speedup_ceiling``: the most ``speedup`` could be on this machine, the model at 100%
     of the peak against the baseline as measured; a target above it is out of reach here.
     Where the rows have it, ``speedup_products``: the ratio if the model took only the
-    time of its matrix products, each alone (a tighter bound of the same kind).
+    time of its matrix products, each alone (usually a tighter bound of the same kind).
     """
     base = next((r for r in rows if r['model'] == baseline), None)
     for r in rows:

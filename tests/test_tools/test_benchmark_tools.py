@@ -40,6 +40,7 @@ def test_benchmark_side_by_side(tmp_path):
         # the tighter bound: the model's matrix products (a part of its counted FLOPs),
         # each timed alone; the fraction of the peak the model would reach at their speed
         assert 0 < r['product_gflop'] * 1e9 <= 2 * r['flops']
+        assert 0 < r['products_img_per_s'] < float('inf')
         assert r['speedup_products'] == pytest.approx(
             r['products_img_per_s'] / by_name['swin_t']['img_per_s'])
         assert r['peak_fraction_products'] == pytest.approx(

@@ -69,7 +69,8 @@ class ChannelsLastPatchMerging(PatchMerging):
                              None if bias is None else _gathered_order(bias), self.norm.eps)
         # oneDNN's linear layer in inference on CPU (fused_layers.linear): in float32
         # PyTorch's addmm runs MKL, slower at these shapes on the AMD EPYC hosts
-        # (DWNet-T's three mergings at batch 16: 61.4 -> 44.2 ms; the same in bfloat16)
+        # (DWNet-T's three mergings at batch 16: 61.4 -> 44.2 ms; in bfloat16 both take
+        # about 16.5 ms)
         return linear(x, _gathered_order(self.reduction.weight),
                       self.reduction.bias), (out_h, out_w)
 
