@@ -342,13 +342,13 @@ def add_efficiency(rows: List[Dict], peak_gflops: float) -> List[Dict]:
         r['gflops_per_s'] = 2 * r['flops'] * r['img_per_s'] / 1e9
         r['peak_gflops'] = peak_gflops
         r['peak_fraction'] = r['gflops_per_s'] / peak_gflops
-        if r.get('products_img_per_s'):
-            r['peak_fraction_products'] = (2 * r['flops'] * r['products_img_per_s'] / 1e9
-                                           / peak_gflops)
-            if r.get('fp32_img_per_s'):
-                r['vs_fp32_products'] = r['products_img_per_s'] / r['fp32_img_per_s']
+        products = r.get('products_img_per_s')
+        if products:
+            r['peak_fraction_products'] = 2 * r['flops'] * products / 1e9 / peak_gflops
         if r.get('fp32_img_per_s'):
             r['vs_fp32_ceiling'] = peak_images_per_s(r) / r['fp32_img_per_s']
+            if products:
+                r['vs_fp32_products'] = products / r['fp32_img_per_s']
     return rows
 
 

@@ -50,17 +50,16 @@ def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).split('.')[-1]
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor) -> List[Tuple[Product, int]]:
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> Product:
     """``a @ b`` with torch.matmul's broadcasting (a 1-D operand is one row or column),
     for the matrix-vector and dot products too."""
-    if b.dim() == 1:
-        return [(Product(1, a.numel() // a.shape[-1], a.shape[-1], 1, _dtype(a)), 1)]
+    if b.dim() <= 2:  # a linear map of every row of a (or one column)
+        n = 1 if b.dim() == 1 else b.shape[1]
+        return Product(1, a.numel() // a.shape[-1], a.shape[-1], n, _dtype(a))
     if a.dim() == 1:
-        return [(Product(prod(b.shape[:-2]), 1, a.shape[0], b.shape[-1], _dtype(a)), 1)]
-    if b.dim() == 2:  # a linear map of every row of a
-        return [(Product(1, a.numel() // a.shape[-1], a.shape[-1], b.shape[1], _dtype(a)), 1)]
+        return Product(prod(b.shape[:-2]), 1, a.shape[0], b.shape[-1], _dtype(a))
     batch = prod(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
-    return [(Product(batch, a.shape[-2], a.shape[-1], b.shape[-1], _dtype(a)), 1)]
+    return Product(batch, a.shape[-2], a.shape[-1], b.shape[-1], _dtype(a))
 
 
 def _tiles(m: int, k: int, n: int, dtype: str) -> List[Tuple[Product, int]]:
@@ -77,7 +76,7 @@ def _products(func, args, out) -> List[Tuple[Product, int]]:
     name = func.name().split('.')[0]  # without the overload
     if packet in _MATMULS:
         a, b = args[1:3] if packet in _WITH_INPUT else args[:2]
-        return _matmul(a, b) if a.numel() and b.numel() else []
+        return [(_matmul(a, b), 1)] if a.numel() and b.numel() else []
     if packet is _aten.linear or name == 'mkldnn::_linear_pointwise':
         x, weight = (args[0], args[2]) if overload == 'binary' else args[:2]
         if not x.numel() or not weight.numel():
