@@ -733,7 +733,8 @@ def test_deploy_fuses_layers(monkeypatch, conv_type):
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         low = block(x)
     torch.testing.assert_close(low.float(), expected, rtol=0.05, atol=0.05)
-    assert calls[n:] == ['relu', *predictor, 'gelu']  # bfloat16: the additions unfused
+    # bfloat16: the additions unfused, the second layer oneDNN's plain linear layer
+    assert calls[n:] == ['relu', *predictor, 'gelu', 'none']
 
 
 def test_iddw_norm_and_relu_run_in_the_kernel(monkeypatch):
@@ -799,6 +800,40 @@ def test_linear_add():
                                    F.gelu(linear(x.double())), rtol=0, atol=0)
         torch.testing.assert_close(LinearAdd.from_linear(linear)(x.double(), identity.double()),
                                    identity.double() + linear(x.double()), rtol=0, atol=0)
+
+
+def test_add_to_product_in_place_only_where_nothing_changes():
+    """add_to_product adds the identity into the product in place without autograd where
+    the sum has the product's dtype and shape (broadcast identities included), and out of
+    place under autograd, for a sum that promotes or broadcasts beyond the product, and
+    while tracing; the same values every way."""
+    from mmdwnet.models.utils.fused_layers import add_to_product
+    torch.manual_seed(0)
+    product, identity = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    expected = identity + product
+    cases = [  # (identity, product, in place)
+        (identity, product, True),
+        (identity[0, 0], product, True),  # broadcast into the product's shape
+        (identity.double(), product, False),  # promotes to float64
+        (identity, product[:, :1], False),  # broadcasts the product
+        (identity.bfloat16(), product, False),
+    ]
+    with torch.no_grad():
+        for a, b, in_place in cases:
+            want = a + b
+            b = b.clone()
+            out = add_to_product(a, b)
+            assert (out is b) == in_place, (a.shape, a.dtype, b.shape)
+            assert out.dtype == want.dtype and out.shape == want.shape
+            torch.testing.assert_close(out, want, rtol=0, atol=0)
+    leaf = product.clone().requires_grad_()
+    out = add_to_product(identity, leaf * 1)  # autograd: out of place, gradients flow
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(leaf.grad, torch.ones_like(leaf), rtol=0, atol=0)
+    traced = torch.jit.trace(lambda a, b: add_to_product(a, b), (identity, product))
+    assert 'add_' not in str(traced.graph)
+    torch.testing.assert_close(traced(identity, product), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
