@@ -827,7 +827,9 @@ def test_add_to_product_in_place_only_where_nothing_changes():
             assert out.dtype == want.dtype and out.shape == want.shape
             torch.testing.assert_close(out, want, rtol=0, atol=0)
     leaf = product.clone().requires_grad_()
-    out = add_to_product(identity, leaf * 1)  # autograd: out of place, gradients flow
+    scaled = leaf * 1
+    out = add_to_product(identity, scaled)  # autograd: out of place, gradients flow
+    assert out is not scaled
     out.sum().backward()
     torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)
     torch.testing.assert_close(leaf.grad, torch.ones_like(leaf), rtol=0, atol=0)
