@@ -50,7 +50,7 @@ setup(
     # mmdwnet/.mim/configs links to configs/: `mim` and `mmdwnet::` inheritance read it
     package_data={'mmdwnet': [
         '.mim/configs/**/*.py', '.mim/configs/**/*.yml', '.mim/model-index.yml',
-        'ops/csrc/*.cpp'
+        'ops/csrc/*.cpp', 'ops/csrc/*.h'
     ]},
     cmdclass={'build_py': build_py_with_pth},
     install_requires=parse_requirements('runtime.txt'),

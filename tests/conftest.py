@@ -26,7 +26,8 @@ _share_cores()
 
 
 # the modules of the longest slow tests (training runs through the tools), started first
-LONGEST = ('test_train_test_e2e.py', 'test_resume_and_errors.py', 'test_stock_tools.py',
+LONGEST = ('test_train_test_e2e.py', 'test_packaging.py', 'test_resume_and_errors.py',
+           'test_stock_tools.py',
            'test_official.py', 'test_benchmark_tools.py')
 
 

@@ -10,8 +10,12 @@ source version; later processes load the cached library in milliseconds. The bui
 specialised to the CPU's vector width (AVX2 / AVX-512, or portable) and, where the CPU has
 AVX-512 BF16, to its bfloat16 dot products where they are the faster choice
 (:func:`bf16_dot_products`); it is named after its target so that machines
-sharing a cache do not share a wrong build. If it cannot be built (no compiler),
-a warning says why and the operator runs its PyTorch implementation.
+sharing a cache do not share a wrong build. The build needs, at run time, a C++ compiler
+(``g++``; e.g. ``apt-get install g++``) and ``ninja`` (a requirement of mmdwnet), whether
+mmdwnet was installed from a checkout, a wheel or an sdist: the wheel carries the sources,
+not a binary. If it cannot be built, a warning says why and what to install, and the
+operators run their PyTorch implementation. ``python -m mmdwnet.ops.cpu_extension`` builds
+the kernels and says which path runs (exit status 1 on the fallback).
 Set ``MMDWNET_CPU_EXTENSION=0`` to use the PyTorch implementation deliberately.
 """
 import logging
@@ -28,6 +32,11 @@ SOURCES = [
     for name in ('inhomogeneous_dwconv_cpu.cpp', 'predicted_idwconv_cpu.cpp',
                  'depthwise_conv_cpu.cpp', 'gelu_cpu.cpp')
 ]
+FALLBACK_WARNING = (
+    'mmdwnet: could not build the CPU kernels of the depth-wise operators, using the slower '
+    'PyTorch implementation. They are compiled on first use (also from a wheel) and need a C++ '
+    'compiler (g++: e.g. `apt-get install g++`) and ninja (`pip install ninja`). '
+    '`python -m mmdwnet.ops.cpu_extension` says which path runs. Reason: {reason}')
 _lock = threading.Lock()
 _state = {'tried': False, 'ops': None, 'error': None}
 
@@ -154,9 +163,7 @@ def load():
                 _state['ops'] = torch.ops.mmdwnet_cpu
             except Exception as e:  # no compiler / ninja / headers: fall back, but say so
                 _state['error'] = f'{type(e).__name__}: {str(e).strip()[-500:]}'
-                warnings.warn('mmdwnet: could not build the CPU kernels of the depth-wise '
-                              'operators, using the slower PyTorch implementation. Reason: '
-                              f"{_state['error']}")
+                warnings.warn(FALLBACK_WARNING.format(reason=_state['error']))
             finally:
                 logger.setLevel(level)
     return _state['ops']
@@ -173,3 +180,31 @@ def available() -> bool:
 def error() -> Optional[str]:
     """Why the extension could not be built, if it was tried and failed."""
     return _state['error']
+
+
+def library_path() -> Optional[str]:
+    """The file of the loaded compiled kernels, or None where they are not loaded."""
+    if load() is None:
+        return None
+    return next((path for path in torch.ops.loaded_libraries
+                 if osp.basename(path).startswith('mmdwnet_cpu_ops_')), None)
+
+
+def main() -> int:
+    """Build (or load) the compiled kernels and say which path the operators run."""
+    if not enabled():
+        print('mmdwnet CPU kernels: disabled by MMDWNET_CPU_EXTENSION=0; the operators run '
+              'their PyTorch implementation')
+        return 1
+    path = library_path()
+    if path is None:
+        print(f'mmdwnet CPU kernels: not available, the operators run their PyTorch '
+              f'implementation. Reason: {error()}')
+        return 1
+    print(f'mmdwnet CPU kernels: compiled, loaded from {path}')
+    print(f'sources: {osp.dirname(SOURCES[0])}')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
