@@ -21,10 +21,12 @@ import statistics
 import time
 from collections import Counter, namedtuple
 from math import prod
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmdwnet.models.utils.fused_layers import onednn_dtypes
 
 __all__ = ['Product', 'record_matrix_products', 'product_flops', 'matmul_libraries',
            'time_product', 'products_seconds', 'synchronize']
@@ -145,7 +147,8 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_libraries(device: str = 'cpu', batched: bool = False) -> Dict[str, Callable]:
+def matmul_libraries(device: str = 'cpu', batched: bool = False,
+                     dtype: Optional[torch.dtype] = None) -> Dict[str, Callable]:
     """The ways the models' products run on ``device``, each as ``f(a, b_t)`` computing
     ``a @ b_t.T`` (``b_t`` laid out as a linear layer's weight).
 
@@ -158,6 +161,9 @@ def matmul_libraries(device: str = 'cpu', batched: bool = False) -> Dict[str, Ca
     Args:
         device (str): ``'cpu'`` or a CUDA device.
         batched (bool): Batched products: ``torch.bmm`` only. Defaults to False.
+        dtype (torch.dtype, optional): The operands' dtype: oneDNN's linear layer only where
+            this CPU has oneDNN kernels for it (:func:`onednn_dtypes`). Defaults to None
+            (any).
 
     Returns:
         dict: Library name -> function.
@@ -165,7 +171,8 @@ def matmul_libraries(device: str = 'cpu', batched: bool = False) -> Dict[str, Ca
     if batched:
         return {'torch.bmm': lambda a, b_t: torch.bmm(a, b_t.transpose(1, 2))}
     libraries = {'torch.mm': lambda a, b_t: torch.mm(a, b_t.t())}
-    if torch.device(device).type == 'cpu' and torch.backends.mkldnn.is_available():
+    if torch.device(device).type == 'cpu' and torch.backends.mkldnn.is_available() and (
+            dtype is None or dtype in onednn_dtypes()):
         linear = torch.ops.mkldnn._linear_pointwise
         libraries['oneDNN linear'] = lambda a, b_t: linear(a, b_t, None, 'none', [], '')
     return libraries
@@ -197,7 +204,7 @@ def time_product(product: Product, device: str = 'cpu', calls: int = 1,
     a = torch.randn(*shape, product.m, product.k, generator=gen).to(device, dtype)
     b_t = torch.randn(*shape, product.n, product.k, generator=gen).to(device, dtype)
     best, errors = float('inf'), {}
-    libraries = matmul_libraries(device, product.batch > 1)
+    libraries = matmul_libraries(device, product.batch > 1, dtype)
     with torch.inference_mode():
         for name, library in libraries.items():
             try:

@@ -12,6 +12,7 @@ AVX-512 BF16, 2 threads, batch 16, DWNet-T's shapes: the 1x1 convolutions 3.87 a
 ms at stage 1, 3.02 against 2.86 ms at stage 3; the FFN's second layers the same within
 0.2 ms at every stage).
 """
+import functools
 from typing import Optional
 
 import torch
@@ -55,8 +56,17 @@ def _operands(owner: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     return x, weight, bias
 
 
-# the dtypes oneDNN's kernels take (not float64)
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+@functools.lru_cache(maxsize=None)
+def onednn_dtypes() -> tuple:
+    """The dtypes oneDNN's kernels take on this CPU: float32, and bfloat16 / float16 where
+    the CPU has the instructions oneDNN needs for them (AVX-512 BW/VL/DQ or AVX-NE-CONVERT
+    for bfloat16; an AVX2-only CPU has neither, and the kernels raise there)."""
+    dtypes = [torch.float32]
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        dtypes.append(torch.bfloat16)
+    if torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        dtypes.append(torch.float16)
+    return tuple(dtypes)
 
 
 def _fused(name: str, weight: Tensor, *tensors: Tensor, float32_only: bool = False):
@@ -70,7 +80,7 @@ def _fused(name: str, weight: Tensor, *tensors: Tensor, float32_only: bool = Fal
         return None
     autocast = torch.is_autocast_enabled('cpu')
     dtype = torch.get_autocast_dtype('cpu') if autocast else weight.dtype
-    if dtype not in _ONEDNN_DTYPES:
+    if dtype not in onednn_dtypes():
         return None
     if float32_only and (tensors[0].dtype != torch.float32 or autocast):
         return None

@@ -733,8 +733,11 @@ def test_deploy_fuses_layers(monkeypatch, conv_type):
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         low = block(x)
     torch.testing.assert_close(low.float(), expected, rtol=0.05, atol=0.05)
-    # bfloat16: the additions unfused, the second layer oneDNN's plain linear layer
-    assert calls[n:] == ['relu', *predictor, 'gelu', 'none']
+    # bfloat16: the additions unfused, the second layer oneDNN's plain linear layer; the
+    # standard layers where this CPU has no oneDNN kernels for bfloat16 (AVX2 only)
+    from mmdwnet.models.utils.fused_layers import onednn_dtypes
+    assert calls[n:] == (['relu', *predictor, 'gelu', 'none']
+                         if torch.bfloat16 in onednn_dtypes() else [])
 
 
 def test_iddw_norm_and_relu_run_in_the_kernel(monkeypatch):
@@ -971,10 +974,28 @@ def test_linear_in_inference_is_onednns(monkeypatch):
             low = linear(x, weight, bias)
         assert low.dtype == torch.bfloat16
         torch.testing.assert_close(low.float(), expected, rtol=0.02, atol=0.1)
-        assert calls == [torch.float32, torch.float32, torch.bfloat16]
+        # bfloat16 where this CPU has oneDNN kernels for it (not on AVX2-only CPUs)
+        from mmdwnet.models.utils.fused_layers import onednn_dtypes
+        assert calls == [torch.float32, torch.float32] + [
+            torch.bfloat16 for _ in range(torch.bfloat16 in onednn_dtypes())]
         torch.testing.assert_close(linear(x.double(), weight.double(), bias.double()),
                                    expected.double(), rtol=1e-6, atol=1e-5)
+    n = len(calls)
     out = linear(x, weight, bias)
-    assert out.requires_grad and len(calls) == 3
+    assert out.requires_grad and len(calls) == n
     out.sum().backward()
     torch.testing.assert_close(weight.grad, x.sum(0).expand(4704, 24))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_onednn_dtypes_are_those_its_kernels_take_here(dtype):
+    """The fused layers use oneDNN only in the dtypes it has kernels for on this CPU: a
+    dtype is listed exactly where oneDNN's linear layer computes in it."""
+    from mmdwnet.models.utils.fused_layers import onednn_dtypes
+    x, weight = torch.randn(8, 16).to(dtype), torch.randn(4, 16).to(dtype)
+    try:
+        out = torch.ops.mkldnn._linear_pointwise(x, weight, None, 'none', [], '')
+        runs = out.dtype == dtype
+    except RuntimeError:
+        runs = False
+    assert (dtype in onednn_dtypes()) == runs
