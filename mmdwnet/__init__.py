@@ -1,12 +1,7 @@
 from . import models  # noqa: F401  (registers the models)
-from .apis.model_hub import register_models
-from .utils import amp_hint
-from .utils.checkpoint import register_atomic_local_backend, register_checkpoint_types
+from .compat import apply as _apply_compatibility_patches
 from .version import __version__
 
-register_checkpoint_types()
-register_atomic_local_backend()
-amp_hint.install()
-register_models()  # mmpretrain.list_models / get_model / inference_model by config name
+_apply_compatibility_patches()  # every change to other libraries: mmdwnet/compat.py
 
 __all__ = ['__version__']

@@ -17,22 +17,6 @@ def test_demo_summaries_build_through_every_registry():
                         '96x17x25 192x9x13 384x5x7 768x3x4 |')
 
 
-def test_amp_on_a_machine_without_cuda_names_the_override():
-    """Stock tools building the dense configs' AmpOptimWrapper without CUDA: mmengine's
-    assertion, plus the override that trains in float32."""
-    import pytest
-    import torch
-    from mmengine.optim import AmpOptimWrapper
-
-    import mmdwnet  # noqa: F401  (the configs' custom_imports)
-    if torch.cuda.is_available():
-        pytest.skip('the no-CUDA error path')  # CI and the test machines have no GPU
-    model = torch.nn.Linear(2, 2)
-    with pytest.raises(AssertionError, match=r'(?s)only available training on gpu.*'
-                       r'--cfg-options optim_wrapper.type=OptimWrapper'):
-        AmpOptimWrapper(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-
-
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     """mmengine's local writes (Runner checkpoints) go through a temporary file and a rename:
     a save killed part way leaves the previous file whole and no partial file; the file is

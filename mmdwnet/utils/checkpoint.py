@@ -3,13 +3,14 @@
 Since torch 2.6 ``torch.load`` only unpickles tensors, containers and explicitly allowed
 types. mmengine 0.10.7 checkpoints also hold its ``HistoryBuffer`` log buffers (numpy
 arrays and scalars inside) in ``message_hub``, so ``--resume`` and loading a trained model
-fail. :func:`register_checkpoint_types` (run by ``import mmdwnet``) allows exactly those types
-and keeps ``weights_only=True``; it also makes HistoryBuffer stop pickling its statistics
-functions, which would need ``builtins.getattr`` - a door to arbitrary code that no
-allow-list should open. Unreadable files raise :class:`CheckpointError` naming the file.
+fail. :func:`load_from_local`, which ``import mmdwnet`` makes mmengine's loader for local
+paths (:mod:`mmdwnet.compat`), allows exactly those types (:func:`checkpoint_safe_globals`)
+and keeps ``weights_only=True``; unreadable files raise :class:`CheckpointError` naming the
+file.
 
 Local files written through mmengine's file backends (Runner checkpoints among them) are
-written atomically (:class:`AtomicLocalBackend`), and :func:`newest_readable_checkpoint`
+written atomically (:class:`AtomicLocalBackend`, mmengine's local backend once mmdwnet is
+imported), and :func:`newest_readable_checkpoint`
 finds where a resume can start when the newest checkpoint was cut short anyway.
 """
 import glob
@@ -24,19 +25,10 @@ import numpy as np
 import torch
 from mmengine.fileio import LocalBackend
 from mmengine.logging.history_buffer import HistoryBuffer
-from mmengine.runner import CheckpointLoader
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be loaded (corrupt, truncated, or unsafe content)."""
-
-
-def _history_buffer_state(self) -> dict:
-    # The statistics methods are registered on the class by code; HistoryBuffer's own
-    # __setstate__ restores the defaults when they are missing from the state.
-    state = self.__dict__.copy()
-    state.pop('statistics_methods', None)
-    return state
 
 
 def checkpoint_safe_globals() -> list:
@@ -70,14 +62,6 @@ def load_from_local(filename: str, map_location=None):
                               f'read ({type(e).__name__}: {detail})') from e
 
 
-def register_checkpoint_types() -> None:
-    """Allow the types of Runner checkpoints for ``weights_only`` loading and route
-    mmengine's local checkpoint loading through :func:`load_from_local`."""
-    HistoryBuffer.__getstate__ = _history_buffer_state
-    torch.serialization.add_safe_globals(checkpoint_safe_globals())
-    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
-
-
 class AtomicLocalBackend(LocalBackend):
     """mmengine's local file backend, writing atomically: into a temporary file in the same
     directory, flushed and fsynced, then renamed over the target. A process killed while
@@ -109,17 +93,6 @@ class AtomicLocalBackend(LocalBackend):
             if osp.exists(tmp):
                 os.remove(tmp)
             raise
-
-
-def register_atomic_local_backend() -> None:
-    """Make :class:`AtomicLocalBackend` mmengine's backend for local paths (and drop any
-    cached instance of the plain one)."""
-    from mmengine.fileio import io as mmengine_io
-    from mmengine.fileio import register_backend
-    register_backend('local', AtomicLocalBackend, force=True, prefixes='')
-    for key, backend in list(mmengine_io.backend_instances.items()):
-        if type(backend) is LocalBackend:
-            del mmengine_io.backend_instances[key]
 
 
 def is_readable_checkpoint(filename: str) -> bool:
