@@ -43,8 +43,7 @@ def pytest_collection_modifyitems(items):
     pytest-xdist's work stealing hands worker k the k-th contiguous share of the list at
     first, and an idle worker steals from the end of another's queue: each share here is
     its slow tests, then short ones. With all slow tests at the front of the list they
-    all fell to the first worker, and the training runs came last (session 21: 15.8
-    minutes on 2 cores, one worker idle while the other ran them)."""
+    would all fall to the first worker, with the other idle while it runs them."""
     workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
     slow = sorted((i for i in items if i.get_closest_marker('slow')), key=_start_rank)
     fast = iter([i for i in items if not i.get_closest_marker('slow')])
