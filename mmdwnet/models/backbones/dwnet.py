@@ -2,265 +2,26 @@
 Attention and Dynamic Depth-wise Convolution" (ICLR 2022).
 
 Swin Transformer's layout with every window-attention layer replaced by a depth-wise
-convolution block: static (``'dw'``), homogeneous dynamic (``'ddw'``) or inhomogeneous
-dynamic (``'iddw'``).
+convolution block (:mod:`.dwnet_block`): static (``'dw'``), homogeneous dynamic (``'ddw'``)
+or inhomogeneous dynamic (``'iddw'``).
 """
-import re
 from copy import deepcopy
 from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
-from mmcv.cnn import Linear, build_norm_layer
-from mmcv.cnn.bricks.drop import build_dropout
-from mmcv.cnn.bricks.transformer import FFN, PatchEmbed
-from mmengine.logging import print_log
+from mmcv.cnn import build_norm_layer
+from mmcv.cnn.bricks.transformer import PatchEmbed
 from mmengine.model import BaseModule, ModuleList
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmdwnet.models.utils import (ChannelSharedDWConv, ChannelsLastPatchMerging, Conv2dAdd,
-                                  Conv2dReLU, DynamicDWConv, InhomogeneousDynamicDWConv, LinearAdd,
-                                  LinearGELU, fold_bn_after, fold_bn_before_linear, is_foldable,
-                                  missing_pretrained_checkpoint, residual_drop_path)
-from mmdwnet.ops import DepthwiseConv2d, gelu_mlp, predicted_idwconv2d_fuses_output
+from mmdwnet.models.utils import load_pretrained_backbone, missing_pretrained_checkpoint
 from mmdwnet.ops.export_form import tracing_shapes
 from mmdwnet.registry import MODELS
+from .dwnet_block import CONV_TYPES, DWBlock, DWStage
 
-CONV_TYPES = ('dw', 'ddw', 'iddw')
-
-
-class DWBlock(BaseModule):
-    """One DWNet block: a depth-wise convolution half and an FFN half, each residual.
-
-    Spatial half: 1x1 conv, norm, ReLU, K x K depth-wise operator, norm, ReLU, 1x1 conv,
-    norm. Channel half: norm, then Linear C -> ``mlp_ratio`` * C, GELU, Linear back.
-
-    Args:
-        embed_dims (int): Channels C.
-        conv_type (str): K x K operator: ``'dw'``, ``'ddw'`` or ``'iddw'``. Defaults to 'dw'.
-        kernel_size (int): Kernel size K. Defaults to 7.
-        group_channels (int): Channels per dynamic-kernel group (``'iddw'`` only).
-            Defaults to 1.
-        mlp_ratio (float): Hidden width of the FFN relative to C. Defaults to 4.
-        drop_path_rate (float): Stochastic depth rate of both halves. Defaults to 0.
-        norm_cfg (dict): Norm layers of the block. Defaults to ``dict(type='BN')``.
-        predictor_norm_cfg (dict, optional): Norm layer of the dynamic kernel predictor
-            (``'ddw'``, ``'iddw'``). Defaults to None (``norm_cfg``).
-        act_cfg (dict): Activation of the FFN. Defaults to ``dict(type='GELU')``.
-        with_cp (bool): Use gradient checkpointing. Defaults to False.
-        se_ratio (int, optional): Ablation (Table 15): a squeeze-and-excitation layer
-            (MMPretrain's ``SELayer``, squeeze channels C / ``se_ratio`` rounded up to a
-            multiple of 8) after the depth-wise operator's norm and ReLU. Defaults to None.
-        extra_dw (bool): Ablation (Table 6, I-D-DW + DW): a residual static depth-wise
-            convolution with a norm in front, ``x + DW(norm(x))``, between the two halves,
-            as Shuffle Transformer's neighbour-window connection. Defaults to False.
-        shared_kernel_groups (int, optional): Ablation (Table 4): ``'dw'`` kernels shared
-            by groups of channels, this many groups. Defaults to None (one per channel).
-        init_cfg (dict, optional): Initialization config. Defaults to None.
-    """
-
-    def __init__(self,
-                 embed_dims: int,
-                 conv_type: str = 'dw',
-                 kernel_size: int = 7,
-                 group_channels: int = 1,
-                 mlp_ratio: float = 4.,
-                 drop_path_rate: float = 0.,
-                 norm_cfg: Dict = dict(type='BN'),
-                 predictor_norm_cfg: Optional[Dict] = None,
-                 act_cfg: Dict = dict(type='GELU'),
-                 with_cp: bool = False,
-                 se_ratio: Optional[int] = None,
-                 extra_dw: bool = False,
-                 shared_kernel_groups: Optional[int] = None,
-                 init_cfg: Optional[Dict] = None):
-        super().__init__(init_cfg=init_cfg)
-        self.with_cp = with_cp
-        self.pw_conv1 = nn.Conv2d(embed_dims, embed_dims, 1, bias=False)
-        self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
-        if shared_kernel_groups is not None:
-            if conv_type != 'dw':
-                raise ValueError('DWBlock: `shared_kernel_groups` applies to conv_type '
-                                 f"'dw' only, got conv_type={conv_type!r}")
-            self.dw_conv = ChannelSharedDWConv(embed_dims, kernel_size, shared_kernel_groups)
-        elif conv_type == 'dw':
-            self.dw_conv = DepthwiseConv2d(embed_dims, kernel_size)
-        elif conv_type == 'ddw':
-            self.dw_conv = DynamicDWConv(embed_dims, kernel_size,
-                                         norm_cfg=predictor_norm_cfg or norm_cfg)
-        elif conv_type == 'iddw':
-            self.dw_conv = InhomogeneousDynamicDWConv(
-                embed_dims, kernel_size, group_channels, norm_cfg=predictor_norm_cfg or norm_cfg)
-        else:
-            raise ValueError(f'DWBlock: `conv_type` must be one of {CONV_TYPES}, '
-                             f'got {conv_type!r}')
-        self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
-        self.se = None
-        if se_ratio is not None:
-            from mmpretrain.models.utils import SELayer
-            self.se = SELayer(embed_dims, ratio=se_ratio)
-        self.pw_conv2 = nn.Conv2d(embed_dims, embed_dims, 1, bias=False)
-        self.norm3 = build_norm_layer(norm_cfg, embed_dims)[1]
-        self.act = nn.ReLU(inplace=True)
-        self.drop_path = build_dropout(dict(type='DropPath', drop_prob=drop_path_rate))
-
-        self.extra_dw = extra_dw
-        if extra_dw:
-            self.local_norm = build_norm_layer(norm_cfg, embed_dims)[1]
-            self.local_conv = DepthwiseConv2d(embed_dims, kernel_size)
-
-        self.ffn_norm = build_norm_layer(norm_cfg, embed_dims)[1]
-        self.ffn = FFN(
-            embed_dims=embed_dims,
-            feedforward_channels=int(embed_dims * mlp_ratio),
-            num_fcs=2,
-            act_cfg=act_cfg,
-            dropout_layer=dict(type='DropPath', drop_prob=drop_path_rate),
-            add_identity=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-
-        def _inner_forward(x):
-            if isinstance(self.pw_conv1, Conv2dReLU):  # deploy form: norm1 folded
-                y = self.pw_conv1(x)
-            else:
-                y = self.act(self.norm1(self.pw_conv1(x)))
-            y = self._dw_norm_act(y)
-            if self.se is not None:
-                y = self.se(y)
-            if isinstance(self.pw_conv2, Conv2dAdd) and not self.training:
-                # deploy form in eval mode (norm3 folded, drop path an identity)
-                x = self.pw_conv2(y, x)
-            else:
-                x = residual_drop_path(x, self.norm3(self.pw_conv2(y)), self.drop_path)
-            if self.extra_dw:
-                x = x + self.local_conv(self.local_norm(x))
-            # the FFN works on (B, H, W, C); the identity is added inside it
-            y = self._ffn(self.ffn_norm(x).permute(0, 2, 3, 1), x.permute(0, 2, 3, 1))
-            return y.permute(0, 3, 1, 2)
-
-        if self.with_cp and x.requires_grad:
-            return cp.checkpoint(_inner_forward, x, use_reentrant=False)
-        return _inner_forward(x)
-
-    def _dw_norm_act(self, y: Tensor) -> Tensor:
-        """``act(norm2(dw_conv(y)))``. For I-D-DW with an eval-mode BatchNorm (which
-        cannot fold into kernels its group's channels share) and a ReLU, where the
-        operator runs its fused CPU kernel in inference, the kernel applies both to its
-        sums before it writes them: on an AMD EPYC (2 threads, batch 16, bf16) the
-        separate norm and ReLU took about 6 ms of I-D-DW-T's 500 ms. Elsewhere (autograd,
-        tracing, export, other devices) the separate layers."""
-        if (isinstance(self.dw_conv, InhomogeneousDynamicDWConv) and type(self.act) is nn.ReLU
-                and is_foldable(self.norm2) and not self.norm2.training
-                and predicted_idwconv2d_fuses_output(y, self.dw_conv.kernel_size)):
-            return self.dw_conv(y, out_norm=self.norm2)
-        return self.act(self.norm2(self.dw_conv(y)))
-
-    def _ffn(self, x: Tensor, identity: Tensor) -> Tensor:
-        """``self.ffn(x, identity)``: mmcv's FFN, with its residual addition and drop
-        path in one pass, or in deploy form in eval mode (dropout and drop path are
-        identities) inside the second layer's kernel."""
-        layers = self.ffn.layers
-        if isinstance(layers[1], LinearAdd) and not self.training:
-            return layers[1](layers[0](x), identity)
-        fcs = self._plain_gelu_mlp()
-        y = gelu_mlp(x, fcs[0].weight, fcs[0].bias, fcs[1].weight,
-                     fcs[1].bias) if fcs is not None else layers(x)
-        return residual_drop_path(identity, self.ffn.gamma2(y), self.ffn.dropout_layer)
-
-    def _plain_gelu_mlp(self) -> Optional[tuple]:
-        """The FFN's two linear layers where its layers compute
-        ``fc2(GELU(fc1(x)))`` (exact GELU, the dropouts identities), for
-        :func:`gelu_mlp`, which trains them faster on CPU; else None."""
-        layers = self.ffn.layers
-        if len(layers) != 3 or not isinstance(layers[0], nn.Sequential) or len(layers[0]) != 3:
-            return None
-        (fc1, act, drop1), fc2, drop2 = layers[0], layers[1], layers[2]
-        if not (type(act) is nn.GELU and act.approximate == 'none'
-                and all(type(fc) in (nn.Linear, Linear, LinearAdd) for fc in (fc1, fc2))):
-            return None
-        inactive = all(
-            type(drop) is nn.Dropout and (drop.p == 0 or not drop.training)
-            for drop in (drop1, drop2))
-        return (fc1, fc2) if inactive else None
-
-    @torch.no_grad()
-    def switch_to_deploy(self) -> None:
-        """Fold every BatchNorm (with its running statistics) into the adjacent
-        convolution or linear layer and replace it by an identity; norms of other kinds
-        stay. Where their norms folded, the first 1x1 convolution and its ReLU become one
-        :class:`Conv2dReLU` and the last and the residual addition one :class:`Conv2dAdd`;
-        the FFN's first linear layer and its GELU become one :class:`LinearGELU`, its
-        second layer and the residual addition one :class:`LinearAdd` (same parameters and
-        keys). The block then computes the same function in eval mode, faster."""
-        if fold_bn_after(self, 'pw_conv1', 'norm1') and type(self.pw_conv1) is nn.Conv2d:
-            self.pw_conv1 = Conv2dReLU.from_conv(self.pw_conv1)
-        if isinstance(self.dw_conv, nn.Conv2d):
-            fold_bn_after(self, 'dw_conv', 'norm2')
-        elif isinstance(self.dw_conv, DynamicDWConv):
-            if self.dw_conv.switch_to_deploy(self.norm2):
-                self.norm2 = nn.Identity()
-        elif isinstance(self.dw_conv, InhomogeneousDynamicDWConv):
-            self.dw_conv.switch_to_deploy()
-        # channel-shared kernels cannot take a per-channel scale: norm2 stays
-        if fold_bn_after(self, 'pw_conv2', 'norm3') and type(self.pw_conv2) is nn.Conv2d:
-            self.pw_conv2 = Conv2dAdd.from_conv(self.pw_conv2)
-        fold_bn_before_linear(self, 'ffn_norm', self.ffn.layers[0][0])
-        # the FFN's first linear layer and its exact GELU as one oneDNN operation
-        hidden = self.ffn.layers[0]
-        if (isinstance(hidden[0], nn.Linear) and type(hidden[1]) is nn.GELU
-                and hidden[1].approximate == 'none'):
-            hidden[0] = LinearGELU.from_linear(hidden[0])
-            hidden[1] = nn.Identity()
-        # the second layer and the residual addition (with no layer scale between them)
-        fc2 = self.ffn.layers[1]
-        if (isinstance(fc2, nn.Linear) and not isinstance(fc2, LinearAdd)
-                and isinstance(self.ffn.gamma2, nn.Identity)):
-            self.ffn.layers[1] = LinearAdd.from_linear(fc2)
-
-
-class DWStage(BaseModule):
-    """A stage: optional 2x down-sampling (patch merging) followed by DWNet blocks.
-
-    Args:
-        in_channels (int): Channels entering the stage.
-        embed_dims (int): Channels inside the stage.
-        downsample (bool): Start with patch merging (``in_channels`` -> ``embed_dims``).
-        drop_path_rates (Sequence[float]): Stochastic depth rate of each block (one block
-            per rate).
-        block_cfg (dict): Keyword arguments shared by the blocks (see :class:`DWBlock`).
-        init_cfg (dict, optional): Initialization config. Defaults to None.
-    """
-
-    def __init__(self,
-                 in_channels: int,
-                 embed_dims: int,
-                 downsample: bool,
-                 drop_path_rates: Sequence[float],
-                 block_cfg: Dict,
-                 init_cfg: Optional[Dict] = None):
-        super().__init__(init_cfg=init_cfg)
-        # mmcv's PatchMerging (LN + bias-free Linear) gathers each 2x2 neighbourhood in
-        # nn.Unfold's channel order, c * 4 + 2 * row + col; the reference code stacks the
-        # four positions instead. Weight converters permute accordingly. The channels-last
-        # subclass computes the same without nn.Unfold (see its docstring for why).
-        self.downsample = ChannelsLastPatchMerging(
-            in_channels, embed_dims, norm_cfg=dict(type='LN')) if downsample else None
-        self.blocks = ModuleList(
-            DWBlock(embed_dims, drop_path_rate=rate, **block_cfg) for rate in drop_path_rates)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.downsample is not None:
-            # (B, C, H, W) maps are channels-last in memory: the (B, H*W, C) sequence and
-            # back are views, and gradients stay channels-last
-            b, c = x.shape[:2]
-            x, (h, w) = self.downsample(x.permute(0, 2, 3, 1).reshape(b, -1, c), x.shape[2:])
-            x = x.view(b, h, w, -1).permute(0, 3, 1, 2)
-        for block in self.blocks:
-            x = block(x)
-        return x
+__all__ = ['DWNet', 'DWBlock', 'DWStage', 'CONV_TYPES']
 
 
 @MODELS.register_module()
@@ -569,59 +330,8 @@ class DWNet(BaseModule):
         self.init_cfg = deepcopy(self.default_init_cfg)
         super().init_weights()
         self.init_cfg = cfg
-        self._load_pretrained(cfg['checkpoint'], cfg.get('prefix'),
-                              cfg.get('map_location', 'cpu'))
-
-    def _load_pretrained(self, path: str, prefix: Optional[str], map_location) -> None:
-        """Load the checkpoint's tensors under ``prefix`` with mmengine's loaders, copy
-        those that fit this backbone and log exactly which keys were not loaded and why
-        (e.g. an ImageNet classifier's final LayerNorm for a detection backbone with BN
-        output norms). mmengine's ``load_state_dict`` alone would refuse mis-shaped
-        tensors and load a LayerNorm's weight into a BatchNorm of the same width."""
-        from mmengine.runner.checkpoint import _load_checkpoint, _load_checkpoint_with_prefix
-        if prefix:
-            prefix = prefix if prefix.endswith('.') else prefix + '.'
-            try:
-                state = _load_checkpoint_with_prefix(prefix, path, map_location)
-            except AssertionError:  # mmengine's way of saying that no key has the prefix
-                raise ValueError(f'DWNet: no key of the checkpoint {path} starts with the '
-                                 f'init_cfg `prefix` {prefix!r}') from None
-        else:
-            prefix = ''
-            checkpoint = _load_checkpoint(path, map_location=map_location)
-            state = checkpoint.get('state_dict', checkpoint)
-        own = self.state_dict()
-        reasons = {}  # key (without the prefix) -> why it is not loaded
-        for key, value in state.items():
-            norm = key.split('.')[0]
-            if key not in own:
-                continue  # load_state_dict reports it as unexpected
-            if re.fullmatch(r'norm\d', norm) and (
-                    {k for k in state if k.startswith(norm + '.')}
-                    != {k for k in own if k.startswith(norm + '.')}):
-                reasons[key] = (f'{norm} is another kind of norm here '
-                                f'({type(getattr(self, norm)).__name__})')
-            elif value.shape != own[key].shape:
-                reasons[key] = (f'shape {tuple(value.shape)} in the checkpoint, '
-                                f'{tuple(own[key].shape)} here')
-        loaded = {k: v for k, v in state.items() if k not in reasons}
-        unexpected = self.load_state_dict(loaded, strict=False).unexpected_keys
-        reasons.update(dict.fromkeys(unexpected, 'not a parameter of this backbone'))
-        # what the checkpoint did not set (load_state_dict's missing_keys leaves out the
-        # BatchNorm counters it fills in itself)
-        missing = sorted(set(own) - set(loaded))
-        by_reason = {}
-        for key, reason in reasons.items():
-            by_reason.setdefault(reason, []).append(prefix + key)
-        where = f'the keys under the prefix {prefix!r}' if prefix else 'all keys'
-        lines = [f'DWNet: initialised {len(own) - len(missing)} of {len(own)} backbone '
-                 f'tensors from {path} ({where}).']
-        lines += [f'  not loaded ({reason}): {", ".join(keys)}'
-                  for reason, keys in by_reason.items()]
-        if missing:
-            lines.append(f'  kept at initialisation (nothing loaded into them): '
-                         f'{", ".join(missing)}')
-        print_log('\n'.join(lines), logger='current')
+        load_pretrained_backbone(self, cfg['checkpoint'], cfg.get('prefix'),
+                                 cfg.get('map_location', 'cpu'), owner='DWNet')
 
     def get_layer_depth(self, param_name: str, prefix: str = ''):
         """Layer-wise depth of a parameter, for layer-wise learning-rate decay.

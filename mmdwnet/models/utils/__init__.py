@@ -4,12 +4,12 @@ from .fuse_bn import bn_affine, fold_bn_after, fold_bn_before_linear, is_foldabl
 from .fused_layers import Conv2dAdd, Conv2dReLU, LinearAdd, LinearGELU
 from .norm import CenteringCalibratedBN
 from .patch_merging import ChannelsLastPatchMerging
-from .pretrained import missing_pretrained_checkpoint
+from .pretrained import load_pretrained_backbone, missing_pretrained_checkpoint
 
 __all__ = [
     'DynamicDWConv', 'InhomogeneousDynamicDWConv', 'ChannelSharedDWConv',
     'bn_affine', 'fold_bn_after', 'fold_bn_before_linear', 'is_foldable',
     'CenteringCalibratedBN', 'ChannelsLastPatchMerging', 'Conv2dAdd', 'Conv2dReLU',
     'LinearAdd', 'LinearGELU',
-    'missing_pretrained_checkpoint', 'residual_drop_path'
+    'load_pretrained_backbone', 'missing_pretrained_checkpoint', 'residual_drop_path'
 ]

@@ -379,14 +379,14 @@ def test_pretrained_init_with_prefix(tmp_path):
 
 
 def test_pretrained_init_without_prefix_logs_what_it_left(tmp_path, monkeypatch):
-    from mmdwnet.models.backbones import dwnet
+    from mmdwnet.models.utils import pretrained
     source = DWNet('tiny', 'dw', out_indices=(0, 3))
     state = {k: v + 1 for k, v in source.state_dict().items() if not k.startswith('norm0')}
     state['stages.0.blocks.0.pw_conv1.weight'] = torch.zeros(5, 5, 1, 1)  # mis-shaped
     state['extra.weight'] = torch.zeros(2)
     torch.save(state, tmp_path / 'plain.pth')  # a bare state dict
     messages = []
-    monkeypatch.setattr(dwnet, 'print_log', lambda msg, logger=None: messages.append(msg))
+    monkeypatch.setattr(pretrained, 'print_log', lambda msg, logger=None: messages.append(msg))
     model = DWNet('tiny', 'dw', out_indices=(0, 3),
                   init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'plain.pth')))
     model.init_weights()
@@ -406,7 +406,7 @@ def test_pretrained_init_without_prefix_logs_what_it_left(tmp_path, monkeypatch)
 
 
 def test_imagenet_checkpoint_initialises_a_dense_backbone(tmp_path, monkeypatch):
-    from mmdwnet.models.backbones import dwnet
+    from mmdwnet.models.utils import pretrained
     classifier = build_model(imagenet_classifier_cfg('tiny', 'iddw'))
     with torch.no_grad():
         for p in classifier.parameters():
@@ -414,7 +414,7 @@ def test_imagenet_checkpoint_initialises_a_dense_backbone(tmp_path, monkeypatch)
     path = str(tmp_path / 'in1k.pth')
     torch.save({'state_dict': classifier.state_dict(), 'meta': {}}, path)
     messages = []
-    monkeypatch.setattr(dwnet, 'print_log',
+    monkeypatch.setattr(pretrained, 'print_log',
                         lambda msg, logger=None, level=None: messages.append(msg))
     dense = DWNet('tiny', 'iddw', out_indices=(0, 1, 2, 3), out_norm_cfg=dict(type='BN'),
                   init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone.'))
