@@ -12,6 +12,15 @@ from mmdwnet.testing import smoke_run_options as overrides  # noqa: F401
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
+def tools_env():
+    """This process's environment with tools/ first on ``PYTHONPATH``: a Python a test starts
+    imports ``analysis_tools`` as the tools (their own folder) and the tests (pytest.ini's
+    ``pythonpath``) do."""
+    import os
+    paths = [osp.join(ROOT, 'tools'), os.environ.get('PYTHONPATH')]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+
+
 # The server the tool runs fork from. Its only work is ``import mmdwnet``: what every tool
 # under tools/ does first, and most of a tool run's start-up (8 s of import on 2 cores,
 # more when the other test worker is busy). It runs no torch operation, so OpenMP has

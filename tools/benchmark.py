@@ -10,7 +10,7 @@ names the CPU and its relevant instruction sets (AVX-512, AVX-512 BF16/FP16, AMX
 Beside the peak's bound, usually a tighter one: each model's matrix products (recorded
 from one inference, in the dtype they run in) timed alone in every repeat by the fastest
 library, the throughput it would have if nothing else took time (the "products alone"
-columns; :mod:`mmdwnet.utils.matrix_products` says what it assumes): a target above it
+columns; :mod:`analysis_tools.matrix_products` says what it assumes): a target above it
 cannot be reached on the machine by any work outside the products.
 ``--dtype bf16`` / ``fp16`` run everything under ``torch.autocast`` on the device.
 Inference uses the models' deploy form (BatchNorms folded, ``switch_to_deploy``) unless
@@ -18,7 +18,7 @@ Inference uses the models' deploy form (BatchNorms folded, ``switch_to_deploy``)
 fused AdamW, for every model) in train mode.
 
 On CPU, glibc's malloc is set to keep freed memory for reuse (``--malloc retain``, the
-default; see :func:`mmdwnet.utils.malloc.retain_freed_memory`), as PyTorch's CPU launcher
+default; see :func:`analysis_tools.malloc.retain_freed_memory`), as PyTorch's CPU launcher
 does with tcmalloc or jemalloc; otherwise every step pays page faults on its large
 activations, which add noise of up to half a second per step. ``--malloc default`` keeps
 glibc's defaults. Peak memory is measured in separate processes either way, children of a
@@ -26,7 +26,7 @@ copy of the tool taken before any model ran.
 
 ``--compile`` and ``--backend onnxruntime`` (CPU, fp32) compare instead how the same models
 run deployed: PyTorch eager, ``torch.compile`` (inductor) and ONNX Runtime, at batch 1 and
-the batch size, each checked against eager first (:mod:`mmdwnet.utils.backend_benchmark`).
+the batch size, each checked against eager first (:mod:`analysis_tools.backend_benchmark`).
 
 Example:
     python tools/benchmark.py dwconv_t ddwconv_t iddwconv_t swin_t convnext_t \\
@@ -43,11 +43,12 @@ import sys
 import torch
 
 import mmdwnet  # noqa: F401  (registers DWNet)
-from mmdwnet.utils.benchmark import (DTYPES, MODELS, add_efficiency, add_ratios, format_table,
-                                     is_native, isa_summary, machine_description,
-                                     matmul_peak_gflops, measure_memory, measure_speed, plot)
-from mmdwnet.utils.clean_process import CleanProcess
-from mmdwnet.utils.malloc import retain_freed_memory
+from analysis_tools.benchmark_utils import (DTYPES, MODELS, add_efficiency, add_ratios,
+                                            format_table, is_native, isa_summary,
+                                            machine_description, matmul_peak_gflops,
+                                            measure_memory, measure_speed, plot)
+from analysis_tools.clean_process import CleanProcess
+from analysis_tools.malloc import retain_freed_memory
 from mmdwnet.utils.markdown import replace_section, section_markers
 
 
@@ -211,7 +212,7 @@ def report(args, header, table, rows, markers, section):
 
 
 def compare_backends(args, progress):
-    from mmdwnet.utils.backend_benchmark import format_backend_table, measure_backends
+    from analysis_tools.backend_benchmark import format_backend_table, measure_backends
     backends = ['eager'] + (['compile'] if args.compile else []) + args.backend
     batches = sorted({1, args.batch_size})
     rows = measure_backends(args.models, backends, batches, args.img_size, args.repeats,

@@ -1,12 +1,12 @@
 """The depth-wise convolution with shared or per-sample kernels: every path (compiled CPU
 kernels, oneDNN's convolution, the fallback) against the unfold reference of
-``tests/reference.py``, which never calls ``F.conv2d``; gradients; and spies that show which
-compiled kernels ran."""
+``mmdwnet/testing/reference.py``, which never calls ``F.conv2d``; gradients; and spies that
+show which compiled kernels ran."""
 import pytest
 import torch
-from reference import dwconv as reference
 
 from mmdwnet.ops import DepthwiseConv2d, cpu_extension, depthwise_conv2d
+from mmdwnet.testing.reference import dwconv as reference
 
 
 def _compiled_ops_expected(shared, h, w, k, dtype=torch.float32):

@@ -2,14 +2,14 @@
 references, and the switch that selects them."""
 import pytest
 import torch
-from reference import dwconv as reference_dwconv
-from reference import idwconv as reference_idwconv
-from reference import predicted_idwconv as reference_predicted
 
 from mmdwnet.ops import (depthwise_conv2d, export_mode, in_export_mode, inhomogeneous_dwconv2d,
                          predicted_idwconv2d)
 from mmdwnet.ops.export_form import (depthwise_conv_standard, idwconv_shift_add,
                                      predicted_idwconv_shift_add)
+from mmdwnet.testing.reference import dwconv as reference_dwconv
+from mmdwnet.testing.reference import idwconv as reference_idwconv
+from mmdwnet.testing.reference import predicted_idwconv as reference_predicted
 
 
 def _randn(*shape, seed=0):

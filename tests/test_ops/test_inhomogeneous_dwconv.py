@@ -6,12 +6,10 @@ import textwrap
 
 import pytest
 import torch
-from helpers import ROOT, run_tool
-from reference import idwconv as reference_idwconv
+from helpers import run_tool, tools_env
 
 from mmdwnet.ops import inhomogeneous_dwconv2d
-
-_TESTS = os.path.join(ROOT, 'tests')
+from mmdwnet.testing.reference import idwconv as reference_idwconv
 
 
 def _pair(b, c, g, k, h, w, dtype=torch.float32, seed=0):
@@ -196,12 +194,11 @@ def test_bad_input():
 
 
 _MEMORY_SCRIPT = textwrap.dedent('''
-    import json, re, sys
+    import json, re
     import torch
-    sys.path.insert(0, {tests_dir!r})
-    from reference import idwconv as reference_idwconv
+    from analysis_tools.clean_process import CleanProcess
     from mmdwnet.ops import inhomogeneous_dwconv2d
-    from mmdwnet.utils.clean_process import CleanProcess
+    from mmdwnet.testing.reference import idwconv as reference_idwconv
 
     def resident_kib(field):  # VmRSS: now, VmHWM: peak since the last reset
         with open('/proc/self/status') as f:
@@ -222,9 +219,9 @@ _MEMORY_SCRIPT = textwrap.dedent('''
 
     torch.set_num_threads(1)
     with CleanProcess() as clean:  # each measurement in a process that ran nothing before
-        print(json.dumps({{f'{{impl}} {{dtype}}': clean.call(peak_extra, impl, dtype)
-                          for impl, dtype in [('op', 'float32'), ('op', 'bfloat16'),
-                                              ('reference', 'float32')]}}))
+        print(json.dumps({f'{impl} {dtype}': clean.call(peak_extra, impl, dtype)
+                         for impl, dtype in [('op', 'float32'), ('op', 'bfloat16'),
+                                             ('reference', 'float32')]}))
 ''')
 
 
@@ -233,10 +230,9 @@ def peak_extra_memory():
     """The peak growth of the resident set during the forward pass, over the output's size,
     of the operator (float32, bfloat16) and of the unfold reference (float32), each
     measured in a child of one fresh process (Linux /proc; glibc's malloc returning
-    freed blocks to the system at once: see mmdwnet.utils.clean_process)."""
-    script = _MEMORY_SCRIPT.format(tests_dir=_TESTS)
-    out = subprocess.run([sys.executable, '-c', script], check=True, capture_output=True,
-                         text=True).stdout
+    freed blocks to the system at once: see analysis_tools.clean_process)."""
+    out = subprocess.run([sys.executable, '-c', _MEMORY_SCRIPT], check=True,
+                         capture_output=True, text=True, env=tools_env()).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -2,12 +2,12 @@
 inside the operator, never stored for the backward pass."""
 import pytest
 import torch
-from reference import idwconv as reference_idwconv
-from reference import predicted_idwconv as unfold_reference
 
 from mmdwnet.ops import cpu_extension
 from mmdwnet.ops import predicted_idwconv as module
 from mmdwnet.ops import predicted_idwconv2d
+from mmdwnet.testing.reference import idwconv as reference_idwconv
+from mmdwnet.testing.reference import predicted_idwconv as unfold_reference
 
 
 def _operands(b=3, c=8, r=2, g=4, k=3, h=5, w=6, dtype=torch.float64, seed=0):

@@ -7,7 +7,6 @@ import textwrap
 
 import pytest
 import torch
-from helpers import ROOT
 
 from mmdwnet.ops import triton_idwconv
 
@@ -28,9 +27,8 @@ def test_triton_is_importable_where_torch_ships_it():
 
 
 _SCRIPT = textwrap.dedent('''
-    import sys, torch
-    sys.path.insert(0, {tests_dir!r})
-    from reference import idwconv as reference_idwconv
+    import torch
+    from mmdwnet.testing.reference import idwconv as reference_idwconv
     from mmdwnet.ops import triton_idwconv
     torch.manual_seed(0)
     # odd and even K (12: the 384 fine-tuning kernels, larger than one map here)
@@ -84,9 +82,8 @@ _SCRIPT = textwrap.dedent('''
 @pytest.mark.slow
 @needs_triton
 def test_kernels_match_the_reference_in_the_interpreter():
-    tests_dir = os.path.join(ROOT, 'tests')
     env = dict(os.environ, TRITON_INTERPRET='1')
-    result = subprocess.run([sys.executable, '-c', _SCRIPT.format(tests_dir=tests_dir)],
+    result = subprocess.run([sys.executable, '-c', _SCRIPT],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0 and result.stdout.strip().endswith('OK'), \
         result.stderr[-3000:]

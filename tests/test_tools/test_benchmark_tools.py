@@ -5,10 +5,10 @@ import os.path as osp
 
 import numpy as np
 import pytest
-from helpers import ROOT, run_tool
+from helpers import ROOT, run_tool, tools_env
 from PIL import Image
 
-from mmdwnet.utils.benchmark import cpu_model, isa_summary
+from analysis_tools.benchmark_utils import cpu_model, isa_summary
 
 pytestmark = pytest.mark.slow  # tools in subprocesses
 
@@ -111,7 +111,10 @@ def test_benchmark_writes_the_readme_section(tmp_path):
 
 RETAIN_PROBE = """
 import resource, sys, torch
-from mmdwnet.utils.malloc import retain_freed_memory
+# the heap as the tools have it (they import mmdwnet first); after torch's import alone
+# the heap grew by the 128 MiB block every round rather than reuse it
+import mmdwnet.utils
+from analysis_tools.malloc import retain_freed_memory
 if sys.argv[1] == 'retain':
     assert retain_freed_memory()
 for _ in range(4):  # the first rounds settle the heap
@@ -130,7 +133,7 @@ def test_retain_freed_memory_stops_page_faults_on_reuse():
     faults = {}
     for mode in ('default', 'retain'):
         out = subprocess.run([sys.executable, '-c', RETAIN_PROBE, mode], cwd=ROOT,
-                             capture_output=True, text=True, check=True)
+                             env=tools_env(), capture_output=True, text=True, check=True)
         faults[mode] = int(out.stdout.split()[-1])
     assert faults['default'] >= 2**27 // (2 * 2**20)  # at least one per 2 MiB (huge) page
     assert faults['retain'] <= 16, faults
@@ -212,7 +215,7 @@ def test_ceilings_say_what_the_peak_allows():
     throughput; a target above them is out of reach on the machine. `vs <baseline>,
     products alone`: the tighter bound of the model's matrix products timed alone (exact
     arithmetic on made-up rows, in-process)."""
-    from mmdwnet.utils.benchmark import add_efficiency, add_ratios, format_table
+    from analysis_tools.benchmark_utils import add_efficiency, add_ratios, format_table
     rows = [dict(model='dwconv_t', params=24e6, flops=4e9, img_per_s=40.0,
                  fp32_img_per_s=20.0, vs_fp32=2.0, fused=True, product_gflop=7.0,
                  products_img_per_s=45.0),

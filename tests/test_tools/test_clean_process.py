@@ -1,4 +1,4 @@
-"""mmdwnet.utils.clean_process.CleanProcess, which the benchmark tools measure peak memory
+"""analysis_tools.clean_process.CleanProcess, which the benchmark tools measure peak memory
 in: run in a fresh interpreter, as the tools run it (a pytest worker has run torch's
 threads already, which a fork must not inherit)."""
 import json
@@ -6,13 +6,13 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, tools_env
 
 pytestmark = pytest.mark.slow  # a subprocess
 
 SCRIPT = r"""
 import json, os, sys, torch
-from mmdwnet.utils.clean_process import CleanProcess
+from analysis_tools.clean_process import CleanProcess
 
 def resident():  # MiB
     with open('/proc/self/status') as f:
@@ -48,8 +48,8 @@ print(json.dumps(out))
 
 
 def test_children_run_as_in_a_fresh_process():
-    result = subprocess.run([sys.executable, '-c', SCRIPT], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run([sys.executable, '-c', SCRIPT], cwd=ROOT, env=tools_env(),
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     # the child holds nothing this process allocated after the copy was taken
@@ -68,7 +68,7 @@ def test_children_run_as_in_a_fresh_process():
 
 
 def test_cpu_memory_needs_a_clean_process():
-    from mmdwnet.utils.benchmark import measure_memory
+    from analysis_tools.benchmark_utils import measure_memory
     with pytest.raises(ValueError, match="peak memory on 'cpu' is measured in a child of a "
                                          'CleanProcess; got clean=None'):
         measure_memory('dwconv_t', 'cpu', 1, 32, 'fp32', True)

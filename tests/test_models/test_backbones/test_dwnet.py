@@ -646,9 +646,9 @@ def test_bf16_classifier_agrees_with_fp32(name):
     images, against float32 (what ``tools/benchmark.py --dtype bf16`` reports). No released
     weights are reachable here: the random model is conditioned as training conditions it
     (``trained_like``: BatchNorm statistics of the images, residual branches at 0.3)."""
+    from analysis_tools.benchmark_utils import (build_classifier, inference_model,
+                                                precision_agreement, trained_like)
     from mmdwnet.testing import natural_images
-    from mmdwnet.utils.benchmark import (build_classifier, inference_model, precision_agreement,
-                                         trained_like)
     torch.manual_seed(0)
     images = natural_images(8, 224)
     model = trained_like(build_classifier(name), images)

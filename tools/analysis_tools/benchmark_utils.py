@@ -5,7 +5,7 @@ so that machine noise hits all of them alike. Peak memory on CPU is measured in 
 process per model that has run nothing before (the process's resident-set high-water mark,
 reset before the measured step, with malloc returning large blocks to the system so that
 the mark sees them): a child forked from a copy of the tool taken before any model ran
-(:class:`mmdwnet.utils.clean_process.CleanProcess`); on CUDA with the allocator's peak
+(:class:`analysis_tools.clean_process.CleanProcess`); on CUDA with the allocator's peak
 statistics.
 """
 import ctypes
@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from mmengine.hub import get_config
 from torch import nn
 
-from ..ops.cpu_extension import cpu_flags
-from .build import build_model
-from .clean_process import CleanProcess
-from .markdown import markdown_table
-from .matrix_products import (Product, product_flops, products_seconds, record_matrix_products,
-                              synchronize, time_product)
+from analysis_tools.clean_process import CleanProcess
+from analysis_tools.matrix_products import (Product, product_flops, products_seconds,
+                                            record_matrix_products, synchronize, time_product)
+from mmdwnet.ops.cpu_extension import cpu_flags
+from mmdwnet.utils.build import build_model
+from mmdwnet.utils.markdown import markdown_table
 
 # the configs of the installed packages (mmengine.hub.get_config paths)
 MODELS = {
@@ -168,7 +168,7 @@ def matmul_peak_gflops(dtype: str = 'fp32', device: str = 'cpu', repeats: int = 
     """The machine's matrix-product peak in ``dtype`` (GFLOP/s, 2 FLOPs per
     multiply-add), measured now: the best median over square products of ``sizes`` by
     the fastest of the libraries the models' products run in
-    (:func:`~mmdwnet.utils.matrix_products.time_product`: ``torch.mm`` and, on CPU,
+    (:func:`~analysis_tools.matrix_products.time_product`: ``torch.mm`` and, on CPU,
     oneDNN's linear layer), with the threads the models use. Computed in ``dtype``
     directly, as autocast runs the products. (``torch.mm`` alone, which runs MKL in
     float32, reached about 20% less than oneDNN on the AMD EPYC hosts.)"""
@@ -180,7 +180,7 @@ def matmul_peak_gflops(dtype: str = 'fp32', device: str = 'cpu', repeats: int = 
 def count_model_flops(model: nn.Module, img_size: int, device: str = 'cpu') -> int:
     """Multiply-accumulates of one ``img_size`` image through the classifier, counted as
     ``tools/get_flops.py`` counts them (mmengine's FlopAnalyzer with mmdwnet's rules)."""
-    from .complexity import _TensorForward, count_flops
+    from mmdwnet.utils.complexity import _TensorForward, count_flops
     model = deepcopy(model).eval().to(device)
     inputs = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -225,7 +225,7 @@ class BenchmarkedModel:
 
     def matrix_products(self) -> Counter:
         """The matrix products of one inference of the batch, as timed
-        (:func:`~mmdwnet.utils.matrix_products.record_matrix_products`)."""
+        (:func:`~analysis_tools.matrix_products.record_matrix_products`)."""
         with torch.inference_mode(), self._autocast():
             return record_matrix_products(lambda: self.infer(self.inputs, mode='tensor'))
 
@@ -252,7 +252,7 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
     (``flops``); the GFLOP of its matrix products per image (``product_gflop``, 2 FLOPs
     per multiply-add) and the throughput the model would have if nothing but those
     products took time, each timed alone in every repeat (``products_img_per_s``, None
-    for a model without products; see :mod:`mmdwnet.utils.matrix_products`).
+    for a model without products; see :mod:`analysis_tools.matrix_products`).
     For fp16/bf16, also how its logits agree with fp32
     (:func:`precision_agreement`) on 8 natural-looking images, for the model conditioned
     as training would (:func:`trained_like`) and in the timed (folded) form, and its
@@ -280,6 +280,7 @@ def measure_speed(names: Sequence[str], device: str = 'cpu', batch_size: int = 1
     latency = {m.name: [] for m in timed}
     step = {m.name: [] for m in timed}
     alone = {m.name: [] for m in timed}  # the model's matrix products, each timed alone
+    # torch.utils.benchmark times one statement at a time: the models here alternate per repeat
     for i in range(repeats):
         for m in timed:
             infer[m.name].append(m.inference())

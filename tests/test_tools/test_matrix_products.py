@@ -1,4 +1,4 @@
-"""mmdwnet.utils.matrix_products: the products a model computes, for the benchmark's
+"""analysis_tools.matrix_products: the products a model computes, for the benchmark's
 products-alone bound (exact shapes and counts, in-process; no timings asserted)."""
 import time
 from collections import Counter
@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmdwnet.utils import matrix_products
-from mmdwnet.utils.benchmark import build_classifier, inference_model
-from mmdwnet.utils.matrix_products import (PREDICTION_TILE, Product, matmul_libraries,
-                                           product_flops, products_seconds, record_matrix_products,
-                                           time_product)
+from analysis_tools import matrix_products
+from analysis_tools.benchmark_utils import build_classifier, inference_model
+from analysis_tools.matrix_products import (PREDICTION_TILE, Product, matmul_libraries,
+                                            product_flops, products_seconds,
+                                            record_matrix_products, time_product)
 
 STAGES = ((96, 56, 2), (192, 28, 2), (384, 14, 6), (768, 7, 2))  # DWNet-T: C, H = W, depth
 

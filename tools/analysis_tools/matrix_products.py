@@ -205,6 +205,7 @@ def time_product(product: Product, device: str = 'cpu', calls: int = 1,
     b_t = torch.randn(*shape, product.n, product.k, generator=gen).to(device, dtype)
     best, errors = float('inf'), {}
     libraries = matmul_libraries(device, product.batch > 1, dtype)
+    # not torch.utils.benchmark: called between the models' steps of a repeat, timed as they are
     with torch.inference_mode():
         for name, library in libraries.items():
             try:

@@ -16,8 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .benchmark import BASELINE, build_classifier
-from .markdown import markdown_table
+from analysis_tools.benchmark_utils import BASELINE, build_classifier
+from mmdwnet.utils.markdown import markdown_table
 
 BACKENDS = ('eager', 'compile', 'onnxruntime')
 #: largest tolerated difference from eager, relative to the logits' scale (inductor and ONNX
@@ -92,6 +92,7 @@ def measure_backends(names: Sequence[str], backends: Sequence[str] = BACKENDS,
                     f'{time.perf_counter() - start:.1f} s, {diff:.1e} from eager')
                 runners[name, backend, batch] = (run, x, diff)
     times = {key: [] for key in runners}
+    # torch.utils.benchmark times one statement at a time: the pairs here alternate per repeat
     for i in range(warmup + repeats):
         for key, (run, x, _) in runners.items():
             start = time.perf_counter()

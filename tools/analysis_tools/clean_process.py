@@ -14,7 +14,7 @@ import pickle
 import traceback
 from typing import Callable
 
-from .malloc import return_freed_memory
+from analysis_tools.malloc import return_freed_memory
 
 
 class CleanProcess:
@@ -24,7 +24,7 @@ class CleanProcess:
     Create it before anything that should not be in the children ran: in the tools, right
     after parsing the arguments. The copy waits on a pipe and does nothing else; it ends
     when :meth:`close` is called or this process ends. Each child makes glibc's malloc give
-    freed memory back at once (:func:`mmdwnet.utils.malloc.return_freed_memory`), runs the
+    freed memory back at once (:func:`analysis_tools.malloc.return_freed_memory`), runs the
     function and sends back its result (which must pickle); an exception in it, or its
     death, raises :class:`RuntimeError` here with its traceback or exit status.
 
