@@ -93,14 +93,14 @@ def test_time_product_takes_the_fastest_library_and_names_a_failure(monkeypatch)
         raise RuntimeError('no kernel')
 
     monkeypatch.setattr(matrix_products, 'matmul_libraries',
-                        lambda device, batched: {'slow': slow, 'broken': broken,
-                                                 'fast': lambda a, b_t: a @ b_t.T})
+                        lambda device, batched, dtype=None: {
+                            'slow': slow, 'broken': broken, 'fast': lambda a, b_t: a @ b_t.T})
     assert time_product(product, calls=3) < 0.05
     monkeypatch.setattr(matrix_products, 'matmul_libraries',
-                        lambda device, batched: {'slow': slow, 'broken': broken})
+                        lambda device, batched, dtype=None: {'slow': slow, 'broken': broken})
     assert time_product(product) >= 0.05
     monkeypatch.setattr(matrix_products, 'matmul_libraries',
-                        lambda device, batched: {'broken': broken})
+                        lambda device, batched, dtype=None: {'broken': broken})
     with pytest.raises(RuntimeError, match=r"time_product: none of \['broken'\] computes "
                        r"Product\(batch=1, m=64, k=32, n=16, dtype='float32'\) on 'cpu': "
                        r"\{'broken': RuntimeError\('no kernel'\)\}"):
