@@ -264,3 +264,17 @@ def reporting_config(config, tmp_path, scale=(320, 240)):
     child = tmp_path / f'report_{osp.basename(config)}'
     child.write_text(f'_base_ = {config!r}\n{body}')
     return str(child)
+
+
+def randomise_bn_stats(model):
+    """Random BatchNorm statistics and affine parameters (seeded), so that folding them
+    changes what a wrong fold would leave unchanged."""
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
