@@ -145,3 +145,17 @@ def test_installed_copy_finds_its_files_and_compiles_its_kernels(kind, tmp_path)
     from mmdwnet.utils.model_zoo import load_models
     for model in load_models():
         assert f"'{model['Name']}'" in result.stdout, model['Name']
+
+
+def test_cpu_extension_says_which_path_runs():
+    """`python -m mmdwnet.ops.cpu_extension`: exit 0 and the loaded library where the
+    compiled kernels run; exit 1 and the reason where the PyTorch implementation does."""
+    result = subprocess.run([sys.executable, '-m', 'mmdwnet.ops.cpu_extension'],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith('mmdwnet CPU kernels: compiled, loaded from ')
+    assert 'mmdwnet_cpu_ops_' in result.stdout.splitlines()[0]
+    off = subprocess.run([sys.executable, '-m', 'mmdwnet.ops.cpu_extension'],
+                         capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, MMDWNET_CPU_EXTENSION='0'))
+    assert off.returncode == 1 and 'disabled by MMDWNET_CPU_EXTENSION=0' in off.stdout

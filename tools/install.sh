@@ -181,13 +181,8 @@ for name in sys.argv[1:]: print(f"{name}=={version(name)}")' "$@"
 fi
 # mmdwnet's compiled CPU kernels: built once into torch's extension cache (about 30 s),
 # loaded in milliseconds afterwards; without them the PyTorch fallback runs (slower)
-(cd / && "$PY" -W ignore -c 'import logging, sys
-logging.disable(logging.WARNING)  # cpp_extension notes that no CUDA runtime is present
-from mmdwnet.ops import cpu_extension
-print("[mmdwnet setup] loading (building once, about 30 s) the compiled CPU kernels", flush=True)
-if cpu_extension.load() is None:
-    sys.exit("[mmdwnet setup] WARNING: compiled CPU kernels unavailable, using the slower "
-             "PyTorch fallback: " + str(cpu_extension.error()))') || true
+log "loading (building once, about 30 s) the compiled CPU kernels"
+(cd / && "$PY" -W ignore -m mmdwnet.ops.cpu_extension) | sed 's/^/[mmdwnet setup] /' || true
 (cd / && "$PY" -W ignore -c 'import torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, mmdwnet
 import onnx, onnxruntime
 from mmdwnet.ops import triton_idwconv as t
