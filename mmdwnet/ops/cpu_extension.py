@@ -16,16 +16,18 @@ mmdwnet was installed from a checkout, a wheel or an sdist: the wheel carries th
 not a binary. If it cannot be built, a warning says why and what to install, and the
 operators run their PyTorch implementation. ``python -m mmdwnet.ops.cpu_extension`` builds
 the kernels and says which path runs (exit status 1 on the fallback).
-Set ``MMDWNET_CPU_EXTENSION=0`` to use the PyTorch implementation deliberately.
+Set ``MMDWNET_CPU_EXTENSION=0`` to use the PyTorch implementation deliberately
+(:mod:`.config` lists the switches).
 """
 import logging
-import os
 import os.path as osp
 import threading
 import warnings
 from typing import Optional, Tuple
 
 import torch
+
+from . import config
 
 SOURCES = [
     osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', name)
@@ -67,18 +69,13 @@ def bf16_dot_products(flags: Optional[set] = None,
     predict-and-apply kernels. Both where the CPU has them, except the fused kernels on
     Intel Xeons, which widen to float32 FMAs there; ``MMDWNET_BF16_DOT=1``/``0`` sets both.
 
-    On AMD (Zen 4) both kinds of kernel ran faster with dot products (the fused ones about
-    1.5x). On an Intel Xeon (AMX; 2 threads, batch 16) VDPBF16PS issues on one port where
-    FMAs issue on two: the fused forward over DWNet-T's 12 I-D-DW layers took 342 ms with
-    dot products against 187 to 225 ms widened, while the gathers, which read twice the
-    values per load as pairs, still gained (the operator's forward + backward 1.14x its
-    float32 speed with them, 0.98x widened).
+    On AMD (Zen 4) both kinds of kernel ran faster with dot products; on an Intel Xeon
+    VDPBF16PS issues on one port where FMAs issue on two, which the fused kernels feel and
+    the gathers (two values per load) do not (docs/benchmarks.md has the measurements).
     """
-    forced = os.environ.get('MMDWNET_BF16_DOT')
+    forced = config.bf16_dot_products()
     if forced is not None:
-        if forced not in ('0', '1'):
-            raise ValueError(f"MMDWNET_BF16_DOT must be '0' or '1', got {forced!r}")
-        return forced == '1', forced == '1'
+        return forced, forced
     flags = cpu_flags() if flags is None else flags
     vendor = cpu_vendor() if vendor is None else vendor
     has = 'avx512_bf16' in flags
@@ -90,23 +87,14 @@ def vector_bytes(flags: Optional[set] = None, vendor: Optional[str] = None) -> i
     build: 64 on Intel CPUs with AVX-512, 32 elsewhere; ``MMDWNET_VEC_BYTES=32``/``64``
     forces it (the builds without AVX-512 always take 32).
 
-    On an Intel Xeon (AMX; 2 threads, batch 16, DWNet-T's 12 I-D-DW layers) 512-bit
-    vectors took the fused forward from 159-163 ms to 151-153 ms in float32, from 148-152
-    to 139-141 ms in bfloat16, and the fused backward from 574-575 to 555-575 ms: these
-    kernels are bound by loads and shuffles more than by multiply-adds, but 512-bit
-    FMAs issue at 1.7-1.9x the rate of 256-bit ones there. AMD's Zen 4 splits a 512-bit
-    operation into two 256-bit halves, and the rows of the last stage (7 values) would
-    fill less than half a vector: on an AMD EPYC (Zen 4, same layers) 512-bit vectors were
-    slower everywhere, the forward 156 -> 163 ms in float32 and 95 -> 118 ms in bfloat16,
-    forward + backward 727 -> 808 ms and 602 -> 817 ms, so it keeps 256 bits. (The
-    operator's own bfloat16 dot-product kernels, bound by the instructions per output
-    vector, are 512-bit on every CPU whatever this width: see inhomogeneous_dwconv_cpu.cpp.)
+    These kernels are bound by loads and shuffles more than by multiply-adds, and Intel
+    Xeons issue 512-bit FMAs at 1.7-1.9x the rate of 256-bit ones, so they gain a few
+    percent; AMD's Zen 4 splits a 512-bit operation into two halves and was slower
+    with them at every DWNet-T stage (docs/benchmarks.md has the measurements).
     """
-    forced = os.environ.get('MMDWNET_VEC_BYTES')
+    forced = config.vector_bytes()
     if forced is not None:
-        if forced not in ('32', '64'):
-            raise ValueError(f"MMDWNET_VEC_BYTES must be '32' or '64', got {forced!r}")
-        return int(forced)
+        return forced
     flags = cpu_flags() if flags is None else flags
     vendor = cpu_vendor() if vendor is None else vendor
     return 64 if 'avx512f' in flags and vendor == 'GenuineIntel' else 32
@@ -134,7 +122,7 @@ def _arch_flags():
 
 def enabled() -> bool:
     """Whether the compiled kernels may be used (``MMDWNET_CPU_EXTENSION`` is not ``0``)."""
-    return os.environ.get('MMDWNET_CPU_EXTENSION', '1') != '0'
+    return config.cpu_extension_enabled()
 
 
 def load():

@@ -3,24 +3,15 @@ shared by the batch (static DW-Conv) or one set per sample (homogeneous dynamic 
 Tap ``i`` reads row ``h + i - K // 2`` (and likewise for columns): padding K // 2 on both
 sides for odd K; for even K, K // 2 before and K // 2 - 1 after.
 
-On CPU, for channels-last features of any floating dtype (the layout DWNet's blocks run in),
-it runs the compiled kernels of ``csrc/depthwise_conv_cpu.cpp``, where every multiply-add is
-a vector operation along the contiguous channel axis, and oneDNN's depth-wise convolution
-where that is faster. The forward pass (and the input gradient, the same convolution with
-the rotated kernels) is a register-blocked kernel for K = 3, 5, 7, 9 in float32 and
-bfloat16 (float32 sums): the sums of a block of output pixels stay in registers over all
-taps, and each input vector is loaded once per kernel row for every tap that reads it.
-With per-sample kernels it runs at every size (2 threads, batch 16, K = 7, against one
-oneDNN convolution per sample, float32: 0.60x the time on 56x56 maps and 0.15-0.5x on the
-smaller ones on an Intel Xeon, 0.65x and 0.2-0.5x on an AMD EPYC; bfloat16: 0.3-0.6x on
-the maps below 400 pixels, the same time above); with shared kernels in float32 on maps
-below 400 pixels, where it beats oneDNN's (0.7-0.9x at 14x14 and 7x7). Other dtypes take
-oneDNN's convolution (per sample on maps of 400 pixels or more, else a generic compiled
-kernel over the batch). The kernel gradient, slow in PyTorch, is always the compiled
-kernel. Per-sample kernels need no folding of the batch into one grouped convolution in the
-NCHW layout. Elsewhere - GPU, other layouts, even K, or when the extension cannot be built -
-it is ``F.conv2d`` with ``groups=C`` (per-sample kernels: one grouped convolution over the
-batch folded into channels).
+Backends (:mod:`.dispatch`): ``export``; ``cpu_kernels`` for channels-last features with
+odd square kernels, the registered operator ``mmdwnet::depthwise_conv2d``, which runs the
+compiled kernels of ``csrc/depthwise_conv_cpu.cpp`` (every multiply-add a vector
+operation along the contiguous channel axis; a register-blocked forward for K = 3, 5, 7,
+9 in float32 and bfloat16 with float32 sums) where they are faster than oneDNN's
+depth-wise convolution, and oneDNN's where that is (the thresholds below; measurements in
+docs/benchmarks.md); ``pytorch``, ``F.conv2d`` with ``groups=C`` (per-sample kernels: one
+grouped convolution over the batch folded into channels). The kernel gradient, slow in
+PyTorch, is always the compiled kernel on ``cpu_kernels``.
 """
 from typing import Optional
 
@@ -28,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_extension, export_form
+from . import cpu_extension, dispatch, export_form
 from .layout import like_input_layout
 
 __all__ = ['depthwise_conv2d', 'DepthwiseConv2d']
@@ -57,15 +48,8 @@ def _reference(input: Tensor, weight: Tensor, bias: Optional[Tensor],
 # compiled kernel over the whole batch at once.
 _PER_SAMPLE_ONEDNN_MIN_PIXELS = 400
 # Kernels shared by the batch run the register-blocked compiled kernel in float32 on maps
-# below this size, oneDNN's depth-wise convolution from it on and in bfloat16. Measured at
-# DWNet-T's stage shapes (2 threads, batch 16, K = 7 / K = 3, compiled kernel's time over
-# oneDNN's), float32: Intel Xeon (AMX) 1.21 / 1.39 at 56x56, 1.34 / 1.26 at 28x28,
-# 0.80 / 1.06 at 14x14 and 0.74 / 0.68 at 7x7; AMD EPYC 0.8-0.9 at every stage for K = 7;
-# bfloat16: Intel Xeon 1.1-1.7, AMD EPYC 1.4-1.6 at every stage. (On the AMD EPYC the
-# float32 gain at 56x56 and 28x28, 0.85-0.88, would be about 2 ms of DW-T's 710 ms per
-# batch: not worth a per-vendor threshold.) Per-sample kernels, against one oneDNN
-# convolution per sample, float32: 0.5-0.65 at 56x56 and 28x28, 0.15-0.3 below; bfloat16:
-# 0.98-0.99 at 56x56 and 28x28, 0.2-0.6 below.
+# below this size (where it beats oneDNN's at DWNet-T's stage shapes on Intel and AMD
+# CPUs), oneDNN's depth-wise convolution from it on and in bfloat16.
 _SHARED_BLOCKED_MAX_PIXELS = 400
 
 
@@ -99,14 +83,14 @@ def _per_sample(x: Tensor, weight: Tensor, bias: Optional[Tensor], blocked: bool
     return _compiled_conv(x, weight, bias, b)
 
 
-# The channels-last CPU path as custom operators, with fake kernels (output layout =
-# input layout) and autograd registered, so that torch.compile and torch.export keep them
-# whole instead of tracing into the compiled kernels: forward and input gradient are the
+# The ``cpu_kernels`` backend as registered operators, with fake kernels (output layout =
+# input layout) and autograd, so that torch.compile and torch.export keep them whole
+# instead of tracing into the compiled kernels: forward and input gradient are the
 # compiled kernels or oneDNN's channels-last depth-wise convolutions, as the module
 # docstring says; the kernel gradient, slow in PyTorch, is the compiled kernel.
-@torch.library.custom_op('mmdwnet::depthwise_conv2d_cpu', mutates_args=())
+@torch.library.custom_op('mmdwnet::depthwise_conv2d', mutates_args=())
 def _forward_cpu(input: Tensor, weight: Tensor, bias: Optional[Tensor], shared: bool) -> Tensor:
-    k, c = weight.shape[-1], input.shape[1]  # input: channels-last (_use_compiled)
+    k, c = weight.shape[-1], input.shape[1]  # input: channels-last (dispatch.py)
     blocked = _blocked(k, input.dtype)
     if not shared:
         out = _per_sample(input, weight, bias, blocked)
@@ -123,7 +107,7 @@ def _(input: Tensor, weight: Tensor, bias: Optional[Tensor], shared: bool) -> Te
     return torch.empty_like(input, memory_format=torch.channels_last)
 
 
-@torch.library.custom_op('mmdwnet::depthwise_conv2d_cpu_grad_weight', mutates_args=())
+@torch.library.custom_op('mmdwnet::depthwise_conv2d_grad_weight', mutates_args=())
 def _grad_weight_cpu(grad_output: Tensor, input: Tensor, weight: Tensor,
                      shared: bool) -> Tensor:
     per_sample = cpu_extension.load().depthwise_conv2d_weight_grad(
@@ -162,15 +146,6 @@ def _backward_cpu(ctx, grad_output: Tensor):
 _forward_cpu.register_autograd(_backward_cpu, setup_context=_setup_context)
 
 
-def _use_compiled(input: Tensor, weight: Tensor) -> bool:
-    return (input.device.type == 'cpu' and input.is_floating_point()
-            and weight.dtype == input.dtype and weight.shape[-1] % 2 == 1
-            and weight.shape[-1] == weight.shape[-2]
-            and input.is_contiguous(memory_format=torch.channels_last)
-            # tracers (FLOP counting) see the standard convolution
-            and not torch.jit.is_tracing() and cpu_extension.available())
-
-
 def depthwise_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """Depth-wise convolution with 'same' zero padding.
 
@@ -189,14 +164,11 @@ def depthwise_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     if not shared and (weight.dim() != 4 or tuple(weight.shape[:2]) != (b, c)):
         raise ValueError('depthwise_conv2d: `weight` must be (C, 1, K, K) or (B, C, K, K) for '
                          f'input {tuple(input.shape)}, got {tuple(weight.shape)}')
-    if torch.is_autocast_enabled(input.device.type):
-        # as autocast casts F.conv2d's operands: every path then runs in its dtype
-        dtype = torch.get_autocast_dtype(input.device.type)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    if export_form.in_export_mode():
+    input, weight, bias = dispatch.autocast(input.device.type, input, weight, bias)
+    backend = dispatch.choose(dispatch.make_call('depthwise_conv2d', input, weight, bias))
+    if backend is dispatch.EXPORT:
         return export_form.depthwise_conv_standard(input, weight, bias, shared)
-    if _use_compiled(input, weight):
+    if backend is dispatch.CPU_KERNELS:
         return _forward_cpu(input, weight, bias, shared)
     return like_input_layout(_reference(input, weight, bias, shared), input)
 

@@ -17,12 +17,11 @@ records it on CPU in float32, it runs as one autograd function:
   PyTorch's ``mm`` (faster than oneDNN's at these shapes).
 
 Autograd keeps the input, GELU(x) and GELU'(x), as many maps as the standard layers keep
-(the input, x and GELU(x)). Measured on an AMD EPYC (2 threads, batch 16, medians of
-6-10 interleaved pairs of training steps): DW-T's step in 0.965 of the time, I-D-DW-T's
-in 0.97. GELU and GELU' are within 3e-7 * (1 + |x|) of float64, as close as PyTorch's own
-float32 ``F.gelu`` and its gradient (2.5e-7 * (1 + |x|)). Elsewhere
+(the input, x and GELU(x)). GELU and GELU' are within 3e-7 * (1 + |x|) of float64, as
+close as PyTorch's own float32 ``F.gelu`` and its gradient (2.5e-7 * (1 + |x|)). This is
+the ``cpu_kernels`` backend of the operator ``gelu_mlp`` (:mod:`.dispatch`); elsewhere
 (other devices and dtypes, autocast, no autograd, tracing, export, or without the
-compiled kernels) it is the standard composition above.
+compiled kernels) the ``pytorch`` backend, the standard composition above.
 """
 from typing import Optional
 
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import cpu_extension, export_form
+from . import cpu_extension, dispatch
 
 __all__ = ['gelu_mlp']
 
@@ -78,16 +77,6 @@ class _GeluMLP(torch.autograd.Function):
         return tuple(grads)
 
 
-def _fused(x: Tensor, *params: Optional[Tensor]) -> bool:
-    tensors = [x, *(p for p in params if p is not None)]
-    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            and all(t.device.type == 'cpu' and t.dtype == torch.float32 for t in tensors)
-            and x.numel() > 0 and not torch.is_autocast_enabled('cpu')
-            and not (export_form.in_export_mode() or torch.jit.is_tracing()
-                     or torch.compiler.is_compiling())
-            and torch.backends.mkldnn.is_available() and cpu_extension.available())
-
-
 def gelu_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
              fc2_bias: Optional[Tensor]) -> Tensor:
     """``F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)``, as
@@ -103,6 +92,7 @@ def gelu_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weig
     Returns:
         Tensor: Output of shape (..., C_out).
     """
-    if _fused(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    call = dispatch.make_call('gelu_mlp', x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    if dispatch.choose(call) is dispatch.CPU_KERNELS:
         return _GeluMLP.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     return F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)

@@ -5,28 +5,29 @@
 weights ``w`` of shape (B, G, K, K, H, W).
 
 The reference implementation of the paper ships this as a CUDA-only CuPy kernel; the usual
-portable rewrite unfolds the input into a K*K-times larger tensor. On CPU
-compiled kernels do the work (``csrc/inhomogeneous_dwconv_cpu.cpp``, see
-:mod:`mmdwnet.ops.cpu_extension`): one task per (sample, group) plane streams that plane's
-K*K kernel maps once while the group's channels stay in cache; float16/bfloat16 operands
-are read as they are and summed in float32. On CUDA Triton kernels do
-(:mod:`mmdwnet.ops.triton_idwconv`). Elsewhere (no compiler, no Triton) the PyTorch
-implementation below runs: the sum runs over the
-K*K kernel offsets instead, each one an in-place multiply-add of the overlapping parts of the
-output and the shifted input (no padding, no unfold), so the forward pass allocates its output
-and, for float16/bfloat16, float32 buffers for a sixteenth of it at a time. The backward pass
-is written out by hand for the same reason. The three pieces are registered with
-``torch.library.custom_op`` so that tracers, ``torch.compile`` and FLOP counters see one named
-operator; on CUDA the Triton operators (``torch.library.triton_op``) take their place, whose
-kernels ``torch.compile`` sees.
+portable rewrite unfolds the input into a K*K-times larger tensor. Here the operator and
+its two gradients are registered operators (``mmdwnet::inhomogeneous_dwconv2d``,
+``..._grad_input``, ``..._grad_weight``), so that tracers, ``torch.compile`` and FLOP
+counters see one named operator, whose backends (:mod:`.dispatch`) are:
+
+- ``cpu_kernels``: compiled kernels (``csrc/inhomogeneous_dwconv_cpu.cpp``): one task per
+  (sample, group) plane streams that plane's K*K kernel maps once while the group's
+  channels stay in cache; float16/bfloat16 operands are read as they are and summed in
+  float32;
+- ``triton``: the Triton kernels of :mod:`.triton_idwconv` on CUDA;
+- ``pytorch``: the sum runs over the K*K kernel offsets, each one an in-place
+  multiply-add of the overlapping parts of the output and the shifted input (no padding,
+  no unfold), so the forward pass allocates its output and, for float16/bfloat16, float32
+  buffers for a sixteenth of it at a time; the backward pass is written out by hand for
+  the same reason;
+- ``export``, outside the registered operator: :func:`.export_form.idwconv_shift_add`.
 """
-import warnings
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import cpu_extension, export_form, triton_idwconv
+from . import cpu_extension, dispatch, export_form, triton_idwconv
 from .layout import empty_like_layout, like_input_layout
 
 __all__ = ['inhomogeneous_dwconv2d']
@@ -103,113 +104,60 @@ def _shift_accumulate(src: Tensor, weight: Tensor, transposed: bool,
     return out
 
 
-def _compiled(t: Tensor):
-    """The compiled CPU kernels when they apply to ``t`` (a CPU tensor of a floating
-    dtype, and the extension builds), else None."""
-    if t.device.type != 'cpu' or not t.is_floating_point():
-        return None
-    return cpu_extension.load()
-
-
-_triton_failed = []
-
-
-def triton_or_none(op, *args):
-    """``op(*args)``, a Triton operator of :mod:`triton_idwconv`, where the Triton kernels
-    apply to ``args[0]`` (CUDA tensors); None where they do not, or (eagerly) where they
-    fail, with a one-time warning, so that the caller falls back to the other kernels."""
-    if _triton_failed or not triton_idwconv.available(args[0]):
-        return None
-    if torch.compiler.is_compiling():  # traced into the graph; nothing runs here
-        return op(*args)
-    try:
-        return op(*args)
-    except torch.OutOfMemoryError:  # the PyTorch path needs more memory, not less
-        raise
-    except Exception as e:  # e.g. no compiler for the GPU: keep working, say so once
-        _triton_failed.append(e)
-        warnings.warn(f'mmdwnet: the Triton I-D-DW kernels failed ({type(e).__name__}: '
-                      f'{e}); using the PyTorch implementation from now on')
-        return None
-
-
-def _kernel(cpu_name: str, *args):
-    """The compiled CPU kernel ``cpu_name`` applied to ``args``, or None where it does not
-    apply and the PyTorch implementation runs."""
-    ops = _compiled(args[0])
-    if ops is None:
-        return None
-    # feature maps may be channels-last, the kernels are contiguous
-    return getattr(ops, cpu_name)(*(
+def _compiled_call(name: str, *args):
+    """The compiled CPU kernel ``name`` on ``args`` (feature maps may be channels-last,
+    the (B, G, K, K, H, W) kernels are made contiguous)."""
+    return getattr(cpu_extension.load(), name)(*(
         a.contiguous() if isinstance(a, Tensor) and a.dim() == 6 else a for a in args))
 
 
-def forward_impl(input: Tensor, weight: Tensor) -> Tensor:
-    """The forward pass on the fastest path that applies (no autograd), in the memory
-    format of ``input`` (the compiled kernels read and write channels-last maps as they
-    are; the other paths compute in NCHW)."""
-    out = _kernel('inhomogeneous_dwconv2d', input, weight)
-    if out is None:
+def forward_impl(backend: str, input: Tensor, weight: Tensor) -> Tensor:
+    """The forward pass on ``backend`` (no autograd), in the memory format of ``input``
+    (the compiled kernels read and write channels-last maps as they are; the other
+    backends compute in NCHW)."""
+    if backend == 'cpu_kernels':
+        out = _compiled_call('inhomogeneous_dwconv2d', input, weight)
+    elif backend == 'triton':
+        out = triton_idwconv.forward(input, weight)
+    else:
         out = _shift_accumulate(input, weight, transposed=False)
     return like_input_layout(out, input)
 
 
-def grad_input_impl(grad_output: Tensor, weight: Tensor) -> Tensor:
-    """The gradient w.r.t. the input (no autograd), in the memory format of
+def grad_input_impl(backend: str, grad_output: Tensor, weight: Tensor) -> Tensor:
+    """The gradient w.r.t. the input on ``backend`` (no autograd), in the memory format of
     ``grad_output``."""
-    out = _kernel('inhomogeneous_dwconv2d_grad_input', grad_output, weight)
-    if out is None:
+    if backend == 'cpu_kernels':
+        out = _compiled_call('inhomogeneous_dwconv2d_grad_input', grad_output, weight)
+    elif backend == 'triton':
+        out = triton_idwconv.grad_input(grad_output, weight)
+    else:
         out = _shift_accumulate(grad_output, weight, transposed=True)
     return like_input_layout(out, grad_output)
 
 
-def into(kind: str, src: Tensor, weight: Tensor, out: Tensor) -> None:
-    """``out[...] = forward_impl(src, weight)`` (``kind='forward'``) or
-    ``grad_input_impl`` (``'grad_input'``), written in place by the compiled kernels where
-    they apply (``out`` NCHW or channels-last): no temporary, no copy."""
-    ops = _compiled(src)  # CPU only: the Triton kernels run on CUDA tensors
-    if ops is not None and (out.is_contiguous()
-                            or out.is_contiguous(memory_format=torch.channels_last)):
+def into(backend: str, kind: str, src: Tensor, weight: Tensor, out: Tensor) -> None:
+    """``out[...] = forward_impl(backend, src, weight)`` (``kind='forward'``) or
+    ``grad_input_impl`` (``'grad_input'``), written in place by the compiled kernels
+    (``out`` NCHW or channels-last): no temporary, no copy."""
+    if backend == 'cpu_kernels' and (out.is_contiguous()
+                                     or out.is_contiguous(memory_format=torch.channels_last)):
         name = 'inhomogeneous_dwconv2d' + ('_into' if kind == 'forward' else
                                            '_grad_input_into')
-        getattr(ops, name)(src, weight.contiguous(), out)
+        getattr(cpu_extension.load(), name)(src, weight.contiguous(), out)
     else:
-        out.copy_((forward_impl if kind == 'forward' else grad_input_impl)(src, weight))
+        impl = forward_impl if kind == 'forward' else grad_input_impl
+        out.copy_(impl(backend, src, weight))
 
 
-@torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d', mutates_args=())
-def _forward(input: Tensor, weight: Tensor) -> Tensor:
-    return forward_impl(input, weight)
-
-
-def _like_first(first: Tensor, weight: Tensor) -> Tensor:
-    return empty_like_layout(first)
-
-
-_forward.register_fake(_like_first)
-
-
-@torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_input', mutates_args=())
-def _grad_input(grad_output: Tensor, weight: Tensor) -> Tensor:
-    return grad_input_impl(grad_output, weight)
-
-
-_grad_input.register_fake(_like_first)
-
-
-@torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_weight', mutates_args=())
-def _grad_weight(grad_output: Tensor, input: Tensor, groups: int,
-                 kernel_size: int) -> Tensor:
-    return grad_weight_impl(grad_output, input, groups, kernel_size)
-
-
-def grad_weight_impl(grad_output: Tensor, input: Tensor, groups: int,
+def grad_weight_impl(backend: str, grad_output: Tensor, input: Tensor, groups: int,
                      kernel_size: int) -> Tensor:
-    """The gradient w.r.t. the (B, G, K, K, H, W) kernels (no autograd)."""
-    out = _kernel('inhomogeneous_dwconv2d_grad_weight', grad_output, input, groups,
-                  kernel_size)
-    if out is not None:
-        return out
+    """The gradient w.r.t. the (B, G, K, K, H, W) kernels on ``backend`` (no autograd)."""
+    if backend == 'cpu_kernels':
+        return _compiled_call('inhomogeneous_dwconv2d_grad_weight', grad_output, input,
+                              groups, kernel_size)
+    if backend == 'triton':
+        return triton_idwconv.weight_grad(grad_output, input, groups, kernel_size)
     b, c, height, width = input.shape
     grad_weight = grad_output.new_zeros(b, groups, kernel_size, kernel_size, height, width)
     x5 = input.reshape(b, groups, c // groups, height, width)
@@ -224,10 +172,59 @@ def grad_weight_impl(grad_output: Tensor, input: Tensor, groups: int,
     return grad_weight
 
 
+def _implementations(impl):
+    return {name: (lambda *args, _name=name: impl(_name, *args))
+            for name in ('cpu_kernels', 'triton', 'pytorch')}
+
+
+_FORWARD = _implementations(forward_impl)
+_GRAD_INPUT = _implementations(grad_input_impl)
+_GRAD_WEIGHT = _implementations(grad_weight_impl)
+
+
+def _call(direction: str):
+    """The :class:`~.dispatch.Call` of the registered operator of ``direction``."""
+    op = 'inhomogeneous_dwconv2d' + direction
+    return lambda *args: dispatch.make_call(op, *(a for a in args if isinstance(a, Tensor)))
+
+
+@torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d', mutates_args=())
+def _forward(input: Tensor, weight: Tensor) -> Tensor:
+    return dispatch.run(_call('')(input, weight), _FORWARD, input, weight)
+
+
+def _like_first(first: Tensor, weight: Tensor) -> Tensor:
+    return empty_like_layout(first)
+
+
+_forward.register_fake(_like_first)
+
+
+@torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_input', mutates_args=())
+def _grad_input(grad_output: Tensor, weight: Tensor) -> Tensor:
+    return dispatch.run(_call('.grad_input')(grad_output, weight), _GRAD_INPUT, grad_output,
+                        weight)
+
+
+_grad_input.register_fake(_like_first)
+
+
+@torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_weight', mutates_args=())
+def _grad_weight(grad_output: Tensor, input: Tensor, groups: int,
+                 kernel_size: int) -> Tensor:
+    return dispatch.run(_call('.grad_weight')(grad_output, input), _GRAD_WEIGHT, grad_output,
+                        input, groups, kernel_size)
+
+
 @_grad_weight.register_fake
 def _(grad_output: Tensor, input: Tensor, groups: int, kernel_size: int) -> Tensor:
     b, _, height, width = input.shape
     return input.new_empty(b, groups, kernel_size, kernel_size, height, width)
+
+
+for _op, _direction, _impl in [(_forward, '', _FORWARD), (_grad_input, '.grad_input', _GRAD_INPUT),
+                               (_grad_weight, '.grad_weight', _GRAD_WEIGHT)]:
+    dispatch.trace_triton_under_compile(_op, _call(_direction), _impl['triton'])
 
 
 def _setup_context(ctx, inputs: Tuple[Tensor, Tensor], output: Tensor) -> None:
@@ -277,19 +274,13 @@ def inhomogeneous_dwconv2d(input: Tensor, weight: Tensor) -> Tensor:
             'inhomogeneous_dwconv2d: `weight` of shape (B, G, K, K, H, W) must match `input` '
             f'(B, C, H, W) = {tuple(input.shape)} with G dividing C, '
             f'got weight shape {tuple(weight.shape)}')
-    device_type = input.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        input, weight = input.to(dtype), weight.to(dtype)
-    elif input.dtype != weight.dtype:
+    input, weight = dispatch.autocast(input.device.type, input, weight)
+    if input.dtype != weight.dtype:
         raise TypeError('inhomogeneous_dwconv2d: `input` and `weight` must have the same '
                         f'dtype, got {input.dtype} and {weight.dtype}')
-    if export_form.in_export_mode():
+    if dispatch.choose(_call('')(input, weight)) is dispatch.EXPORT:
         return export_form.idwconv_shift_add(input, weight)
-    out = triton_or_none(triton_idwconv.idwconv2d_op, input, weight)
-    if out is None:
-        out = _forward(input, weight)
-    return like_input_layout(out, input)
+    return _forward(input, weight)
 
 
 def _describe(x) -> str:

@@ -15,9 +15,13 @@ chunked form faster), otherwise a chunk at a time. Autograd then stores only ``x
 ``hidden``, which the layers around the operator keep anyway; the extra work is the
 prediction once more, a matrix product with an inner size of C / 4.
 
-On CUDA the same operator is a ``torch.library.triton_op`` (prediction by batched matrix
-products, application and gradients by the Triton kernels of
-:mod:`mmdwnet.ops.triton_idwconv`), so that ``torch.compile`` sees the kernels.
+Backends (:mod:`.dispatch`): ``cpu_kernels`` (the fused kernels, else the chunked form with
+the compiled I-D-DW kernels), ``triton`` on CUDA (prediction by batched matrix products,
+application and gradients by the Triton kernels of :mod:`.triton_idwconv`, which
+``torch.compile`` sees) and ``pytorch`` (the chunked form) run inside the registered
+operators ``mmdwnet::predicted_idwconv2d`` and ``..._backward``; ``export`` outside them.
+In inference on CPU the fused kernel also applies the output's affine map and ReLU
+(``predicted_idwconv2d.output_map``).
 """
 from typing import Optional, Tuple
 
@@ -25,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import export_form, triton_idwconv
-from .inhomogeneous_dwconv import _compiled, _describe, grad_weight_impl, into, triton_or_none
+from . import cpu_extension, dispatch, export_form, triton_idwconv
+from .inhomogeneous_dwconv import _describe, grad_weight_impl, into
 from .layout import empty_like_layout, like_input_layout
 
-__all__ = ['predicted_idwconv2d', 'predicted_idwconv2d_fuses_output']
+__all__ = ['predicted_idwconv2d']
 
 # Bytes of predicted kernels (and, backward, of their gradient) that exist at once: on CPU
 # a few MiB, which stay in the last-level cache between prediction and use; on GPUs, where
@@ -70,21 +74,40 @@ def _buffer(input: Tensor, weight: Tensor, chunks) -> Tensor:
     return weight.new_empty(samples, weight.shape[0], input.shape[2] * input.shape[3])
 
 
-@torch.library.custom_op('mmdwnet::predicted_idwconv2d', mutates_args=())
-def _forward(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
-             kernel_size: int) -> Tensor:
-    ops = _compiled(input)
-    if ops is not None and ops.predicted_idwconv2d_applies(kernel_size, input.dtype, False):
-        # prediction and application fused: the kernels never reach memory
-        return ops.predicted_idwconv2d(input, hidden, weight, bias, kernel_size)
+def _forward_impl(backend: str, input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
+                  kernel_size: int) -> Tensor:
+    """The forward pass on ``backend`` (no autograd)."""
+    if backend == 'triton':
+        return _triton_forward(input, hidden, weight, bias, kernel_size)
+    if backend == 'cpu_kernels':
+        ops = cpu_extension.load()
+        if ops.predicted_idwconv2d_applies(kernel_size, input.dtype, False):
+            # prediction and application fused: the kernels never reach memory
+            return ops.predicted_idwconv2d(input, hidden, weight, bias, kernel_size)
     groups = weight.shape[0] // kernel_size**2
     out = empty_like_layout(input)
     chunks = _chunks(input, weight.shape[0])
     buffer = _buffer(input, weight, chunks)
     for i, j in chunks:
         kernels = _predict(hidden[i:j], weight, bias, groups, kernel_size, buffer)
-        into('forward', input[i:j], kernels, out[i:j])
+        into(backend, 'forward', input[i:j], kernels, out[i:j])
     return out
+
+
+def _implementations(impl):
+    return {name: (lambda *args, _name=name: impl(_name, *args))
+            for name in ('cpu_kernels', 'triton', 'pytorch')}
+
+
+def _call(op: str):
+    return lambda *args: dispatch.make_call(op, *(a for a in args if isinstance(a, Tensor)))
+
+
+@torch.library.custom_op('mmdwnet::predicted_idwconv2d', mutates_args=())
+def _forward(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
+             kernel_size: int) -> Tensor:
+    return dispatch.run(_call('predicted_idwconv2d')(input, hidden, weight, bias), _FORWARD,
+                        input, hidden, weight, bias, kernel_size)
 
 
 @_forward.register_fake
@@ -93,9 +116,12 @@ def _(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
     return empty_like_layout(input)
 
 
-@torch.library.custom_op('mmdwnet::predicted_idwconv2d_backward', mutates_args=())
-def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Tensor,
-                 bias: Tensor, kernel_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _backward_impl(backend: str, grad_output: Tensor, input: Tensor, hidden: Tensor,
+                   weight: Tensor, bias: Tensor,
+                   kernel_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four gradients on ``backend`` (no autograd)."""
+    if backend == 'triton':
+        return _triton_backward(grad_output, input, hidden, weight, bias, kernel_size)
     grad_input = empty_like_layout(input)
     grad_hidden = empty_like_layout(hidden)
     # the kernels' gradients are summed over samples and positions in float32 at least
@@ -103,12 +129,14 @@ def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Ten
     r = hidden.shape[1]
     # weight and bias gradients as one product: the bias sees an extra input row of ones
     grad_weight_bias = weight.new_zeros(weight.shape[0], r + 1, dtype=acc)
-    ops = _compiled(input)
-    if ops is not None and ops.predicted_idwconv2d_applies(kernel_size, input.dtype, True):
-        # fused: one row of kernels and one of their gradient exist at a time
-        ops.predicted_idwconv2d_backward(grad_output, input, hidden, weight, bias, kernel_size,
-                                         grad_input, grad_hidden, grad_weight_bias)
-        return _split(grad_weight_bias, weight, bias, grad_input, grad_hidden)
+    if backend == 'cpu_kernels':
+        ops = cpu_extension.load()
+        if ops.predicted_idwconv2d_applies(kernel_size, input.dtype, True):
+            # fused: one row of kernels and one of their gradient exist at a time
+            ops.predicted_idwconv2d_backward(grad_output, input, hidden, weight, bias,
+                                             kernel_size, grad_input, grad_hidden,
+                                             grad_weight_bias)
+            return _split(grad_weight_bias, weight, bias, grad_input, grad_hidden)
     groups = weight.shape[0] // kernel_size**2
     rows_last = hidden.is_contiguous(memory_format=torch.channels_last)
     chunks = _chunks(input, 2 * weight.shape[0])  # kernels and their gradient
@@ -118,8 +146,9 @@ def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Ten
         b = j - i
         gy, x, hid = grad_output[i:j], input[i:j], hidden[i:j]
         kernels = _predict(hid, weight, bias, groups, kernel_size, buffer)
-        into('grad_input', gy, kernels, grad_input[i:j])
-        grad_kernels = grad_weight_impl(gy, x, groups, kernel_size).view(b, -1, positions)
+        into(backend, 'grad_input', gy, kernels, grad_input[i:j])
+        grad_kernels = grad_weight_impl(backend, gy, x, groups,
+                                        kernel_size).view(b, -1, positions)
         hid = torch.cat([hid.reshape(b, r, positions), hid.new_ones(b, 1, positions)], 1)
         grad_hid = (grad_hidden[i:j].permute(0, 2, 3, 1).view(b, positions, r) if rows_last
                     else grad_hidden[i:j].view(b, r, positions))
@@ -136,6 +165,14 @@ def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Ten
                     grad_hid[n, :, p0:p1] = weight.t() @ tile
                 grad_weight_bias.add_(tile @ hid[n, :, p0:p1].t())
     return _split(grad_weight_bias, weight, bias, grad_input, grad_hidden)
+
+
+@torch.library.custom_op('mmdwnet::predicted_idwconv2d_backward', mutates_args=())
+def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Tensor,
+                 bias: Tensor, kernel_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return dispatch.run(
+        _call('predicted_idwconv2d.backward')(grad_output, input, hidden, weight, bias),
+        _BACKWARD, grad_output, input, hidden, weight, bias, kernel_size)
 
 
 def _split(grad_weight_bias: Tensor, weight: Tensor, bias: Tensor, grad_input: Tensor,
@@ -182,56 +219,50 @@ def _predict_batched(hidden: Tensor, weight: Tensor, bias: Tensor, kernel_size: 
     return out.view(b, groups, kernel_size, kernel_size, h, w)
 
 
-if triton_idwconv.triton is not None:
+def _triton_forward(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
+                    kernel_size: int) -> Tensor:
+    groups = weight.shape[0] // kernel_size**2
+    contiguous = input.contiguous()
+    out = torch.empty_like(contiguous)
+    for i, j in _chunks(input, weight.shape[0]):
+        kernels = _predict_batched(hidden[i:j], weight, bias, kernel_size, groups)
+        triton_idwconv.launch(contiguous, kernels, out, i)
+    return like_input_layout(out, input)
 
-    @torch.library.triton_op('mmdwnet::predicted_idwconv2d_triton', mutates_args=())
-    def _triton_forward(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
-                        kernel_size: int) -> Tensor:
-        groups = weight.shape[0] // kernel_size**2
-        input = input.contiguous()
-        out = torch.empty_like(input)
-        for i, j in _chunks(input, weight.shape[0]):
-            kernels = _predict_batched(hidden[i:j], weight, bias, kernel_size, groups)
-            triton_idwconv.launch(input, kernels, out, i)
-        return out
 
-    @torch.library.triton_op('mmdwnet::predicted_idwconv2d_backward_triton',
-                             mutates_args=())
-    def _triton_backward(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Tensor,
-                         bias: Tensor,
-                         kernel_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        groups = weight.shape[0] // kernel_size**2
-        grad_output, input = grad_output.contiguous(), input.contiguous()
-        b, r, h, w = hidden.shape
-        grad_input = torch.empty_like(input)
-        grad_hidden, grad_weight_bias = [], []
-        for i, j in _chunks(input, 2 * weight.shape[0]):  # kernels and their gradient
-            hid = hidden[i:j]
-            kernels = _predict_batched(hid, weight, bias, kernel_size, groups)
-            triton_idwconv.launch(grad_output, kernels, grad_input, i, transposed=True)
-            grad_kernels = torch.empty_like(kernels)
-            triton_idwconv.launch_weight_grad(grad_output, input, grad_kernels, i)
-            grad_kernels = grad_kernels.view(j - i, -1, h * w)
-            grad_hidden.append(torch.matmul(weight.t(), grad_kernels))
-            # weight and bias gradients as one product: the bias sees an extra row of ones
-            hid = torch.cat([hid.reshape(j - i, r, h * w), hid.new_ones(j - i, 1, h * w)], 1)
-            grad_weight_bias.append(
-                torch.bmm(grad_kernels, hid.transpose(1, 2)).sum(0, dtype=torch.float32))
-        grad_hidden = torch.cat(grad_hidden).view(b, r, h, w)
-        grad_weight_bias = torch.stack(grad_weight_bias).sum(0)
-        return (grad_input, grad_hidden, grad_weight_bias[:, :r].to(weight.dtype, copy=True),
-                grad_weight_bias[:, r].to(bias.dtype, copy=True))
+def _triton_backward(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Tensor,
+                     bias: Tensor, kernel_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    groups = weight.shape[0] // kernel_size**2
+    layouts = input, hidden
+    grad_output, input = grad_output.contiguous(), input.contiguous()
+    b, r, h, w = hidden.shape
+    grad_input = torch.empty_like(input)
+    grad_hidden, grad_weight_bias = [], []
+    for i, j in _chunks(input, 2 * weight.shape[0]):  # kernels and their gradient
+        hid = hidden[i:j]
+        kernels = _predict_batched(hid, weight, bias, kernel_size, groups)
+        triton_idwconv.launch(grad_output, kernels, grad_input, i, transposed=True)
+        grad_kernels = torch.empty_like(kernels)
+        triton_idwconv.launch_weight_grad(grad_output, input, grad_kernels, i)
+        grad_kernels = grad_kernels.view(j - i, -1, h * w)
+        grad_hidden.append(torch.matmul(weight.t(), grad_kernels))
+        # weight and bias gradients as one product: the bias sees an extra row of ones
+        hid = torch.cat([hid.reshape(j - i, r, h * w), hid.new_ones(j - i, 1, h * w)], 1)
+        grad_weight_bias.append(
+            torch.bmm(grad_kernels, hid.transpose(1, 2)).sum(0, dtype=torch.float32))
+    grad_hidden = torch.cat(grad_hidden).view(b, r, h, w)
+    grad_weight_bias = torch.stack(grad_weight_bias).sum(0)
+    return (like_input_layout(grad_input, layouts[0]),
+            like_input_layout(grad_hidden, layouts[1]),
+            grad_weight_bias[:, :r].to(weight.dtype, copy=True),
+            grad_weight_bias[:, r].to(bias.dtype, copy=True))
 
-    def _triton_backward_formula(ctx, grad_output: Tensor):
-        input, hidden, weight, bias = ctx.saved_tensors
-        grads = _triton_backward(grad_output, input, hidden, weight, bias, ctx.kernel_size)
-        grad_input, grad_hidden = (like_input_layout(g, t)
-                                   for g, t in zip(grads[:2], (input, hidden)))
-        return grad_input, grad_hidden, grads[2], grads[3], None
 
-    _triton_forward.register_autograd(_triton_backward_formula, setup_context=_setup_context)
-else:  # pragma: no cover - torch builds without Triton
-    _triton_forward = None
+_FORWARD = _implementations(_forward_impl)
+_BACKWARD = _implementations(_backward_impl)
+dispatch.trace_triton_under_compile(_forward, _call('predicted_idwconv2d'), _FORWARD['triton'])
+dispatch.trace_triton_under_compile(_backward_op, _call('predicted_idwconv2d.backward'),
+                                    _BACKWARD['triton'])
 
 
 def _epilogue(out: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
@@ -241,28 +272,6 @@ def _epilogue(out: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
         out = torch.addcmul(shift.to(out.dtype).view(-1, 1, 1), out,
                             scale.to(out.dtype).view(-1, 1, 1))
     return F.relu(out) if relu else out
-
-
-def _fused_inference(ops, dtype: torch.dtype, operands, kernel_size: int) -> bool:
-    """Whether the fused CPU kernel may take the output's affine map and ReLU: it has
-    no backward, so only where no gradient is asked for, and not where the registered
-    operator is to be seen: under ``torch.compile``, tracing (mmengine's FLOP count) and
-    export."""
-    return (ops is not None and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and not export_form.in_export_mode()
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in operands))
-            and ops.predicted_idwconv2d_applies(kernel_size, dtype, False))
-
-
-def predicted_idwconv2d_fuses_output(input: Tensor, kernel_size: int) -> bool:
-    """Whether :func:`predicted_idwconv2d` on ``input`` (under the current autocast)
-    applies ``scale``, ``shift`` and ``relu`` inside its fused CPU kernel: in inference
-    (gradients off) on CPU, where a kernel exists for ``kernel_size``; elsewhere it
-    applies them after the operator, and a layer may as well keep its own norm."""
-    dtype = (torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu')
-             and input.is_floating_point() else input.dtype)
-    return not torch.is_grad_enabled() and _fused_inference(_compiled(input), dtype, (),
-                                                            kernel_size)
 
 
 def predicted_idwconv2d(input: Tensor,
@@ -318,26 +327,22 @@ def predicted_idwconv2d(input: Tensor,
         raise ValueError('predicted_idwconv2d: `scale` and `shift` must both be given as '
                          f'({input.shape[1]},) tensors or both be None, got '
                          f'{_describe(scale)} and {_describe(shift)}')
-    device_type = input.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        input, hidden, weight, bias = (t.to(dtype) for t in (input, hidden, weight, bias))
-    elif len({t.dtype for t in (input, hidden, weight, bias)}) > 1:
+    input, hidden, weight, bias = dispatch.autocast(input.device.type, input, hidden, weight,
+                                                    bias)
+    if len({t.dtype for t in (input, hidden, weight, bias)}) > 1:
         raise TypeError('predicted_idwconv2d: all operands must have the same dtype, got '
                         f'{input.dtype}, {hidden.dtype}, {weight.dtype} and {bias.dtype}')
-    if export_form.in_export_mode():
+    operands = (input, hidden, weight, bias)
+    if dispatch.choose(_call('predicted_idwconv2d')(*operands)) is dispatch.EXPORT:
         return _epilogue(
             export_form.predicted_idwconv_shift_add(input, hidden, weight, bias, kernel_size),
             scale, shift, relu)
-    out = triton_or_none(_triton_forward, input, hidden, weight, bias, kernel_size)
-    if out is not None:
-        return _epilogue(like_input_layout(out, input), scale, shift, relu)
     if scale is not None or relu:
-        ops = _compiled(input)
-        operands = (input, hidden, weight, bias) + (() if scale is None else (scale, shift))
-        if _fused_inference(ops, input.dtype, operands, kernel_size):
+        call = dispatch.make_call('predicted_idwconv2d.output_map', *operands, scale, shift,
+                                  kernel_size=kernel_size, dtype=input.dtype)
+        if dispatch.choose(call) is dispatch.CPU_KERNELS:
             acc = torch.promote_types(input.dtype, torch.float32)  # the kernel's sums
             affine = (None, None) if scale is None else (scale.to(acc), shift.to(acc))
-            return ops.predicted_idwconv2d(input, hidden, weight, bias, kernel_size, *affine,
-                                           relu)
+            return cpu_extension.load().predicted_idwconv2d(input, hidden, weight, bias,
+                                                            kernel_size, *affine, relu)
     return _epilogue(_forward(input, hidden, weight, bias, kernel_size), scale, shift, relu)

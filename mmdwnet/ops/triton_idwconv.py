@@ -6,16 +6,17 @@ channels: forward ``y[c, p] = sum_k w[k, p] * x[c, p + d_k]``, the input gradien
 ``gw[k, p] = sum_c gy[c, p] * x[c, p + d_k]``, with zeros outside the map, accumulating in
 float32 for every input dtype. Nothing is unfolded or padded, so memory is the output only.
 
-Used automatically for CUDA tensors when Triton is importable (it ships with the CUDA builds
-of torch); ``MMDWNET_TRITON=0`` or any failure falls back to the PyTorch implementation.
-The kernels are checked against that implementation on CPU through Triton's interpreter
+They are the ``triton`` backend of the dynamic operators (:mod:`.dispatch`): used for CUDA
+tensors when Triton is importable (it ships with the CUDA builds of torch);
+``MMDWNET_TRITON=0`` or any failure falls back to the PyTorch implementation. They are
+checked against that implementation on CPU through Triton's interpreter
 (``TRITON_INTERPRET=1``), so CI without a GPU still tests their logic.
 
-The operators that launch them are registered with ``torch.library.triton_op`` and launch
-through ``torch.library.wrap_triton``: eagerly they run the kernels directly, while
-``torch.compile`` (AOT autograd) decomposes them into the kernels themselves, so that Inductor
-sees and schedules the Triton code instead of an opaque call (``torch.export`` keeps them as
-named operators, as PyTorch intends for exported programs).
+They launch through ``torch.library.wrap_triton``: eagerly the kernels run directly, while
+``torch.compile`` traces the registered operators into the kernels themselves
+(:func:`.dispatch.trace_triton_under_compile`), so that Inductor sees and schedules the
+Triton code instead of an opaque call (``torch.export`` keeps them as named operators, as
+PyTorch intends for exported programs).
 """
 import os
 
@@ -31,16 +32,10 @@ except ImportError:  # pragma: no cover - CPU-only torch builds
 BLOCK = 128
 
 
-@torch.compiler.assume_constant_result
-def enabled() -> bool:
-    """Whether Triton is importable and not switched off (``MMDWNET_TRITON=0``); tracers
-    keep the answer as a constant."""
-    return triton is not None and os.environ.get('MMDWNET_TRITON', '1') != '0'
-
-
-def available(t: Tensor) -> bool:
-    """Whether the Triton kernels run for tensor ``t``."""
-    return t.is_cuda and enabled()
+def interpreting() -> bool:
+    """Whether Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``, on CPU
+    tensors), as the tests do without a GPU."""
+    return os.environ.get('TRITON_INTERPRET') == '1'
 
 
 def shipped_with_torch() -> bool:
@@ -173,40 +168,3 @@ def weight_grad(grad_output: Tensor, input: Tensor, groups: int, kernel_size: in
     out = input.new_empty(b, groups, kernel_size, kernel_size, h, w)
     launch_weight_grad(grad_output, input, out)
     return out
-
-
-if triton is not None:
-    # Operators whose bodies the compiler can trace down to the kernel launches. Eagerly
-    # (and for CPU tensors under TRITON_INTERPRET=1, which the tests use) they simply run.
-
-    @torch.library.triton_op('mmdwnet::inhomogeneous_dwconv2d_triton', mutates_args=())
-    def idwconv2d_op(input: Tensor, weight: Tensor) -> Tensor:
-        return forward(input, weight)
-
-    @torch.library.triton_op('mmdwnet::inhomogeneous_dwconv2d_grad_input_triton',
-                             mutates_args=())
-    def idwconv2d_grad_input_op(grad_output: Tensor, weight: Tensor) -> Tensor:
-        return grad_input(grad_output, weight)
-
-    @torch.library.triton_op('mmdwnet::inhomogeneous_dwconv2d_grad_weight_triton',
-                             mutates_args=())
-    def idwconv2d_grad_weight_op(grad_output: Tensor, input: Tensor, groups: int,
-                                 kernel_size: int) -> Tensor:
-        return weight_grad(grad_output, input, groups, kernel_size)
-
-    def _setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs)
-
-    def _backward(ctx, grad_output: Tensor):
-        input, weight = ctx.saved_tensors
-        grad_input = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_input = idwconv2d_grad_input_op(grad_output, weight)
-        if ctx.needs_input_grad[1]:
-            grad_weight = idwconv2d_grad_weight_op(grad_output, input, weight.shape[1],
-                                                   weight.shape[2])
-        return grad_input, grad_weight
-
-    idwconv2d_op.register_autograd(_backward, setup_context=_setup_context)
-else:  # pragma: no cover - torch builds without Triton
-    idwconv2d_op = None

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import run_tool, tools_env
 
-from mmdwnet.ops import inhomogeneous_dwconv2d
+from mmdwnet.ops import explain, inhomogeneous_dwconv2d, triton_idwconv
 from mmdwnet.testing.reference import idwconv as reference_idwconv
 
 
@@ -132,32 +132,38 @@ def test_non_contiguous_inputs():
     assert inhomogeneous_dwconv2d(x, w_t).is_contiguous()
 
 
+@pytest.mark.skipif(triton_idwconv.triton is None, reason='Triton is not importable')
 def test_failing_triton_kernels_fall_back_with_one_warning(monkeypatch):
-    """Where the Triton kernels apply but fail (e.g. no compiler for the GPU), the other
-    implementations take over and a warning says so, once; out-of-memory errors are not
-    hidden."""
-    from mmdwnet.ops import inhomogeneous_dwconv as op
+    """Where the Triton kernels are chosen but fail (e.g. no compiler for the GPU), the
+    next backend takes over and a warning says so, once; out-of-memory errors are not
+    hidden. (On CPU, Triton is chosen in its interpreter without the compiled kernels.)"""
+    from mmdwnet.ops import dispatch
 
     def broken(*args):
         raise RuntimeError('no compiler here')
 
-    monkeypatch.setattr(op.triton_idwconv, 'available', lambda t: True)
-    monkeypatch.setattr(op.triton_idwconv, 'forward', broken)
-    monkeypatch.setattr(op, '_triton_failed', [])
+    monkeypatch.setenv('MMDWNET_CPU_EXTENSION', '0')
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    monkeypatch.setattr(triton_idwconv, 'forward', broken)
+    monkeypatch.setattr(dispatch.TRITON, 'failure', None)
     x, weight = _pair(2, 8, 4, 3, 6, 5)
+    assert [name for name, why in explain('inhomogeneous_dwconv2d', x, weight)
+            if why is None] == ['triton', 'pytorch']
     with pytest.warns(UserWarning) as record:
         first, second = inhomogeneous_dwconv2d(x, weight), inhomogeneous_dwconv2d(x, weight)
     messages = [str(r.message) for r in record if 'Triton' in str(r.message)]
-    assert messages == ['mmdwnet: the Triton I-D-DW kernels failed (RuntimeError: no '
-                        'compiler here); using the PyTorch implementation from now on']
+    assert messages == ['mmdwnet: the Triton kernels failed (RuntimeError: no compiler '
+                        'here); using the other backends from now on']
     torch.testing.assert_close(first, reference_idwconv(x, weight))
     torch.testing.assert_close(second, first)
+    assert dict(explain('inhomogeneous_dwconv2d', x, weight))['triton'] == (
+        'failed earlier in this process: RuntimeError: no compiler here')
 
     def out_of_memory(*args):
         raise torch.OutOfMemoryError('out of memory')
 
-    monkeypatch.setattr(op.triton_idwconv, 'forward', out_of_memory)
-    monkeypatch.setattr(op, '_triton_failed', [])
+    monkeypatch.setattr(triton_idwconv, 'forward', out_of_memory)
+    monkeypatch.setattr(dispatch.TRITON, 'failure', None)
     with pytest.raises(torch.OutOfMemoryError):
         inhomogeneous_dwconv2d(x, weight)
 
@@ -197,7 +203,7 @@ _MEMORY_SCRIPT = textwrap.dedent('''
     import json, re
     import torch
     from analysis_tools.clean_process import CleanProcess
-    from mmdwnet.ops import inhomogeneous_dwconv2d
+    from mmdwnet.ops import explain, inhomogeneous_dwconv2d, triton_idwconv
     from mmdwnet.testing.reference import idwconv as reference_idwconv
 
     def resident_kib(field):  # VmRSS: now, VmHWM: peak since the last reset

@@ -3,17 +3,15 @@ from typing import Dict, Optional, Sequence
 
 import torch
 import torch.utils.checkpoint as cp
-from mmcv.cnn import Linear, build_norm_layer
+from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks.drop import build_dropout
-from mmcv.cnn.bricks.transformer import FFN
 from mmengine.model import BaseModule, ModuleList
 from torch import Tensor, nn
 
-from mmdwnet.models.utils import (ChannelSharedDWConv, ChannelsLastPatchMerging, Conv2dAdd,
-                                  Conv2dReLU, DynamicDWConv, InhomogeneousDynamicDWConv, LinearAdd,
-                                  LinearGELU, fold_bn_after, fold_bn_before_linear, is_foldable,
-                                  residual_drop_path)
-from mmdwnet.ops import DepthwiseConv2d, gelu_mlp, predicted_idwconv2d_fuses_output
+from mmdwnet.models.utils import (DWFFN, ChannelSharedDWConv, ChannelsLastPatchMerging,
+                                  Conv2dAdd, Conv2dReLU, DynamicDWConv,
+                                  InhomogeneousDynamicDWConv, add_branch, fold_bn_after)
+from mmdwnet.ops import DepthwiseConv2d
 
 CONV_TYPES = ('dw', 'ddw', 'iddw')
 
@@ -84,13 +82,14 @@ class DWBlock(BaseModule):
             raise ValueError(f'DWBlock: `conv_type` must be one of {CONV_TYPES}, '
                              f'got {conv_type!r}')
         self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
-        self.se = None
+        self.se = nn.Identity()
         if se_ratio is not None:
             from mmpretrain.models.utils import SELayer
             self.se = SELayer(embed_dims, ratio=se_ratio)
         self.pw_conv2 = nn.Conv2d(embed_dims, embed_dims, 1, bias=False)
         self.norm3 = build_norm_layer(norm_cfg, embed_dims)[1]
-        self.act = nn.ReLU(inplace=True)
+        self.act1 = nn.ReLU(inplace=True)
+        self.act2 = nn.ReLU(inplace=True)
         self.drop_path = build_dropout(dict(type='DropPath', drop_prob=drop_path_rate))
 
         self.extra_dw = extra_dw
@@ -99,79 +98,27 @@ class DWBlock(BaseModule):
             self.local_conv = DepthwiseConv2d(embed_dims, kernel_size)
 
         self.ffn_norm = build_norm_layer(norm_cfg, embed_dims)[1]
-        self.ffn = FFN(
+        self.ffn = DWFFN(
             embed_dims=embed_dims,
             feedforward_channels=int(embed_dims * mlp_ratio),
-            num_fcs=2,
             act_cfg=act_cfg,
-            dropout_layer=dict(type='DropPath', drop_prob=drop_path_rate),
-            add_identity=True)
+            dropout_layer=dict(type='DropPath', drop_prob=drop_path_rate))
 
     def forward(self, x: Tensor) -> Tensor:
 
         def _inner_forward(x):
-            if isinstance(self.pw_conv1, Conv2dReLU):  # deploy form: norm1 folded
-                y = self.pw_conv1(x)
-            else:
-                y = self.act(self.norm1(self.pw_conv1(x)))
-            y = self._dw_norm_act(y)
-            if self.se is not None:
-                y = self.se(y)
-            if isinstance(self.pw_conv2, Conv2dAdd) and not self.training:
-                # deploy form in eval mode (norm3 folded, drop path an identity)
-                x = self.pw_conv2(y, x)
-            else:
-                x = residual_drop_path(x, self.norm3(self.pw_conv2(y)), self.drop_path)
+            y = self.act1(self.norm1(self.pw_conv1(x)))
+            y = self.se(self.act2(self.norm2(self.dw_conv(y))))
+            x = add_branch(x, self.pw_conv2, y, self.norm3, self.drop_path)
             if self.extra_dw:
                 x = x + self.local_conv(self.local_norm(x))
             # the FFN works on (B, H, W, C); the identity is added inside it
-            y = self._ffn(self.ffn_norm(x).permute(0, 2, 3, 1), x.permute(0, 2, 3, 1))
+            y = self.ffn(self.ffn_norm(x).permute(0, 2, 3, 1), x.permute(0, 2, 3, 1))
             return y.permute(0, 3, 1, 2)
 
         if self.with_cp and x.requires_grad:
             return cp.checkpoint(_inner_forward, x, use_reentrant=False)
         return _inner_forward(x)
-
-    def _dw_norm_act(self, y: Tensor) -> Tensor:
-        """``act(norm2(dw_conv(y)))``. For I-D-DW with an eval-mode BatchNorm (which
-        cannot fold into kernels its group's channels share) and a ReLU, where the
-        operator runs its fused CPU kernel in inference, the kernel applies both to its
-        sums before it writes them: on an AMD EPYC (2 threads, batch 16, bf16) the
-        separate norm and ReLU took about 6 ms of I-D-DW-T's 500 ms. Elsewhere (autograd,
-        tracing, export, other devices) the separate layers."""
-        if (isinstance(self.dw_conv, InhomogeneousDynamicDWConv) and type(self.act) is nn.ReLU
-                and is_foldable(self.norm2) and not self.norm2.training
-                and predicted_idwconv2d_fuses_output(y, self.dw_conv.kernel_size)):
-            return self.dw_conv(y, out_norm=self.norm2)
-        return self.act(self.norm2(self.dw_conv(y)))
-
-    def _ffn(self, x: Tensor, identity: Tensor) -> Tensor:
-        """``self.ffn(x, identity)``: mmcv's FFN, with its residual addition and drop
-        path in one pass, or in deploy form in eval mode (dropout and drop path are
-        identities) inside the second layer's kernel."""
-        layers = self.ffn.layers
-        if isinstance(layers[1], LinearAdd) and not self.training:
-            return layers[1](layers[0](x), identity)
-        fcs = self._plain_gelu_mlp()
-        y = gelu_mlp(x, fcs[0].weight, fcs[0].bias, fcs[1].weight,
-                     fcs[1].bias) if fcs is not None else layers(x)
-        return residual_drop_path(identity, self.ffn.gamma2(y), self.ffn.dropout_layer)
-
-    def _plain_gelu_mlp(self) -> Optional[tuple]:
-        """The FFN's two linear layers where its layers compute
-        ``fc2(GELU(fc1(x)))`` (exact GELU, the dropouts identities), for
-        :func:`gelu_mlp`, which trains them faster on CPU; else None."""
-        layers = self.ffn.layers
-        if len(layers) != 3 or not isinstance(layers[0], nn.Sequential) or len(layers[0]) != 3:
-            return None
-        (fc1, act, drop1), fc2, drop2 = layers[0], layers[1], layers[2]
-        if not (type(act) is nn.GELU and act.approximate == 'none'
-                and all(type(fc) in (nn.Linear, Linear, LinearAdd) for fc in (fc1, fc2))):
-            return None
-        inactive = all(
-            type(drop) is nn.Dropout and (drop.p == 0 or not drop.training)
-            for drop in (drop1, drop2))
-        return (fc1, fc2) if inactive else None
 
     @torch.no_grad()
     def switch_to_deploy(self) -> None:
@@ -179,33 +126,24 @@ class DWBlock(BaseModule):
         convolution or linear layer and replace it by an identity; norms of other kinds
         stay. Where their norms folded, the first 1x1 convolution and its ReLU become one
         :class:`Conv2dReLU` and the last and the residual addition one :class:`Conv2dAdd`;
-        the FFN's first linear layer and its GELU become one :class:`LinearGELU`, its
-        second layer and the residual addition one :class:`LinearAdd` (same parameters and
-        keys). The block then computes the same function in eval mode, faster."""
+        the I-D-DW layer takes its output norm and ReLU, which its CPU kernel applies to
+        its sums; the FFN fuses its layers (:meth:`DWFFN.switch_to_deploy`). Parameters
+        keep their keys. The block then computes the same function in eval mode, faster."""
         if fold_bn_after(self, 'pw_conv1', 'norm1') and type(self.pw_conv1) is nn.Conv2d:
             self.pw_conv1 = Conv2dReLU.from_conv(self.pw_conv1)
+            self.act1 = nn.Identity()
         if isinstance(self.dw_conv, nn.Conv2d):
             fold_bn_after(self, 'dw_conv', 'norm2')
         elif isinstance(self.dw_conv, DynamicDWConv):
             if self.dw_conv.switch_to_deploy(self.norm2):
                 self.norm2 = nn.Identity()
         elif isinstance(self.dw_conv, InhomogeneousDynamicDWConv):
-            self.dw_conv.switch_to_deploy()
+            if self.dw_conv.switch_to_deploy(self.norm2, self.act2):
+                self.norm2, self.act2 = nn.Identity(), nn.Identity()
         # channel-shared kernels cannot take a per-channel scale: norm2 stays
         if fold_bn_after(self, 'pw_conv2', 'norm3') and type(self.pw_conv2) is nn.Conv2d:
             self.pw_conv2 = Conv2dAdd.from_conv(self.pw_conv2)
-        fold_bn_before_linear(self, 'ffn_norm', self.ffn.layers[0][0])
-        # the FFN's first linear layer and its exact GELU as one oneDNN operation
-        hidden = self.ffn.layers[0]
-        if (isinstance(hidden[0], nn.Linear) and type(hidden[1]) is nn.GELU
-                and hidden[1].approximate == 'none'):
-            hidden[0] = LinearGELU.from_linear(hidden[0])
-            hidden[1] = nn.Identity()
-        # the second layer and the residual addition (with no layer scale between them)
-        fc2 = self.ffn.layers[1]
-        if (isinstance(fc2, nn.Linear) and not isinstance(fc2, LinearAdd)
-                and isinstance(self.ffn.gamma2, nn.Identity)):
-            self.ffn.layers[1] = LinearAdd.from_linear(fc2)
+        self.ffn.switch_to_deploy(self, 'ffn_norm')
 
 
 class DWStage(BaseModule):

@@ -1,7 +1,8 @@
 from .drop_path import residual_drop_path
 from .dynamic_dwconv import ChannelSharedDWConv, DynamicDWConv, InhomogeneousDynamicDWConv
 from .fuse_bn import bn_affine, fold_bn_after, fold_bn_before_linear, is_foldable
-from .fused_layers import Conv2dAdd, Conv2dReLU, LinearAdd, LinearGELU
+from .ffn import DWFFN
+from .fused_layers import Conv2dAdd, Conv2dReLU, LinearAdd, LinearGELU, add_branch
 from .norm import CenteringCalibratedBN
 from .patch_merging import ChannelsLastPatchMerging
 from .pretrained import load_pretrained_backbone, missing_pretrained_checkpoint
@@ -10,6 +11,6 @@ __all__ = [
     'DynamicDWConv', 'InhomogeneousDynamicDWConv', 'ChannelSharedDWConv',
     'bn_affine', 'fold_bn_after', 'fold_bn_before_linear', 'is_foldable',
     'CenteringCalibratedBN', 'ChannelsLastPatchMerging', 'Conv2dAdd', 'Conv2dReLU',
-    'LinearAdd', 'LinearGELU',
+    'LinearAdd', 'LinearGELU', 'add_branch', 'DWFFN',
     'load_pretrained_backbone', 'missing_pretrained_checkpoint', 'residual_drop_path'
 ]

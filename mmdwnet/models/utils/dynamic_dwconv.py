@@ -126,8 +126,8 @@ class InhomogeneousDynamicDWConv(_KernelPredictor):
     C/r -> G*K*K), then applied by :func:`mmdwnet.ops.inhomogeneous_dwconv2d`. No bias.
     Prediction and application are one operator, :func:`mmdwnet.ops.predicted_idwconv2d`,
     which never stores the large kernel tensor. Its predictor's BatchNorm folds into
-    ``conv1`` (:meth:`switch_to_deploy`); the output cannot take a per-channel norm, the
-    kernels being shared by the channels of a group.
+    ``conv1`` (:meth:`switch_to_deploy`); a per-channel norm after it cannot fold into
+    kernels that the channels of a group share, and is applied by the operator instead.
 
     Args:
         channels (int): Input and output channels C.
@@ -148,37 +148,40 @@ class InhomogeneousDynamicDWConv(_KernelPredictor):
         super().__init__(channels, channels // group_channels, kernel_size, reduction,
                          norm_cfg, conv1_bias=True, init_cfg=init_cfg)
         self.groups = channels // group_channels
+        # the output norm and ReLU, once switch_to_deploy has taken them over
+        self.register_buffer('out_scale', None)
+        self.register_buffer('out_shift', None)
+        self.out_relu = False
 
-    def forward(self, x: Tensor, out_norm: Optional[_BatchNorm] = None) -> Tensor:
-        """The operator on ``x``; with ``out_norm`` (an eval-mode BatchNorm, for
-        inference: its parameters get no gradient), ``ReLU(out_norm(.))`` of it, which the
-        fused CPU kernel applies before it writes the output."""
-        if isinstance(self.conv1, Conv2dReLU):  # deploy form: the norm folded
-            hidden = self.conv1(x)
-        else:
-            hidden = self.act(self._normalise(self.conv1(x)))
-        scale = shift = None
-        if out_norm is not None:
-            if torch.is_grad_enabled() and any(p.requires_grad for p in out_norm.parameters()):
-                raise ValueError(
-                    f'{type(self).__name__}: `out_norm` is applied as a constant affine map '
-                    'and would get no gradient; call it without autograd (torch.no_grad()) '
-                    'or apply the norm after the layer')
-            scale, shift = bn_affine(out_norm)
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.act(self._normalise(self.conv1(x)))
         # one operator predicts the (B, G, K, K, H, W) kernels - 16x the size of x at the
         # paper's settings - a few samples at a time and applies them, and predicts them
-        # again in the backward pass instead of storing them
+        # again in the backward pass instead of storing them; in deploy form it also
+        # applies the output norm and ReLU this layer took over
         return predicted_idwconv2d(x, hidden, self.conv2.weight.flatten(1), self.conv2.bias,
-                                   self.kernel_size, scale, shift, relu=out_norm is not None)
+                                   self.kernel_size, self.out_scale, self.out_shift,
+                                   relu=self.out_relu)
 
     @torch.no_grad()
-    def switch_to_deploy(self) -> None:
+    def switch_to_deploy(self, out_norm: Optional[nn.Module] = None,
+                         out_act: Optional[nn.Module] = None) -> bool:
         """Fold the predictor's BatchNorm into ``conv1``; where it folded, ``conv1`` and
-        the ReLU become one :class:`Conv2dReLU` (same parameters and keys): on an AMD EPYC
-        (2 threads, batch 16, fp32) DWNet-T's 12 predictor layers took 15.8 ms instead of
-        19.0."""
+        the ReLU become one :class:`Conv2dReLU` (same parameters and keys). Where
+        ``out_norm`` (the BatchNorm after this layer) is foldable and ``out_act`` a ReLU,
+        take both over as buffers ``out_scale`` and ``out_shift`` and a ReLU, which the
+        operator's fused CPU kernel applies to its sums before it writes them (they
+        cannot fold into kernels that a group's channels share). Returns whether it took
+        them."""
         if fold_bn_after(self, 'conv1', 'norm') and type(self.conv1) is nn.Conv2d:
             self.conv1 = Conv2dReLU.from_conv(self.conv1)
+            self.act = nn.Identity()
+        if out_norm is None or not is_foldable(out_norm) or type(out_act) is not nn.ReLU:
+            return False
+        scale, shift = bn_affine(out_norm)
+        self.out_scale, self.out_shift = scale.clone(), shift.clone()
+        self.out_relu = True
+        return True
 
 
 class ChannelSharedDWConv(BaseModule):

@@ -6,38 +6,30 @@ with the residual addition (:class:`Conv2dAdd`). Each keeps the parameters and
 state-dict keys of the layer it replaces, and computes the same function elsewhere
 (autograd, other devices, tracing and export) with the standard layers.
 
-The additions are fused in float32 only: under bfloat16 autocast oneDNN's kernels with the
-addition took as long as the product and a separate addition, or longer (AMD EPYC with
-AVX-512 BF16, 2 threads, batch 16, DWNet-T's shapes: the 1x1 convolutions 3.87 against 4.27
-ms at stage 1, 3.02 against 2.86 ms at stage 3; the FFN's second layers the same within
-0.2 ms at every stage).
+Whether the oneDNN kernel or the standard layers run is the ``onednn`` / ``pytorch``
+choice of :mod:`mmdwnet.ops.dispatch` (operators ``linear``, ``linear_gelu``,
+``linear_add``, ``conv2d_relu``, ``conv2d_add``). The additions are fused in float32 only:
+under bfloat16 autocast oneDNN's kernels with the addition were no faster than the
+product and a separate addition at DWNet-T's shapes.
 """
-import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmdwnet.ops import in_export_mode
+from mmdwnet.ops import dispatch
+from .drop_path import residual_drop_path
 
 
-def _mkldnn_op(name: str):
-    """oneDNN's ``torch.ops.mkldnn.<name>`` (the kernels torch.compile's CPU backend
-    fuses into) where this torch build has it, else None."""
-    if not torch.backends.mkldnn.is_available():
+def _onednn(op: str, kernel: str, weight: Tensor, *tensors: Tensor):
+    """oneDNN's ``torch.ops.mkldnn.<kernel>`` where :mod:`mmdwnet.ops.dispatch` chooses
+    the ``onednn`` backend for operator ``op`` on ``tensors`` with the parameter
+    ``weight``, else None (the standard layers run)."""
+    call = dispatch.make_call(op, *tensors, weight, weight_dtype=weight.dtype, kernel=kernel)
+    if dispatch.choose(call) is not dispatch.ONEDNN:
         return None
-    try:
-        return getattr(torch.ops.mkldnn, name)
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def _plain(x: Tensor) -> bool:
-    """Whether ``x`` takes the standard layers: tracers, compilers and exporters see them,
-    and oneDNN's kernels run on CPU only."""
-    return (in_export_mode() or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or x.device.type != 'cpu' or not x.numel())
+    return getattr(torch.ops.mkldnn, kernel)
 
 
 def _operands(owner: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -46,45 +38,11 @@ def _operands(owner: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     convolutions return their output in the input's (channels-last maps stay
     channels-last), and the linear layers take any strides. ``owner`` names the layer in
     the error for an input whose dtype is not the weight's."""
-    if torch.is_autocast_enabled('cpu'):
-        dtype = torch.get_autocast_dtype('cpu')
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    elif x.dtype != weight.dtype:
+    x, weight, bias = dispatch.autocast('cpu', x, weight, bias)
+    if x.dtype != weight.dtype:
         raise TypeError(f'{owner}: input dtype {x.dtype} differs from the weight dtype '
                         f'{weight.dtype}')
     return x, weight, bias
-
-
-@functools.lru_cache(maxsize=None)
-def onednn_dtypes() -> tuple:
-    """The dtypes oneDNN's kernels take on this CPU: float32, and bfloat16 / float16 where
-    the CPU has the instructions oneDNN needs for them (AVX-512 BW/VL/DQ or AVX-NE-CONVERT
-    for bfloat16; an AVX2-only CPU has neither, and the kernels raise there)."""
-    dtypes = [torch.float32]
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        dtypes.append(torch.bfloat16)
-    if torch.ops.mkldnn._is_mkldnn_fp16_supported():
-        dtypes.append(torch.float16)
-    return tuple(dtypes)
-
-
-def _fused(name: str, weight: Tensor, *tensors: Tensor, float32_only: bool = False):
-    """The oneDNN operator ``name`` where it may run with the parameter ``weight`` on
-    ``tensors``: on CPU, outside tracing and export, without autograd (it has no
-    backward), and in a dtype oneDNN takes (the autocast dtype, else the weight's); else
-    None. ``float32_only``: only for float32 operands outside autocast (CPU autocast always
-    lowers the precision)."""
-    if _plain(tensors[0]) or (torch.is_grad_enabled() and (
-            weight.requires_grad or any(t.requires_grad for t in tensors))):
-        return None
-    autocast = torch.is_autocast_enabled('cpu')
-    dtype = torch.get_autocast_dtype('cpu') if autocast else weight.dtype
-    if dtype not in onednn_dtypes():
-        return None
-    if float32_only and (tensors[0].dtype != torch.float32 or autocast):
-        return None
-    return _mkldnn_op(name)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -96,7 +54,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     27M of its 51M parameters in all). Measured on an AMD EPYC (2 threads, batch 16, fp32,
     the 12 layers of D-DW-T): 17.0 ms with ``F.linear``, 10.5 ms with oneDNN's.
     """
-    fused = _fused('_linear_pointwise', weight, x, *([] if bias is None else [bias]))
+    fused = _onednn('linear', '_linear_pointwise', weight, x, bias)
     if fused is None:
         return F.linear(x, weight, bias)
     return fused(*_operands('linear', x, weight, bias), 'none', [], '')
@@ -115,7 +73,8 @@ def add_to_product(identity: Tensor, product: Tensor) -> Tensor:
     cache as it is written; at DWNet-T's first stage (bfloat16, batch 16) the addition took
     0.59 instead of 0.82 ms. Elsewhere (autograd, other devices, tracing and export, a sum
     that promotes or broadcasts beyond the product) the out-of-place addition."""
-    if (_plain(product) or identity.dtype != product.dtype
+    if (dispatch.capturing() or product.device.type != 'cpu' or not product.numel()
+            or identity.dtype != product.dtype
             or (torch.is_grad_enabled() and (product.requires_grad or identity.requires_grad))
             or torch.broadcast_shapes(identity.shape, product.shape) != product.shape):
         return identity + product
@@ -146,7 +105,7 @@ class LinearGELU(_FusedLinear):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        fused = _fused('_linear_pointwise', self.weight, x)
+        fused = _onednn('linear_gelu', '_linear_pointwise', self.weight, x)
         if fused is not None:
             x, weight, bias = _operands(type(self).__name__, x, self.weight, self.bias)
             return fused(x, weight, bias, 'gelu', [], 'none')
@@ -175,7 +134,7 @@ class LinearAdd(_FusedLinear):
     def forward(self, x: Tensor, identity: Optional[Tensor] = None) -> Tensor:
         if identity is None:
             return F.linear(x, self.weight, self.bias)
-        fused = _fused('_linear_pointwise', self.weight, x, identity, float32_only=True)
+        fused = _onednn('linear_add', '_linear_pointwise', self.weight, x, identity)
         if fused is not None:
             x, weight, bias = _operands(type(self).__name__, x, self.weight, self.bias)
             if _addable(identity, x, (*x.shape[:-1], self.out_features)):
@@ -213,7 +172,7 @@ class Conv2dReLU(_FusedConv2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        fused = _fused('_convolution_pointwise', self.weight, x)
+        fused = _onednn('conv2d_relu', '_convolution_pointwise', self.weight, x)
         if fused is not None:
             x, weight, bias = _operands(type(self).__name__, x, self.weight, self.bias)
             return fused(x, weight, bias, *self._geometry(), 'relu', [], '')
@@ -235,7 +194,7 @@ class Conv2dAdd(_FusedConv2d):
     def forward(self, x: Tensor, identity: Optional[Tensor] = None) -> Tensor:
         if identity is None:
             return super().forward(x)
-        fused = _fused('_convolution_pointwise', self.weight, x, identity, float32_only=True)
+        fused = _onednn('conv2d_add', '_convolution_pointwise', self.weight, x, identity)
         if fused is not None:
             x, weight, bias = _operands(type(self).__name__, x, self.weight, self.bias)
             shape = (x.shape[0], self.out_channels, *self._out_size(x))
@@ -247,3 +206,15 @@ class Conv2dAdd(_FusedConv2d):
     def _out_size(self, x: Tensor) -> tuple:
         return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in zip(
             x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride))
+
+
+def add_branch(identity: Tensor, layer: nn.Module, x: Tensor, after: nn.Module,
+               drop_path: nn.Module) -> Tensor:
+    """``identity + drop_path(after(layer(x)))``, a residual branch that ends in ``layer``
+    and ``after`` (a norm, a layer scale). Where deploy folding made ``layer`` a layer that
+    adds (:class:`Conv2dAdd`, :class:`LinearAdd`) and ``after`` an identity, and the drop
+    path is inactive, the addition runs inside that layer's kernel."""
+    if (isinstance(layer, (Conv2dAdd, LinearAdd)) and type(after) is nn.Identity
+            and not (drop_path.training and getattr(drop_path, 'drop_prob', 0) > 0)):
+        return layer(x, identity)
+    return residual_drop_path(identity, after(layer(x)), drop_path)
