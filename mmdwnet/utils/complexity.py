@@ -46,9 +46,6 @@ def predicted_idwconv_flop_jit(inputs, outputs) -> int:
 OP_HANDLES = {
     'mmdwnet::inhomogeneous_dwconv2d': inhomogeneous_dwconv_flop_jit,
     'mmdwnet::predicted_idwconv2d': predicted_idwconv_flop_jit,
-    # the same operators on CUDA, where they are Triton operators (same leading arguments)
-    'mmdwnet::inhomogeneous_dwconv2d_triton': inhomogeneous_dwconv_flop_jit,
-    'mmdwnet::predicted_idwconv2d_triton': predicted_idwconv_flop_jit,
 }
 
 

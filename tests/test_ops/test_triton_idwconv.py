@@ -51,10 +51,10 @@ _SCRIPT = textwrap.dedent('''
             err = (ours.double() - ref).abs().max().item() / ref.abs().max().item()
             assert err < tol, (name, k, dtype, err)
 
-    # the operators the compiler sees (triton_op), with their autograd, against the PyTorch
-    # implementation; a tiny chunk budget splits the fused operator's batch in two
-    from mmdwnet.ops import predicted_idwconv
-    from mmdwnet.ops.inhomogeneous_dwconv import _forward as pytorch_idwconv
+    # the registered operators on the Triton backend, with their autograd, against the
+    # PyTorch backend; a tiny chunk budget splits the fused operator's batch in two
+    from mmdwnet.ops import (inhomogeneous_dwconv2d, predicted_idwconv, predicted_idwconv2d,
+                             use_backend)
     b, c, g, k, h, w, r = 3, 8, 2, 3, 6, 5, 4
     x = torch.randn(b, c, h, w, requires_grad=True)
     wt = torch.randn(b, g, k, k, h, w, requires_grad=True)
@@ -65,14 +65,13 @@ _SCRIPT = textwrap.dedent('''
     predicted_idwconv.CHUNK_BYTES_OTHER = predicted_idwconv.CHUNK_BYTES['cpu'] = \
         2 * g * k * k * h * w * 4
     assert len(predicted_idwconv._chunks(x, g * k * k)) == 2
-    for ours, theirs, inputs in [
-            (triton_idwconv.idwconv2d_op, pytorch_idwconv, (x, wt)),
-            (lambda *a: predicted_idwconv._triton_forward(*a, k),
-             lambda *a: predicted_idwconv._forward(*a, k), (x, hid, pw, pb))]:
+    for op, inputs in [(inhomogeneous_dwconv2d, (x, wt)),
+                       (lambda *a: predicted_idwconv2d(*a, k), (x, hid, pw, pb))]:
         results = []
-        for fn in (ours, theirs):
-            y = fn(*inputs)
-            results.append((y, *torch.autograd.grad(y, inputs, gy)))
+        for backend in ('triton', 'pytorch'):
+            with use_backend(backend):
+                y = op(*inputs)
+                results.append((y, *torch.autograd.grad(y, inputs, gy)))
         for a, b_ in zip(*results):
             torch.testing.assert_close(a, b_, atol=1e-4, rtol=1e-4)
     print('OK')
@@ -116,8 +115,8 @@ def _calls(gm):
 
 @needs_triton
 def test_compiler_sees_the_triton_kernels_on_cuda(caplog):
-    """On CUDA the I-D-DW operators are ``triton_op``s: what torch.compile hands Inductor
-    contains the Triton kernels themselves, not an opaque call. Traced with fake CUDA
+    """On CUDA the I-D-DW operators trace into their Triton kernels under torch.compile:
+    what it hands Inductor contains the Triton kernels themselves, not an opaque call. Traced with fake CUDA
     tensors (no GPU needed; without a GPU Triton cannot analyse which arguments a kernel
     writes and assumes all, which changes nothing here)."""
     import logging
@@ -158,11 +157,10 @@ def test_compiler_sees_the_triton_kernels_on_cuda(caplog):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (run on the '
                     "`device` machine: tools/gpu_tests.sh)")
 def test_cuda_dispatch_uses_triton_and_matches_pytorch(monkeypatch):
-    from mmdwnet.ops import inhomogeneous_dwconv as op
-    from mmdwnet.ops import inhomogeneous_dwconv2d, triton_idwconv
+    from mmdwnet.ops import dispatch, explain, inhomogeneous_dwconv2d, triton_idwconv
 
     # no earlier failure may send this test to the fallback, and none it causes may leak
-    monkeypatch.setattr(op, '_triton_failed', [])
+    monkeypatch.setattr(dispatch.TRITON, 'failure', None)
     calls = []
     for name in ('launch', 'launch_weight_grad'):
         kernel = getattr(triton_idwconv, name)
@@ -177,11 +175,13 @@ def test_cuda_dispatch_uses_triton_and_matches_pytorch(monkeypatch):
     results = []
     for flag in ('1', '0'):  # Triton, then the PyTorch implementation
         monkeypatch.setenv('MMDWNET_TRITON', flag)
+        chosen = [name for name, why in explain('inhomogeneous_dwconv2d', x, w) if why is None]
+        assert chosen[0] == ('triton' if flag == '1' else 'pytorch'), chosen
         y = inhomogeneous_dwconv2d(x, w)
         results.append((y, *torch.autograd.grad(y, (x, w), gy)))
         if flag == '1':  # the Triton kernels ran, and none failed into the fallback
             assert {'launch', 'grad_input', 'launch_weight_grad'} <= set(calls), calls
-            assert not op._triton_failed, op._triton_failed
+            assert dispatch.TRITON.failure is None, dispatch.TRITON.failure
             calls.clear()
         else:  # MMDWNET_TRITON=0: the PyTorch implementation, no Triton kernel
             assert not calls, calls

@@ -122,7 +122,7 @@ def test_every_matmul_library_computes_the_product(dtype):
     compute ``a @ b_t.T`` (``b_t`` laid out as a linear layer's weight)."""
     gen = torch.Generator().manual_seed(0)
     a, b_t = torch.randn(33, 20, generator=gen), torch.randn(17, 20, generator=gen)
-    from mmdwnet.models.utils.fused_layers import onednn_dtypes
+    from mmdwnet.ops.dispatch import onednn_dtypes
     libraries = matmul_libraries('cpu', dtype=dtype)
     # oneDNN's linear layer where this CPU has its kernels for the dtype (bfloat16 needs
     # AVX-512 or AVX-NE-CONVERT)

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mmdwnet.models.utils.fused_layers import onednn_dtypes
+from mmdwnet.ops.dispatch import onednn_dtypes
 
 __all__ = ['Product', 'record_matrix_products', 'product_flops', 'matmul_libraries',
            'time_product', 'products_seconds', 'synchronize']

@@ -22,10 +22,14 @@ class DWFFN(FFN):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, num_fcs=2, add_identity=True, **kwargs)
-        (fc1, act, drop1), fc2, drop2 = self.layers
-        # fixed by the configuration: whether the layers compute fc2(GELU(fc1(x)))
-        self.exact_gelu_mlp = (type(act) is nn.GELU and act.approximate == 'none'
-                               and drop1.p == 0 and drop2.p == 0)
+
+    @property
+    def exact_gelu_mlp(self) -> bool:
+        """Whether the layers compute ``fc2(GELU(fc1(x)))``: the exact GELU, dropouts
+        that drop nothing."""
+        (_, act, drop1), _, drop2 = self.layers
+        return (type(act) is nn.GELU and act.approximate == 'none'
+                and all(drop.p == 0 or not drop.training for drop in (drop1, drop2)))
 
     def forward(self, x: Tensor, identity: Tensor) -> Tensor:
         (fc1, _, _), fc2, _ = self.layers

@@ -212,9 +212,9 @@ def add_branch(identity: Tensor, layer: nn.Module, x: Tensor, after: nn.Module,
                drop_path: nn.Module) -> Tensor:
     """``identity + drop_path(after(layer(x)))``, a residual branch that ends in ``layer``
     and ``after`` (a norm, a layer scale). Where deploy folding made ``layer`` a layer that
-    adds (:class:`Conv2dAdd`, :class:`LinearAdd`) and ``after`` an identity, and the drop
-    path is inactive, the addition runs inside that layer's kernel."""
+    adds (:class:`Conv2dAdd`, :class:`LinearAdd`) and ``after`` an identity, in eval mode
+    (the drop path an identity), the addition runs inside that layer's kernel."""
     if (isinstance(layer, (Conv2dAdd, LinearAdd)) and type(after) is nn.Identity
-            and not (drop_path.training and getattr(drop_path, 'drop_prob', 0) > 0)):
+            and not drop_path.training):
         return layer(x, identity)
     return residual_drop_path(identity, after(layer(x)), drop_path)

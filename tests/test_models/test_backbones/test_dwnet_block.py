@@ -56,9 +56,11 @@ def test_bf16_block_agrees_with_fp32(conv_type):
                 m.momentum = None
         block.train()(x)
     block.eval().switch_to_deploy()
-    # every BatchNorm folded, but the one after I-D-DW (group-shared kernels cannot take it)
+    # every BatchNorm folded; the one after I-D-DW (group-shared kernels cannot take it)
+    # into the operator, which applies it to its sums
     left = [m for m in block.modules() if isinstance(m, _BatchNorm)]
-    assert left == ([block.norm2] if conv_type == 'iddw' else [])
+    assert left == []
+    assert (getattr(block.dw_conv, 'out_scale', None) is not None) == (conv_type == 'iddw')
     with torch.no_grad():
         reference = block(x)
         with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -147,17 +149,17 @@ def test_deploy_fuses_layers(monkeypatch, conv_type):
     torch.testing.assert_close(low.float(), expected, rtol=0.05, atol=0.05)
     # bfloat16: the additions unfused, the second layer oneDNN's plain linear layer; the
     # standard layers where this CPU has no oneDNN kernels for bfloat16 (AVX2 only)
-    from mmdwnet.models.utils.fused_layers import onednn_dtypes
+    from mmdwnet.ops.dispatch import onednn_dtypes
     assert calls[n:] == (['relu', *predictor, 'gelu', 'none']
                          if torch.bfloat16 in onednn_dtypes() else [])
 
 
 def test_iddw_norm_and_relu_run_in_the_kernel(monkeypatch):
     """The I-D-DW block's norm2 (a BatchNorm, which cannot fold into kernels that the
-    channels of a group share) and its ReLU run inside the fused CPU kernel in inference,
-    before and after switch_to_deploy: neither the norm nor the registered operator is
-    called; with autograd, the separate layers; the same outputs. A norm in training mode
-    (batch statistics) is no affine map: the separate layers."""
+    channels of a group share) and its ReLU: switch_to_deploy hands them to the operator,
+    whose fused CPU kernel applies them in inference (neither the norm nor the registered
+    operator is called); before it, and with autograd, the separate layers; the same
+    outputs."""
     from mmdwnet.models.backbones.dwnet import DWBlock
     from mmdwnet.ops import predicted_idwconv as op_module
     torch.manual_seed(0)
@@ -168,21 +170,20 @@ def test_iddw_norm_and_relu_run_in_the_kernel(monkeypatch):
     norm_calls, op_calls, forward = [], [], op_module._forward
     block.norm2.register_forward_hook(lambda *args: norm_calls.append(1))
     monkeypatch.setattr(op_module, '_forward', lambda *a: op_calls.append(1) or forward(*a))
-    for deploy in (False, True):
-        if deploy:
-            block.switch_to_deploy()
-        with torch.no_grad():
-            out = block(x)
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-        assert out.is_contiguous(memory_format=torch.channels_last)
-        assert norm_calls == [] and op_calls == [], deploy
-    block.norm2.train()
-    with torch.no_grad():
-        block(x)
+    with torch.no_grad():  # before deploy: the registered operator, then the norm
+        out = block(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert norm_calls == [1] and op_calls == [1]
-    # as a constant map the norm would get no gradient: refused under autograd
-    with pytest.raises(ValueError, match='`out_norm` is applied as a constant affine map'):
-        block.dw_conv(x, out_norm=block.norm2)
+    block.switch_to_deploy()
+    with torch.no_grad():  # deploy form: the fused kernel applies the norm and ReLU
+        out = block(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert norm_calls == [1] and op_calls == [1]
+    # with autograd, the registered operator and the map after it: the same outputs
+    out = block(x.clone().requires_grad_())
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert op_calls == [1, 1]
 
 
 @pytest.mark.parametrize('change', [None, 'ffn_drop', 'tanh_gelu', 'eval_no_grad'])
@@ -205,13 +206,13 @@ def test_block_ffn_trains_through_gelu_mlp(change, compiled_ops):
     if change == 'eval_no_grad':
         block.eval()
         with torch.no_grad():
-            out = block._ffn(x, identity)
+            out = block.ffn(x, identity)
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
         assert compiled_ops.ran() == set()
         return
     x.requires_grad_(), identity.requires_grad_()
     torch.manual_seed(1)
-    out = block._ffn(x, identity)
+    out = block.ffn(x, identity)
     assert compiled_ops.ran() == ({'gelu_with_derivative_'} if change is None else set())
     if change == 'ffn_drop':  # dropped hidden values: the outputs differ from the FFN's
         assert not torch.allclose(out.double(), reference.ffn.eval()(xd, idd), atol=1e-3)

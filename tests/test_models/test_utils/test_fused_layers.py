@@ -132,7 +132,7 @@ def test_linear_in_inference_is_onednns(monkeypatch):
         assert low.dtype == torch.bfloat16
         torch.testing.assert_close(low.float(), expected, rtol=0.02, atol=0.1)
         # bfloat16 where this CPU has oneDNN kernels for it (not on AVX2-only CPUs)
-        from mmdwnet.models.utils.fused_layers import onednn_dtypes
+        from mmdwnet.ops.dispatch import onednn_dtypes
         assert calls == [torch.float32, torch.float32] + [
             torch.bfloat16 for _ in range(torch.bfloat16 in onednn_dtypes())]
         torch.testing.assert_close(linear(x.double(), weight.double(), bias.double()),
@@ -148,7 +148,7 @@ def test_linear_in_inference_is_onednns(monkeypatch):
 def test_onednn_dtypes_are_those_its_kernels_take_here(dtype):
     """The fused layers use oneDNN only in the dtypes it has kernels for on this CPU: a
     dtype is listed exactly where oneDNN's linear layer computes in it."""
-    from mmdwnet.models.utils.fused_layers import onednn_dtypes
+    from mmdwnet.ops.dispatch import onednn_dtypes
     x, weight = torch.randn(8, 16).to(dtype), torch.randn(4, 16).to(dtype)
     try:
         out = torch.ops.mkldnn._linear_pointwise(x, weight, None, 'none', [], '')
