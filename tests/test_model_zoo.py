@@ -13,11 +13,12 @@ import pytest
 from helpers import ROOT, run_tool
 from mmengine.config import Config
 
+from analysis_tools.markdown import replace_section
+from analysis_tools.model_zoo_tables import (ABLATIONS_MARKERS, MODEL_ZOO_MARKERS,
+                                             render_ablations, render_model_zoo)
 from mmdwnet.converters.official import target_config
 from mmdwnet.utils.complexity import model_complexity
-from mmdwnet.utils.markdown import replace_section
-from mmdwnet.utils.model_zoo import (ABLATIONS_MARKERS, MODEL_ZOO_MARKERS, input_size, load_models,
-                                     render_ablations, render_model_zoo, update_complexity)
+from mmdwnet.utils.model_zoo import input_size, load_models, update_complexity
 
 MODELS = load_models()
 BY_NAME = {m['Name']: m for m in MODELS}

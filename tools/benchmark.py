@@ -45,11 +45,12 @@ import torch
 import mmdwnet  # noqa: F401  (registers DWNet)
 from analysis_tools.benchmark_utils import (DTYPES, MODELS, add_efficiency, add_ratios,
                                             format_table, is_native, isa_summary,
-                                            machine_description, matmul_peak_gflops,
-                                            measure_memory, measure_speed, plot)
+                                            machine_description, matmul_peak_gflops, measure_speed,
+                                            plot)
 from analysis_tools.clean_process import CleanProcess
 from analysis_tools.malloc import retain_freed_memory
-from mmdwnet.utils.markdown import replace_section, section_markers
+from analysis_tools.markdown import replace_section, section_markers
+from analysis_tools.memory import measure_memory
 
 
 def readme_markers(dtype: str, backends: bool = False):

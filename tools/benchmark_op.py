@@ -3,7 +3,7 @@ implementation, at DWNet's stage-1 shape (default B=8, C=96, G=32, 56x56, K=7), 
 and of the operator in bfloat16 (float32 sums) against its own float32.
 
 Times are medians of interleaved repeats in this process; peak memory is measured as by
-tools/benchmark.py (analysis_tools.benchmark_utils.peak_memory_mb) over one forward + backward,
+tools/benchmark.py (analysis_tools.memory.peak_memory_mb) over one forward + backward,
 each implementation on CPU in a process that has run nothing before (a child of a copy of
 the tool taken before any torch operation ran).
 
@@ -19,15 +19,16 @@ import time
 
 import torch
 
-from analysis_tools.benchmark_utils import machine_description, peak_memory_mb
+from analysis_tools.benchmark_utils import machine_description
 from analysis_tools.clean_process import CleanProcess
 from analysis_tools.malloc import retain_freed_memory
+from analysis_tools.markdown import markdown_table, replace_section, section_markers
+from analysis_tools.memory import peak_memory_mb
 from mmdwnet.ops import inhomogeneous_dwconv2d
 # The unfold implementation (the portable rewrite of the reference's CUDA kernel: unfold
 # the K x K neighbourhoods, a K*K-times larger tensor, and weight them) is the tests' own
 # reference of the operator, mmdwnet/testing/reference.py: one copy, measured here.
 from mmdwnet.testing.reference import idwconv as unfold_reference
-from mmdwnet.utils.markdown import markdown_table, replace_section, section_markers
 
 # name -> (implementation, dtype of its operands); bf16 sums run in float32
 IMPLS = {

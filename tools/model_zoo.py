@@ -12,9 +12,10 @@ import argparse
 import os.path as osp
 import sys
 
-from mmdwnet.utils.markdown import replace_section
-from mmdwnet.utils.model_zoo import (ABLATIONS_MARKERS, MODEL_ZOO_MARKERS, load_models,
-                                     render_ablations, render_model_zoo, update_complexity)
+from analysis_tools.markdown import replace_section
+from analysis_tools.model_zoo_tables import (ABLATIONS_MARKERS, MODEL_ZOO_MARKERS,
+                                             render_ablations, render_model_zoo)
+from mmdwnet.utils.model_zoo import load_models, update_complexity
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 

@@ -96,8 +96,12 @@ class Backend:
     def __init__(self):
         self.checks: Dict[str, Callable[[Call], Optional[str]]] = {}
 
+    def accepts(self, device: str) -> bool:
+        """Whether it runs on tensors of ``device`` at all."""
+        return self.devices is None or device in self.devices
+
     def why_not(self, call: Call) -> Optional[str]:
-        if self.devices is not None and call.device not in self.devices:
+        if not self.accepts(call.device):
             return f'runs on {" / ".join(self.devices)} tensors, got {call.device}'
         reason = self.why_not_any(call)
         if reason is None and call.op in self.checks:
@@ -174,17 +178,19 @@ def onednn_dtypes() -> tuple:
 
 
 class TritonBackend(Backend):
-    name, devices = 'triton', ('cuda', 'cpu')
+    name, devices = 'triton', ('cuda', )
 
     def __init__(self):
         super().__init__()
         self.failure: Optional[str] = None
 
+    def accepts(self, device):
+        # Triton's interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors
+        return device == 'cuda' or (device == 'cpu' and triton_idwconv.interpreting())
+
     def why_not_any(self, call):
         if triton_idwconv.triton is None:
             return 'Triton is not importable'
-        if call.device == 'cpu' and not triton_idwconv.interpreting():
-            return 'runs on cuda tensors (on cpu only in the interpreter, TRITON_INTERPRET=1)'
         if not config.triton_enabled():
             return 'switched off by MMDWNET_TRITON=0'
         if self.failure is not None:
@@ -320,7 +326,7 @@ def choose(call: Call, registered: bool = False) -> Backend:
             raise RuntimeError(f'mmdwnet: {call.op} must use the backend {backend.name!r} '
                                f'(mmdwnet.ops.use_backend / MMDWNET_BACKEND), which cannot '
                                f'run this call: {reason}')
-        if backend.recorded and (backend.devices is None or call.device in backend.devices):
+        if backend.recorded and backend.accepts(call.device):
             _record(call, backend, reason)
     raise AssertionError(f'{call.op}: no backend runs on {call.device}')  # pytorch does
 

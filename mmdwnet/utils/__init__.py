@@ -1,8 +1,3 @@
-from .build import TASKS, build_model, config_task
-from .summary import (format_table, imagenet_classifier_cfg, summarize_backbones,
-                      summarize_classifiers)
+from .build import TASKS, build_model, config_task, imagenet_classifier_cfg
 
-__all__ = [
-    'TASKS', 'build_model', 'config_task', 'summarize_backbones', 'summarize_classifiers',
-    'imagenet_classifier_cfg', 'format_table'
-]
+__all__ = ['TASKS', 'build_model', 'config_task', 'imagenet_classifier_cfg']

@@ -1,11 +1,13 @@
 """From a config to its model: the one place where mmdwnet's tools and tests build one."""
 import importlib
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import DefaultScope
 from torch import nn
+
+from mmdwnet.models.backbones.dwnet import DWNet
 
 #: The OpenMMLab libraries whose configs mmdwnet ships; a config's ``default_scope`` names
 #: its library.
@@ -58,3 +60,17 @@ def build_model(cfg: Union[Config, dict], task: Optional[str] = None) -> nn.Modu
     with DefaultScope.overwrite_default_scope(scope):
         model = registry.build(model_cfg)
     return revert_sync_batchnorm(model).eval()
+
+
+def imagenet_classifier_cfg(arch: str, conv_type: str, num_classes: int = 1000) -> Dict:
+    """MMPretrain ``ImageClassifier`` of the paper's ImageNet models: DWNet (last stage,
+    LayerNorm), global average pooling and a linear head."""
+    return dict(
+        type='ImageClassifier',
+        backbone=dict(type='DWNet', arch=arch, conv_type=conv_type, out_indices=(3, )),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(
+            type='LinearClsHead',
+            num_classes=num_classes,
+            in_channels=DWNet.arch_zoo[arch]['embed_dims'] * 8,
+            loss=dict(type='CrossEntropyLoss')))

@@ -68,7 +68,7 @@ def test_children_run_as_in_a_fresh_process():
 
 
 def test_cpu_memory_needs_a_clean_process():
-    from analysis_tools.benchmark_utils import measure_memory
+    from analysis_tools.memory import measure_memory
     with pytest.raises(ValueError, match="peak memory on 'cpu' is measured in a child of a "
                                          'CleanProcess; got clean=None'):
         measure_memory('dwconv_t', 'cpu', 1, 32, 'fp32', True)

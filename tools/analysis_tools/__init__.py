@@ -1,1 +1,2 @@
-"""The benchmark tools' library: timings, peak memory and their tables (not in mmdwnet)."""
+"""The tools' library: the benchmarks' timings, peak memory and tables, and the Markdown
+rendering of the docs' generated sections (the model zoo's tables included); not in mmdwnet."""

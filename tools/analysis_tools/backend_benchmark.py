@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from analysis_tools.benchmark_utils import BASELINE, build_classifier
-from mmdwnet.utils.markdown import markdown_table
+from analysis_tools.markdown import markdown_table
 
 BACKENDS = ('eager', 'compile', 'onnxruntime')
 #: largest tolerated difference from eager, relative to the logits' scale (inductor and ONNX

@@ -1,14 +1,9 @@
-"""Side-by-side speed and memory of DWNet classifiers and MMPretrain's Swin-T / ConvNeXt-T.
+"""Side-by-side speed of DWNet classifiers and MMPretrain's Swin-T / ConvNeXt-T, and the
+benchmark's table and plot (peak memory is measured by :mod:`analysis_tools.memory`).
 
 All models run in one process on the same input and threads, interleaved repeat by repeat
-so that machine noise hits all of them alike. Peak memory on CPU is measured in a separate
-process per model that has run nothing before (the process's resident-set high-water mark,
-reset before the measured step, with malloc returning large blocks to the system so that
-the mark sees them): a child forked from a copy of the tool taken before any model ran
-(:class:`analysis_tools.clean_process.CleanProcess`); on CUDA with the allocator's peak
-statistics.
+so that machine noise hits all of them alike.
 """
-import ctypes
 import platform
 import statistics
 import textwrap
@@ -23,12 +18,11 @@ import torch.nn.functional as F
 from mmengine.hub import get_config
 from torch import nn
 
-from analysis_tools.clean_process import CleanProcess
+from analysis_tools.markdown import markdown_table
 from analysis_tools.matrix_products import (Product, product_flops, products_seconds,
                                             record_matrix_products, synchronize, time_product)
 from mmdwnet.ops.cpu_extension import cpu_flags
 from mmdwnet.utils.build import build_model
-from mmdwnet.utils.markdown import markdown_table
 
 # the configs of the installed packages (mmengine.hub.get_config paths)
 MODELS = {
@@ -358,72 +352,6 @@ def peak_images_per_s(row: Dict) -> float:
     the measured matrix-product peak, the fastest this machine was seen to multiply in
     the row's dtype: what its throughput could at most be here."""
     return row['peak_gflops'] * 1e9 / (2 * row['flops'])
-
-
-# ---------------------------------------------------------------------------------------
-# peak memory
-
-def _rss_kb(field: str) -> int:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise RuntimeError(f'{field} not in /proc/self/status')
-
-
-def _reset_peak_rss() -> None:
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')  # resets VmHWM to the current RSS
-
-
-def _peak_cpu(fn: Callable[[], object]) -> float:
-    libc = ctypes.CDLL('libc.so.6')
-    libc.malloc_trim(0)
-    base = _rss_kb('VmRSS')
-    _reset_peak_rss()
-    fn()
-    return (_rss_kb('VmHWM') - base) / 1024
-
-
-def _peak_cuda(fn: Callable[[], object]) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
-    """Peak memory (MiB) that ``fn()`` adds: the resident set's high-water mark on CPU
-    (meaningful in a child of :class:`CleanProcess`; Linux ``/proc``), the allocator's
-    peak on CUDA."""
-    return (_peak_cuda if device.startswith('cuda') else _peak_cpu)(fn)
-
-
-def measure_memory_here(name: str, device: str, batch_size: int, img_size: int, dtype: str,
-                        fuse: bool) -> Dict:
-    """Peak memory (MiB above what is allocated before the step) of one inference and
-    one training step, in this process."""
-    model = BenchmarkedModel(name, device, batch_size, img_size, dtype, fuse)
-    model.inference()
-    model.train_step()  # optimizer state exists before the measured step
-    return dict(infer_peak_mem_mb=peak_memory_mb(model.inference, device),
-                peak_mem_mb=peak_memory_mb(model.train_step, device))
-
-
-def measure_memory(name: str, device: str, batch_size: int, img_size: int, dtype: str,
-                   fuse: bool, clean: Optional[CleanProcess] = None) -> Dict:
-    """:func:`measure_memory_here` on CUDA in this process; on CPU in a child of ``clean``,
-    a process that has run nothing before (so that earlier models' freed memory does not
-    hide this one's peak)."""
-    if device.startswith('cuda'):
-        return measure_memory_here(name, device, batch_size, img_size, dtype, fuse)
-    if clean is None:
-        raise ValueError(f'measure_memory: peak memory on {device!r} is measured in a '
-                         'child of a CleanProcess; got clean=None')
-    return clean.call(measure_memory_here, name, device, batch_size, img_size, dtype, fuse,
-                      what=f'memory measurement of {name}')
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Markdown output of the tools: one table renderer and the generated sections of the docs.
 
-The model zoo, benchmark and summary tables are all rendered by :func:`markdown_table`, and
-written into a Markdown page (README.md, docs/*.md) between two marker lines by
+The model zoo and benchmark tables are all rendered by :func:`markdown_table`, and written
+into a Markdown page (README.md, docs/*.md) between two marker lines by
 :func:`replace_section`, so that a test can check that a page is up to date.
 """
 import re
