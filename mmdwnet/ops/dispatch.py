@@ -145,8 +145,9 @@ class OneDNN(Backend):
             return 'empty input'
         if not _has_mkldnn_op(call.options.get('kernel', '_linear_pointwise')):
             return 'this torch build has no oneDNN kernels'
-        dtype = (torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else
-                 call.options.get('weight_dtype', call.dtype))
+        dtype = (
+            torch.get_autocast_dtype('cpu')
+            if torch.is_autocast_enabled('cpu') else call.options.get('weight_dtype', call.dtype))
         if dtype not in onednn_dtypes():
             return (f'oneDNN runs {[str(d) for d in onednn_dtypes()]} on this CPU, '
                     f'the call is {dtype}')
@@ -209,8 +210,8 @@ class PyTorch(Backend):
     name = 'pytorch'
 
 
-EXPORT, CPU_KERNELS, ONEDNN, TRITON, PYTORCH = (ExportBackend(), CpuKernels(), OneDNN(),
-                                               TritonBackend(), PyTorch())
+EXPORT, CPU_KERNELS, ONEDNN = ExportBackend(), CpuKernels(), OneDNN()
+TRITON, PYTORCH = TritonBackend(), PyTorch()
 BACKENDS = {b.name: b for b in (EXPORT, CPU_KERNELS, ONEDNN, TRITON, PYTORCH)}
 
 # The operators and their backends, in the order they are preferred. The ``.grad_*``
@@ -268,8 +269,8 @@ def _predicted_output_map_cpu(call: Call) -> Optional[str]:
     if capture is not None:
         return f'not a registered operator, and {capture} captures the graph'
     dtype = call.options['dtype']
-    if not cpu_extension.load().predicted_idwconv2d_applies(call.options['kernel_size'],
-                                                            dtype, False):
+    if not cpu_extension.load().predicted_idwconv2d_applies(call.options['kernel_size'], dtype,
+                                                            False):
         return f'no fused kernel for K={call.options["kernel_size"]} in {dtype}'
     return None
 

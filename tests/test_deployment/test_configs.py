@@ -5,7 +5,6 @@ within 1e-4 of eager PyTorch relative to the output scale; torch.export programs
 back and agree; torch.compile runs the backbones in train and eval mode with no graph
 break, gradients included."""
 import copy
-import importlib
 
 import onnx
 import pytest

@@ -36,8 +36,7 @@ def _calls(device: str, grad: bool):
         'inhomogeneous_dwconv2d.grad_weight': ((gy, x), {}),
         'predicted_idwconv2d': (predicted, {}),
         'predicted_idwconv2d.backward': ((gy, *predicted), {}),
-        'predicted_idwconv2d.output_map': (predicted, dict(kernel_size=3,
-                                                           dtype=torch.float32)),
+        'predicted_idwconv2d.output_map': (predicted, dict(kernel_size=3, dtype=torch.float32)),
         'gelu_mlp': ((rows, fc), {}),
         'linear': ((rows, fc), {}),
         'linear_gelu': ((rows, fc), {}),
@@ -55,32 +54,25 @@ EXPECTED = {
                                           ('pytorch', None)],
     ('inhomogeneous_dwconv2d', 'cpu', False): [('export', EXPORT_OFF), ('cpu_kernels', None),
                                                ('triton', TRITON_CPU), ('pytorch', None)],
-    ('inhomogeneous_dwconv2d', 'cuda', False): [('export', EXPORT_OFF),
-                                                ('cpu_kernels', CPU_ONLY),
+    ('inhomogeneous_dwconv2d', 'cuda', False): [('export', EXPORT_OFF), ('cpu_kernels', CPU_ONLY),
                                                 ('triton', NO_TRITON), ('pytorch', None)],
-    ('predicted_idwconv2d.output_map', 'cpu', False): [('cpu_kernels', None),
-                                                       ('pytorch', None)],
-    ('predicted_idwconv2d.output_map', 'cpu', True): [
-        ('cpu_kernels', 'the fused kernel with the output map has no backward'),
-        ('pytorch', None)],
+    ('predicted_idwconv2d.output_map', 'cpu', False): [('cpu_kernels', None), ('pytorch', None)],
+    ('predicted_idwconv2d.output_map', 'cpu', True):
+    [('cpu_kernels', 'the fused kernel with the output map has no backward'), ('pytorch', None)],
     ('predicted_idwconv2d.output_map', 'cuda', False): [('cpu_kernels', CPU_ONLY),
                                                         ('pytorch', None)],
-    ('gelu_mlp', 'cpu', False): [
-        ('cpu_kernels', 'for training: autograd does not record this call'),
-        ('pytorch', None)],
+    ('gelu_mlp', 'cpu', False):
+    [('cpu_kernels', 'for training: autograd does not record this call'), ('pytorch', None)],
     ('gelu_mlp', 'cpu', True): [('cpu_kernels', None), ('pytorch', None)],
     ('gelu_mlp', 'cuda', True): [('cpu_kernels', CPU_ONLY), ('pytorch', None)],
 }
 for _op in ('inhomogeneous_dwconv2d.grad_input', 'inhomogeneous_dwconv2d.grad_weight',
             'predicted_idwconv2d.backward'):
-    EXPECTED[_op, 'cpu', False] = [('cpu_kernels', None), ('triton', TRITON_CPU),
-                                   ('pytorch', None)]
+    EXPECTED[_op, 'cpu', False] = [('cpu_kernels', None), ('triton', TRITON_CPU), ('pytorch', None)]
     EXPECTED[_op, 'cuda', False] = [('cpu_kernels', CPU_ONLY), ('triton', NO_TRITON),
                                     ('pytorch', None)]
-EXPECTED['predicted_idwconv2d', 'cpu', False] = EXPECTED['inhomogeneous_dwconv2d', 'cpu',
-                                                         False]
-EXPECTED['predicted_idwconv2d', 'cuda', False] = EXPECTED['inhomogeneous_dwconv2d', 'cuda',
-                                                          False]
+EXPECTED['predicted_idwconv2d', 'cpu', False] = EXPECTED['inhomogeneous_dwconv2d', 'cpu', False]
+EXPECTED['predicted_idwconv2d', 'cuda', False] = EXPECTED['inhomogeneous_dwconv2d', 'cuda', False]
 for _op in ('linear', 'linear_gelu', 'linear_add', 'conv2d_relu', 'conv2d_add'):
     EXPECTED[_op, 'cpu', False] = [('onednn', None), ('pytorch', None)]
     EXPECTED[_op, 'cpu', True] = [('onednn', INFERENCE_ONLY), ('pytorch', None)]
@@ -98,8 +90,10 @@ def _explain(op: str, device: str, grad: bool):
 
 def test_every_operator_and_device_is_enumerated():
     assert {op for op, _, _ in EXPECTED} == set(dispatch.OPERATORS)
-    assert {(op, device) for op, device, _ in EXPECTED} == {
-        (op, device) for op in dispatch.OPERATORS for device in ('cpu', 'cuda')}
+    assert {(op, device)
+            for op, device, _ in EXPECTED} == {(op, device)
+                                               for op in dispatch.OPERATORS
+                                               for device in ('cpu', 'cuda')}
 
 
 @pytest.mark.parametrize('op, device, grad', sorted(EXPECTED), ids=lambda v: str(v))
@@ -116,28 +110,35 @@ def test_switches_and_export_mode_change_the_answers(monkeypatch):
     with export_mode():
         assert explain('inhomogeneous_dwconv2d', x, kernels)[0] == ('export', None)
         # not registered operators: they decline while a graph is captured
-        assert dict(explain('linear', x[:, :, 0, 0], torch.randn(4, 8)))['onednn'] == (
-            'not a registered operator, and export mode captures the graph')
+        assert dict(explain('linear', x[:, :, 0, 0], torch.randn(
+            4, 8)))['onednn'] == ('not a registered operator, and export mode captures the graph')
     monkeypatch.setenv('MMDWNET_CPU_EXTENSION', '0')
-    assert dict(explain('inhomogeneous_dwconv2d', x, kernels))['cpu_kernels'] == (
-        'switched off by MMDWNET_CPU_EXTENSION=0')
+    assert dict(explain('inhomogeneous_dwconv2d', x,
+                        kernels))['cpu_kernels'] == ('switched off by MMDWNET_CPU_EXTENSION=0')
     assert dict(explain('depthwise_conv2d', x.contiguous(), torch.randn(8, 1, 4, 4))) == {
-        'export': EXPORT_OFF, 'cpu_kernels': 'switched off by MMDWNET_CPU_EXTENSION=0',
-        'pytorch': None}
+        'export': EXPORT_OFF,
+        'cpu_kernels': 'switched off by MMDWNET_CPU_EXTENSION=0',
+        'pytorch': None
+    }
     monkeypatch.delenv('MMDWNET_CPU_EXTENSION')
-    assert dict(explain('depthwise_conv2d', x, torch.randn(8, 1, 4, 4)))['cpu_kernels'] == (
-        'odd square kernels only, got (4, 4)')
-    assert dict(explain('depthwise_conv2d', x.contiguous(), torch.randn(8, 1, 3, 3)))[
-        'cpu_kernels'] == 'channels-last feature maps only'
-    assert dict(explain('inhomogeneous_dwconv2d', x.long(), kernels.long()))[
-        'cpu_kernels'] == 'takes floating-point tensors, got torch.int64'
+    assert dict(explain('depthwise_conv2d', x,
+                        torch.randn(8, 1, 4,
+                                    4)))['cpu_kernels'] == ('odd square kernels only, got (4, 4)')
+    assert dict(explain('depthwise_conv2d', x.contiguous(),
+                        torch.randn(8, 1, 3,
+                                    3)))['cpu_kernels'] == 'channels-last feature maps only'
+    assert dict(
+        explain('inhomogeneous_dwconv2d', x.long(),
+                kernels.long()))['cpu_kernels'] == 'takes floating-point tensors, got torch.int64'
     if NO_TRITON is None:
         monkeypatch.setenv('MMDWNET_TRITON', '0')
         with FakeTensorMode():
-            cuda = [torch.empty(2, 8, 6, 5, device='cuda'),
-                    torch.empty(2, 2, 3, 3, 6, 5, device='cuda')]
-            assert dict(explain('inhomogeneous_dwconv2d', *cuda))['triton'] == (
-                'switched off by MMDWNET_TRITON=0')
+            cuda = [
+                torch.empty(2, 8, 6, 5, device='cuda'),
+                torch.empty(2, 2, 3, 3, 6, 5, device='cuda')
+            ]
+            assert dict(explain('inhomogeneous_dwconv2d',
+                                *cuda))['triton'] == ('switched off by MMDWNET_TRITON=0')
     monkeypatch.setenv('MMDWNET_TRITON', 'off')
     with pytest.raises(ValueError, match=r"MMDWNET_TRITON must be '0' or '1', got 'off'"):
         dispatch.config.triton_enabled()
@@ -166,14 +167,15 @@ def test_use_backend_forces_a_backend(compiled_ops):
         inhomogeneous_dwconv2d(x, kernels)  # operators without onednn choose as usual
         from mmdwnet.models.utils.fused_layers import linear
         linear(x[:, :, 0, 0].requires_grad_(), torch.randn(4, 8))
-    assert str(error.value) == (
-        "mmdwnet: linear must use the backend 'onednn' (mmdwnet.ops.use_backend / "
-        f'MMDWNET_BACKEND), which cannot run this call: {INFERENCE_ONLY}')
+    assert str(
+        error.value) == ("mmdwnet: linear must use the backend 'onednn' (mmdwnet.ops.use_backend / "
+                         f'MMDWNET_BACKEND), which cannot run this call: {INFERENCE_ONLY}')
     with pytest.raises(ValueError, match=r"use_backend: `name` must be one of \['export', "):
         with use_backend('cuda'):
             pass
-    with pytest.raises(ValueError, match=r"use_backend: `ops` must name operators of .*"
-                       r"got \['involution'\]"):
+    with pytest.raises(
+            ValueError, match=r"use_backend: `ops` must name operators of .*"
+            r"got \['involution'\]"):
         with use_backend('pytorch', ops=['involution']):
             pass
     assert dispatch.config._overrides == []
@@ -185,8 +187,10 @@ def test_backend_from_the_environment(monkeypatch, compiled_ops):
     inhomogeneous_dwconv2d(x, torch.randn(2, 2, 3, 3, 6, 5))
     assert compiled_ops.calls == []
     monkeypatch.setenv('MMDWNET_BACKEND', 'fast')
-    with pytest.raises(ValueError, match=r"MMDWNET_BACKEND must be 'export' or 'cpu_kernels' "
-                       r"or 'onednn' or 'triton' or 'pytorch', got 'fast'"):
+    with pytest.raises(
+            ValueError,
+            match=r"MMDWNET_BACKEND must be 'export' or 'cpu_kernels' "
+            r"or 'onednn' or 'triton' or 'pytorch', got 'fast'"):
         inhomogeneous_dwconv2d(x, torch.randn(2, 2, 3, 3, 6, 5))
 
 
@@ -200,8 +204,10 @@ def test_fallbacks_are_recorded_once(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger='mmdwnet'):
         for _ in range(2):
             inhomogeneous_dwconv2d(x, torch.randn(2, 2, 3, 3, 6, 5))
-    assert fallbacks() == {('inhomogeneous_dwconv2d', 'cpu', 'cpu_kernels'):
-                           'switched off by MMDWNET_CPU_EXTENSION=0'}
+    assert fallbacks() == {
+        ('inhomogeneous_dwconv2d', 'cpu', 'cpu_kernels'): 'switched off by MMDWNET_CPU_EXTENSION=0'
+    }
     assert [r.getMessage() for r in caplog.records] == [
         "mmdwnet: inhomogeneous_dwconv2d on cpu passed over 'cpu_kernels': switched off by "
-        'MMDWNET_CPU_EXTENSION=0']
+        'MMDWNET_CPU_EXTENSION=0'
+    ]

@@ -116,9 +116,9 @@ def _calls(gm):
 @needs_triton
 def test_compiler_sees_the_triton_kernels_on_cuda(caplog):
     """On CUDA the I-D-DW operators trace into their Triton kernels under torch.compile:
-    what it hands Inductor contains the Triton kernels themselves, not an opaque call. Traced with fake CUDA
-    tensors (no GPU needed; without a GPU Triton cannot analyse which arguments a kernel
-    writes and assumes all, which changes nothing here)."""
+    what it hands Inductor contains the Triton kernels themselves, not an opaque call.
+    Traced with fake CUDA tensors (no GPU needed; without a GPU Triton cannot analyse which
+    arguments a kernel writes and assumes all, which changes nothing here)."""
     import logging
 
     from torch._subclasses.fake_tensor import FakeTensorMode

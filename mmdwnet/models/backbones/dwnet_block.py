@@ -8,9 +8,9 @@ from mmcv.cnn.bricks.drop import build_dropout
 from mmengine.model import BaseModule, ModuleList
 from torch import Tensor, nn
 
-from mmdwnet.models.utils import (DWFFN, ChannelSharedDWConv, ChannelsLastPatchMerging,
-                                  Conv2dAdd, Conv2dReLU, DynamicDWConv,
-                                  InhomogeneousDynamicDWConv, add_branch, fold_bn_after)
+from mmdwnet.models.utils import (DWFFN, ChannelSharedDWConv, ChannelsLastPatchMerging, Conv2dAdd,
+                                  Conv2dReLU, DynamicDWConv, InhomogeneousDynamicDWConv,
+                                  add_branch, fold_bn_after)
 from mmdwnet.ops import DepthwiseConv2d
 
 CONV_TYPES = ('dw', 'ddw', 'iddw')

@@ -44,8 +44,7 @@ class DWFFN(FFN):
         fold_bn_before_linear(norm_owner, norm, self.layers[0][0])
         hidden = self.layers[0]
         if (isinstance(hidden[0], nn.Linear) and not isinstance(hidden[0], LinearGELU)
-                and type(hidden[1]) is nn.GELU
-                and hidden[1].approximate == 'none'):
+                and type(hidden[1]) is nn.GELU and hidden[1].approximate == 'none'):
             hidden[0] = LinearGELU.from_linear(hidden[0])
             hidden[1] = nn.Identity()
         # the second layer and the residual addition (with no layer scale between them)
@@ -53,4 +52,3 @@ class DWFFN(FFN):
         if (isinstance(fc2, nn.Linear) and not isinstance(fc2, LinearAdd)
                 and isinstance(self.gamma2, nn.Identity)):
             self.layers[1] = LinearAdd.from_linear(self.layers[1])
-

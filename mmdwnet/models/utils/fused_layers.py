@@ -51,8 +51,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 
     The dynamic depth-wise kernels are predicted by a product with one row per image,
     (B, C/4) x (C/4, C*K*K), bound by reading its weight (28 MiB at D-DW-T's last stage,
-    27M of its 51M parameters in all). Measured on an AMD EPYC (2 threads, batch 16, fp32,
-    the 12 layers of D-DW-T): 17.0 ms with ``F.linear``, 10.5 ms with oneDNN's.
+    27M of its 51M parameters in all), where oneDNN's is faster (docs/benchmarks.md,
+    design measurements).
     """
     fused = _onednn('linear', '_linear_pointwise', weight, x, bias)
     if fused is None:
@@ -97,9 +97,8 @@ class LinearGELU(_FusedLinear):
 
     On CPU without autograd it is oneDNN's linear layer with the exact (erf) GELU applied
     to each output block while it is still in cache (``torch.ops.mkldnn._linear_pointwise``):
-    a separate GELU reads and writes the FFN's 4C-wide hidden map once more. Measured on an
-    AMD EPYC (2 threads, batch 16): DW-T float32 inference went from 82% to 85% of the
-    matrix-product peak; in bfloat16 no gain was measurable. Elsewhere it is
+    a separate GELU reads and writes the FFN's 4C-wide hidden map once more
+    (docs/benchmarks.md, design measurements). Elsewhere it is
     ``F.gelu(F.linear(x))``. Under autocast the operands are cast to the autocast dtype,
     as for ``F.linear``.
     """
@@ -119,13 +118,10 @@ class LinearAdd(_FusedLinear):
     On CPU without autograd it is oneDNN's linear layer with the addition applied to each
     output block while it is still in cache (``torch.ops.mkldnn._linear_pointwise.binary``):
     the separate addition reads the product and the identity and writes the sum, and
-    PyTorch's ``addmm`` first broadcasts the bias into the output. Measured on an AMD EPYC
-    (2 threads, batch 16, DWNet-T's FFN second layers): 29.1 -> 20.8 ms at stage 1
-    (50176 x 384 -> 96), 21.9 -> 18.8 ms at stage 2, 1.7 ms less at stages 3 and 4.
-    Under bfloat16 autocast (where the fused addition gained nothing) it is oneDNN's
-    linear layer, the bias added inside the kernel, and the addition in place into its
-    output (:func:`add_to_product`): oneDNN's layer instead of ``F.linear`` took DWNet-T's
-    12 layers with their additions from 130.4 to 124.3 ms, the same sums. Elsewhere
+    PyTorch's ``addmm`` first broadcasts the bias into the output. Under bfloat16 autocast
+    (where the fused addition gained nothing) it is oneDNN's linear layer, the bias added
+    inside the kernel, and the addition in place into its output (:func:`add_to_product`)
+    (docs/benchmarks.md, design measurements). Elsewhere
     (autograd, other devices, tracing and export) it is ``identity + F.linear(x)``, and
     where ``identity`` is not of the product's dtype the product (oneDNN's without
     autograd on CPU) plus ``identity``, out of place.
@@ -166,9 +162,7 @@ class Conv2dReLU(_FusedConv2d):
 
     On CPU without autograd it is oneDNN's convolution with the ReLU applied to each
     output block (``torch.ops.mkldnn._convolution_pointwise``), saving a pass over the
-    output (under bfloat16 autocast too: on an AMD EPYC, 2 threads, batch 16, DWNet-T's
-    1x1 convolutions at stage 1 took 3.28 instead of 4.01 ms, at stage 3 2.58 instead of
-    2.82); elsewhere ``F.relu(conv(x))``.
+    output, under bfloat16 autocast too; elsewhere ``F.relu(conv(x))``.
     """
 
     def forward(self, x: Tensor) -> Tensor:
