@@ -1,10 +1,14 @@
 """Triton kernels of the inhomogeneous dynamic depth-wise convolution for CUDA.
 
-One program computes a block of positions of one (sample, group) plane for all the group's
-channels: forward ``y[c, p] = sum_k w[k, p] * x[c, p + d_k]``, the input gradient
-``gx[c, p] = sum_k w[k, p - d_k] * gy[c, p - d_k]`` and the kernel gradient
+One program computes a tile of one (sample, group) plane: ``BLOCK_C`` of the group's
+channels by ``BLOCK_P`` positions. Forward ``y[c, p] = sum_k w[k, p] * x[c, p + d_k]``, the
+input gradient ``gx[c, p] = sum_k w[k, p - d_k] * gy[c, p - d_k]`` and the kernel gradient
 ``gw[k, p] = sum_c gy[c, p] * x[c, p + d_k]``, with zeros outside the map, accumulating in
-float32 for every input dtype. Nothing is unfolded or padded, so memory is the output only.
+float32 for every input dtype. The taps are runtime loops (nothing is unrolled per channel
+or tap, so a specialisation compiles in seconds), and each kernel value is loaded once per
+tap and position and applied to all the tile's channels. Nothing is unfolded or padded, so
+memory is the output only. ``tools/gpu_compile_check.py`` compiles every specialisation
+DWNet uses for sm_80 and sm_90 on a machine without a GPU and reports registers and spills.
 
 They are the ``triton`` backend of the dynamic operators (:mod:`.dispatch`): used for CUDA
 tensors when Triton is importable (it ships with the CUDA builds of torch);
@@ -29,7 +33,17 @@ try:
 except ImportError:  # pragma: no cover - CPU-only torch builds
     triton = None
 
-BLOCK = 128
+# Elements of a program's (channels x positions) tile: 2048 float32 sums are 16 registers
+# per thread of 4 warps.
+TILE = 2048
+MAX_BLOCK_C = 64
+
+
+def block_sizes(channels_per_group: int) -> tuple:
+    """``(BLOCK_C, BLOCK_P)``: the channel block (a power of two covering the group, at
+    most ``MAX_BLOCK_C``) and the positions that fill a tile of ``TILE`` elements."""
+    block_c = min(MAX_BLOCK_C, 1 << max(0, channels_per_group - 1).bit_length())
+    return block_c, max(16, min(256, TILE // block_c))
 
 
 def interpreting() -> bool:
@@ -62,43 +76,49 @@ if triton is not None:
 
     @triton.jit
     def _forward_kernel(x_ptr, w_ptr, y_ptr, H, W, PLANE0, CPG: tl.constexpr,
-                        K: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr):
+                        K: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_P: tl.constexpr):
         # (sample, group) plane ``bg`` of the kernels is plane ``PLANE0 + bg`` of the maps
         bg = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        chans = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         plane = H * W
         inside = offs < plane
+        in_group = chans < CPG
         h = offs // W
         w = offs % W
         pad = K // 2
         x_base = x_ptr + (bg.to(tl.int64) + PLANE0) * CPG * plane
         w_base = w_ptr + bg.to(tl.int64) * K * K * plane
+        rows = chans[:, None] * plane
+        acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        for i in range(K):
+            for j in range(K):
+                if TRANSPOSED:  # gather form of the input gradient
+                    hh = h - (i - pad)
+                    ww = w - (j - pad)
+                else:
+                    hh = h + (i - pad)
+                    ww = w + (j - pad)
+                valid = inside & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                src = hh * W + ww
+                tap = w_base + (i * K + j) * plane
+                if TRANSPOSED:
+                    wv = tl.load(tap + src, mask=valid, other=0.)
+                else:
+                    wv = tl.load(tap + offs, mask=valid, other=0.)
+                xv = tl.load(x_base + rows + src[None, :], mask=in_group[:, None] & valid[None, :],
+                             other=0.)
+                acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
         y_base = y_ptr + (bg.to(tl.int64) + PLANE0) * CPG * plane
-        for c in tl.static_range(CPG):
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for i in tl.static_range(K):
-                for j in tl.static_range(K):
-                    if TRANSPOSED:  # gather form of the input gradient
-                        hh = h - (i - pad)
-                        ww = w - (j - pad)
-                    else:
-                        hh = h + (i - pad)
-                        ww = w + (j - pad)
-                    valid = inside & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-                    src = hh * W + ww
-                    xv = tl.load(x_base + c * plane + src, mask=valid, other=0.)
-                    if TRANSPOSED:
-                        wv = tl.load(w_base + (i * K + j) * plane + src, mask=valid, other=0.)
-                    else:
-                        wv = tl.load(w_base + (i * K + j) * plane + offs, mask=valid, other=0.)
-                    acc += xv.to(tl.float32) * wv.to(tl.float32)
-            tl.store(y_base + c * plane + offs, acc.to(y_ptr.dtype.element_ty), mask=inside)
+        tl.store(y_base + rows + offs[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=in_group[:, None] & inside[None, :])
 
     @triton.jit
     def _weight_grad_kernel(gy_ptr, x_ptr, gw_ptr, H, W, PLANE0, CPG: tl.constexpr,
-                            K: tl.constexpr, BLOCK: tl.constexpr):
+                            K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         bg = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         plane = H * W
         inside = offs < plane
         h = offs // W
@@ -107,22 +127,22 @@ if triton is not None:
         x_base = x_ptr + (bg.to(tl.int64) + PLANE0) * CPG * plane
         gy_base = gy_ptr + (bg.to(tl.int64) + PLANE0) * CPG * plane
         gw_base = gw_ptr + bg.to(tl.int64) * K * K * plane
-        for i in tl.static_range(K):
-            for j in tl.static_range(K):
+        for i in range(K):
+            for j in range(K):
                 hh = h + (i - pad)
                 ww = w + (j - pad)
                 valid = inside & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-                acc = tl.zeros([BLOCK], dtype=tl.float32)
-                for c in tl.static_range(CPG):
-                    g = tl.load(gy_base + c * plane + offs, mask=valid, other=0.)
-                    xv = tl.load(x_base + c * plane + hh * W + ww, mask=valid, other=0.)
-                    acc += g.to(tl.float32) * xv.to(tl.float32)
-                tl.store(gw_base + (i * K + j) * plane + offs,
-                         acc.to(gw_ptr.dtype.element_ty), mask=inside)
-
-
-def _grid(b: int, groups: int, h: int, w: int):
-    return (b * groups, triton.cdiv(h * w, BLOCK))
+                src = hh * W + ww
+                acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+                for c0 in range(0, CPG, BLOCK_C):
+                    chans = c0 + tl.arange(0, BLOCK_C)
+                    rows = chans[:, None] * plane
+                    mask = (chans < CPG)[:, None] & valid[None, :]
+                    g = tl.load(gy_base + rows + offs[None, :], mask=mask, other=0.)
+                    xv = tl.load(x_base + rows + src[None, :], mask=mask, other=0.)
+                    acc += tl.sum(g.to(tl.float32) * xv.to(tl.float32), axis=0)
+                tl.store(gw_base + (i * K + j) * plane + offs, acc.to(gw_ptr.dtype.element_ty),
+                         mask=inside)
 
 
 def launch(src: Tensor, kernels: Tensor, out: Tensor, sample0: int = 0,
@@ -130,12 +150,15 @@ def launch(src: Tensor, kernels: Tensor, out: Tensor, sample0: int = 0,
     """Write samples ``sample0 .. sample0 + len(kernels)`` of ``out`` from those of ``src``
     (contiguous (B, C, H, W) maps) and the contiguous (b, G, K, K, H, W) ``kernels``:
     the operator, or with ``transposed`` its input gradient. Launched through
-    ``wrap_triton``, so that inside a ``triton_op`` the compiler sees the kernel."""
+    ``wrap_triton``, so that a traced operator body shows the compiler the kernel."""
     b, groups, k = kernels.shape[:3]
     c, h, w = src.shape[1:]
+    cpg = c // groups
+    block_c, block_p = block_sizes(cpg)
+    grid = (b * groups, triton.cdiv(h * w, block_p), triton.cdiv(cpg, block_c))
     kernel = torch.library.wrap_triton(_forward_kernel)
-    kernel[_grid(b, groups, h, w)](src, kernels, out, h, w, sample0 * groups,
-                                   CPG=c // groups, K=k, TRANSPOSED=transposed, BLOCK=BLOCK)
+    kernel[grid](src, kernels, out, h, w, sample0 * groups, CPG=cpg, K=k,
+                 TRANSPOSED=transposed, BLOCK_C=block_c, BLOCK_P=block_p)
 
 
 def launch_weight_grad(grad_output: Tensor, input: Tensor, out: Tensor,
@@ -144,9 +167,12 @@ def launch_weight_grad(grad_output: Tensor, input: Tensor, out: Tensor,
     ``sample0 .. sample0 + b`` of the contiguous maps ``grad_output`` and ``input``."""
     b, groups, k = out.shape[:3]
     c, h, w = input.shape[1:]
+    cpg = c // groups
+    block_c, block_p = block_sizes(cpg)
     kernel = torch.library.wrap_triton(_weight_grad_kernel)
-    kernel[_grid(b, groups, h, w)](grad_output, input, out, h, w, sample0 * groups,
-                                   CPG=c // groups, K=k, BLOCK=BLOCK)
+    kernel[(b * groups, triton.cdiv(h * w, block_p))](grad_output, input, out, h, w,
+                                                      sample0 * groups, CPG=cpg, K=k,
+                                                      BLOCK_C=block_c, BLOCK_P=block_p)
 
 
 def forward(input: Tensor, weight: Tensor, transposed: bool = False) -> Tensor:

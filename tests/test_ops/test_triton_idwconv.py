@@ -155,7 +155,7 @@ def test_compiler_sees_the_triton_kernels_on_cuda(caplog):
 
 @needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (run on the '
-                    "`device` machine: tools/gpu_tests.sh)")
+                    "`device` machine: tools/gpu_check.sh)")
 def test_cuda_dispatch_uses_triton_and_matches_pytorch(monkeypatch):
     from mmdwnet.ops import dispatch, explain, inhomogeneous_dwconv2d, triton_idwconv
 
@@ -191,7 +191,7 @@ def test_cuda_dispatch_uses_triton_and_matches_pytorch(monkeypatch):
 
 @needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (run on the '
-                    "`device` machine: tools/gpu_tests.sh)")
+                    "`device` machine: tools/gpu_check.sh)")
 def test_inductor_compiles_the_triton_operators_on_cuda():
     """torch.compile (Inductor) of the fused operator, forward and backward, on the GPU:
     the same outputs and gradients as eager."""
