@@ -86,6 +86,9 @@ for fname in ('runtime.txt', 'tests.txt', 'deploy.txt', 'analysis.txt'):
 
 def mmcv_ops():
     from mmcv.ops import RoIAlign, nms  # noqa: F401  (needs the compiled ops)
+    if os.environ.get('MMDWNET_WANT_CUDA') == '1':  # and their CUDA kernels
+        from mmcv.ops import get_compiling_cuda_version
+        assert get_compiling_cuda_version() != 'not available'
 
 def torchvision_ops():
     import torch, torchvision
@@ -127,6 +130,14 @@ print(' '.join(todo))
 PYCHECK
 }
 
+# The GPU path: FORCE_CUDA=1, or a GPU visible to an installed CUDA torch. mmcv's CUDA ops
+# then build with an nvcc of torch's CUDA version (tools/cuda_toolchain.py).
+MMDWNET_WANT_CUDA=0
+if [ "${FORCE_CUDA:-0}" = "1" ] || (cd / && "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null); then
+  MMDWNET_WANT_CUDA=1
+fi
+export MMDWNET_WANT_CUDA
+
 log "checking the environment ($PY)"
 TODO=" $(check) "
 needs() { [[ "$TODO" == *" $1 "* ]]; }
@@ -153,7 +164,19 @@ for name in sys.argv[1:]: print(f"{name}=={version(name)}")' "$@"
   if needs mmcv; then
     log "building $MMCV_SPEC with its compiled ops from source (cold: about 10 minutes on 2 cores; pip caches the wheel)"
     pip_install "ninja (parallel compile)" -c "$CONSTRAINTS" ninja
-    MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip_install mmcv --no-build-isolation -c "$CONSTRAINTS" "$MMCV_SPEC"
+    if [ "$MMDWNET_WANT_CUDA" = "1" ]; then
+      TOOLCHAIN=("$PY" "$ROOT/tools/cuda_toolchain.py")
+      if ! "${TOOLCHAIN[@]}" find >/dev/null; then
+        # shellcheck disable=SC2046  (one word per requirement)
+        pip_install "the CUDA compiler at torch's CUDA version" -c "$CONSTRAINTS" $("${TOOLCHAIN[@]}" requirements)
+      fi
+      eval "$("${TOOLCHAIN[@]}" env)" || die "no nvcc of torch's CUDA version (tools/cuda_toolchain.py find)"
+      log "building mmcv's CUDA ops too, with $CUDA_HOME/bin/nvcc (cold: about an hour on 2 cores)"
+      # a cached wheel of a CPU-only build, or the installed one, would be taken again
+      FORCE_CUDA=1 MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip_install mmcv --no-build-isolation --no-cache-dir --force-reinstall --no-deps -c "$CONSTRAINTS" "$MMCV_SPEC"
+    else
+      MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip_install mmcv --no-build-isolation -c "$CONSTRAINTS" "$MMCV_SPEC"
+    fi
   else
     log "keeping the installed mmcv (ops available)"
   fi
