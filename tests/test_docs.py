@@ -47,3 +47,25 @@ def test_relative_links_resolve(page):
         assert osp.exists(path), f'{page}: {link} leads nowhere'
         if anchor:
             assert anchor in _anchors(path), f'{page}: no heading for #{anchor}'
+
+
+def test_pages_and_code_describe_what_is_true_now():
+    """History belongs in git: no "session N" narratives in the README, docs or package."""
+    files = PAGES + sorted(osp.relpath(p, ROOT) for p in glob.glob(
+        osp.join(ROOT, 'mmdwnet', '**', '*.py'), recursive=True))
+    found = []
+    for name in files:
+        with open(osp.join(ROOT, name)) as f:
+            found += [f'{name}:{i}' for i, line in enumerate(f, 1)
+                      if re.search(r'session [0-9]', line, re.I)]
+    assert not found, found
+
+
+def test_every_module_is_under_500_lines():
+    sizes = {}
+    for path in glob.glob(osp.join(ROOT, 'mmdwnet', '**', '*.py'), recursive=True) + glob.glob(
+            osp.join(ROOT, 'tools', '**', '*.py'), recursive=True):
+        with open(path) as f:
+            sizes[osp.relpath(path, ROOT)] = sum(1 for _ in f)
+    assert len(sizes) > 40 and not {k: n for k, n in sizes.items() if n >= 500}, max(
+        sizes.items(), key=lambda kv: kv[1])

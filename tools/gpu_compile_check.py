@@ -32,7 +32,7 @@ import time
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-DTYPES = {'fp32': 'fp32', 'fp16': 'fp16', 'bf16': 'bf16'}
+DTYPES = ('fp32', 'fp16', 'bf16')  # Triton's pointer element types
 
 
 def config_specialisations(root: str = ROOT) -> List[Tuple[int, int]]:
@@ -109,7 +109,7 @@ def compile_one(spec: Dict) -> Dict:
 
     from mmdwnet.ops import triton_idwconv
     fn = getattr(triton_idwconv, spec['kernel'])
-    pointer = f'*{DTYPES[spec["dtype"]]}'
+    pointer = f'*{spec["dtype"]}'
     signature = {}
     for name in fn.arg_names:
         if name in spec['constexprs']:
@@ -139,7 +139,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--arch', type=int, nargs='+', default=[80, 90],
                         help='compute capabilities to compile for (default: 80 90)')
-    parser.add_argument('--dtype', nargs='+', default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument('--dtype', nargs='+', default=list(DTYPES), choices=DTYPES)
     parser.add_argument('--kernel-size', type=int, nargs='+',
                         help='only these K (default: those of the configs)')
     parser.add_argument('--cpg', type=int, nargs='+',

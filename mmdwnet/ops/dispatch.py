@@ -76,6 +76,14 @@ def capturing() -> Optional[str]:
     return None
 
 
+def _captured() -> Optional[str]:
+    """Why a backend outside the registered operators declines now: a graph is captured
+    and would not see the standard operations (None where none is)."""
+    capture = capturing()
+    return None if capture is None else (
+        f'not a registered operator, and {capture} captures the graph')
+
+
 def autocast(device_type: str, *tensors: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     """``tensors`` in the autocast dtype where autocast is on for ``device_type`` (None
     entries stay None), else as they are: every backend then runs in that dtype."""
@@ -125,11 +133,11 @@ class CpuKernels(Backend):
     def why_not_any(self, call):
         if not call.dtype.is_floating_point:
             return f'takes floating-point tensors, got {call.dtype}'
+        if cpu_extension.available():  # reads the switch too: one read on the hot path
+            return None
         if not config.cpu_extension_enabled():
             return 'switched off by MMDWNET_CPU_EXTENSION=0'
-        if not cpu_extension.available():
-            return f'the compiled CPU kernels could not be built: {cpu_extension.error()}'
-        return None
+        return f'the compiled CPU kernels could not be built: {cpu_extension.error()}'
 
 
 class OneDNN(Backend):
@@ -138,9 +146,9 @@ class OneDNN(Backend):
     def why_not_any(self, call):
         if call.grad:
             return 'inference only (no backward), and autograd records this call'
-        capture = capturing()
-        if capture is not None:
-            return f'not a registered operator, and {capture} captures the graph'
+        captured = _captured()
+        if captured is not None:
+            return captured
         if not call.tensors[0].numel():
             return 'empty input'
         if not _has_mkldnn_op(call.options.get('kernel', '_linear_pointwise')):
@@ -265,9 +273,9 @@ def _predicted_output_map_cpu(call: Call) -> Optional[str]:
     # operator, and without backward
     if call.grad:
         return 'the fused kernel with the output map has no backward'
-    capture = capturing()
-    if capture is not None:
-        return f'not a registered operator, and {capture} captures the graph'
+    captured = _captured()
+    if captured is not None:
+        return captured
     dtype = call.options['dtype']
     if not cpu_extension.load().predicted_idwconv2d_applies(call.options['kernel_size'], dtype,
                                                             False):
@@ -286,9 +294,9 @@ def _gelu_mlp_cpu(call: Call) -> Optional[str]:
         return 'float32 only, and CPU autocast is on'
     if not call.tensors[0].numel():
         return 'empty input'
-    capture = capturing()
-    if capture is not None:
-        return f'not a registered operator, and {capture} captures the graph'
+    captured = _captured()
+    if captured is not None:
+        return captured
     if not torch.backends.mkldnn.is_available():
         return 'this torch build has no oneDNN'
     return None
@@ -305,7 +313,7 @@ def _fused_addition(call: Call) -> Optional[str]:
 def _allowed(op: str) -> Tuple[Backend, ...]:
     backends = OPERATORS[op]
     forced = config.backend_override(op)
-    if forced is None or forced not in {b.name for b in backends}:
+    if forced is None or not any(b.name == forced for b in backends):
         return backends
     if EXPORT in backends and export_form.in_export_mode():
         return (EXPORT, )
@@ -367,22 +375,27 @@ def explain(op: str, *tensors: Optional[Tensor], **options) -> List[Tuple[str, O
     return [(backend.name, backend.why_not(call)) for backend in OPERATORS[op]]
 
 
-def run(call: Call, implementations: Dict[str, Callable], *args):
-    """``implementations[backend](*args)`` for the backend chosen among those inside the
+def _tensor_call(op: str, args) -> Call:
+    """The :class:`Call` of a registered operator from its arguments (tensors decide)."""
+    return make_call(op, *(a for a in args if isinstance(a, Tensor)))
+
+
+def run(op: str, implementation: Callable, *args):
+    """``implementation(backend, *args)`` for the backend chosen among those inside the
     registered operator: the body of each registered operator. Where the Triton kernels
     fail eagerly (e.g. no compiler for the GPU), the backend is switched off with one
     warning and the call runs on the next one."""
-    backend = choose(call, registered=True)
+    backend = choose(_tensor_call(op, args), registered=True)
     if backend is not TRITON or torch.compiler.is_compiling():
-        return implementations[backend.name](*args)
+        return implementation(backend.name, *args)
     try:
         with _eager_triton():
-            return implementations['triton'](*args)
+            return implementation('triton', *args)
     except torch.OutOfMemoryError:  # the other backends need more memory, not less
         raise
     except Exception as e:
         TRITON.failed(e)
-        return run(call, implementations, *args)
+        return run(op, implementation, *args)
 
 
 def _eager_triton():
@@ -396,24 +409,23 @@ def _eager_triton():
     return set_wrap_triton_enabled(False)
 
 
-def trace_triton_under_compile(operator, call_of: Callable[..., Call],
-                               implementation: Callable) -> None:
-    """Where ``triton`` runs a call of the registered ``operator``, let ``torch.compile``
-    (AOT autograd's functionalization) trace it into ``implementation``'s Triton kernels,
-    so that Inductor sees and schedules them, as ``torch.library.triton_op`` does; every
-    other call, and ``torch.export`` (which keeps named operators), sees the operator
-    whole. ``call_of(*args)`` is the operator's :class:`Call`."""
+def trace_triton_under_compile(operator, op: str, implementation: Callable) -> None:
+    """Where ``triton`` runs a call of the registered ``operator`` (operator ``op`` of
+    :data:`OPERATORS`), let ``torch.compile`` (AOT autograd's functionalization) trace it
+    into ``implementation('triton', ...)``'s Triton kernels, so that Inductor sees and
+    schedules them, as ``torch.library.triton_op`` does; every other call, and
+    ``torch.export`` (which keeps named operators), sees the operator whole."""
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
-    def decompose(mode, op, types, args, kwargs):
+    def decompose(mode, func, types, args, kwargs):
         from torch.export._trace import custom_triton_ops_decomposition_disabled
         known = (torch.Tensor, FunctionalTensor)
         if (not custom_triton_ops_decomposition_disabled()
                 and all(issubclass(t, FakeTensor) or t in known for t in types)
-                and choose(call_of(*args, **kwargs), registered=True) is TRITON):
+                and choose(_tensor_call(op, args), registered=True) is TRITON):
             with mode:
-                return implementation(*args, **kwargs)
-        return mode.__torch_dispatch__(op, types, args, kwargs)
+                return implementation('triton', *args, **kwargs)
+        return mode.__torch_dispatch__(func, types, args, kwargs)
 
     operator.register_torch_dispatch(FunctionalTensorMode, decompose)

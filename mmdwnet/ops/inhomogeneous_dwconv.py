@@ -172,25 +172,9 @@ def grad_weight_impl(backend: str, grad_output: Tensor, input: Tensor, groups: i
     return grad_weight
 
 
-def _implementations(impl):
-    return {name: (lambda *args, _name=name: impl(_name, *args))
-            for name in ('cpu_kernels', 'triton', 'pytorch')}
-
-
-_FORWARD = _implementations(forward_impl)
-_GRAD_INPUT = _implementations(grad_input_impl)
-_GRAD_WEIGHT = _implementations(grad_weight_impl)
-
-
-def _call(direction: str):
-    """The :class:`~.dispatch.Call` of the registered operator of ``direction``."""
-    op = 'inhomogeneous_dwconv2d' + direction
-    return lambda *args: dispatch.make_call(op, *(a for a in args if isinstance(a, Tensor)))
-
-
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d', mutates_args=())
 def _forward(input: Tensor, weight: Tensor) -> Tensor:
-    return dispatch.run(_call('')(input, weight), _FORWARD, input, weight)
+    return dispatch.run('inhomogeneous_dwconv2d', forward_impl, input, weight)
 
 
 def _like_first(first: Tensor, weight: Tensor) -> Tensor:
@@ -202,7 +186,7 @@ _forward.register_fake(_like_first)
 
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_input', mutates_args=())
 def _grad_input(grad_output: Tensor, weight: Tensor) -> Tensor:
-    return dispatch.run(_call('.grad_input')(grad_output, weight), _GRAD_INPUT, grad_output,
+    return dispatch.run('inhomogeneous_dwconv2d.grad_input', grad_input_impl, grad_output,
                         weight)
 
 
@@ -212,7 +196,7 @@ _grad_input.register_fake(_like_first)
 @torch.library.custom_op('mmdwnet::inhomogeneous_dwconv2d_grad_weight', mutates_args=())
 def _grad_weight(grad_output: Tensor, input: Tensor, groups: int,
                  kernel_size: int) -> Tensor:
-    return dispatch.run(_call('.grad_weight')(grad_output, input), _GRAD_WEIGHT, grad_output,
+    return dispatch.run('inhomogeneous_dwconv2d.grad_weight', grad_weight_impl, grad_output,
                         input, groups, kernel_size)
 
 
@@ -222,9 +206,10 @@ def _(grad_output: Tensor, input: Tensor, groups: int, kernel_size: int) -> Tens
     return input.new_empty(b, groups, kernel_size, kernel_size, height, width)
 
 
-for _op, _direction, _impl in [(_forward, '', _FORWARD), (_grad_input, '.grad_input', _GRAD_INPUT),
-                               (_grad_weight, '.grad_weight', _GRAD_WEIGHT)]:
-    dispatch.trace_triton_under_compile(_op, _call(_direction), _impl['triton'])
+for _op, _name, _impl in [(_forward, '', forward_impl),
+                          (_grad_input, '.grad_input', grad_input_impl),
+                          (_grad_weight, '.grad_weight', grad_weight_impl)]:
+    dispatch.trace_triton_under_compile(_op, 'inhomogeneous_dwconv2d' + _name, _impl)
 
 
 def _setup_context(ctx, inputs: Tuple[Tensor, Tensor], output: Tensor) -> None:
@@ -278,7 +263,8 @@ def inhomogeneous_dwconv2d(input: Tensor, weight: Tensor) -> Tensor:
     if input.dtype != weight.dtype:
         raise TypeError('inhomogeneous_dwconv2d: `input` and `weight` must have the same '
                         f'dtype, got {input.dtype} and {weight.dtype}')
-    if dispatch.choose(_call('')(input, weight)) is dispatch.EXPORT:
+    call = dispatch.make_call('inhomogeneous_dwconv2d', input, weight)
+    if dispatch.choose(call) is dispatch.EXPORT:
         return export_form.idwconv_shift_add(input, weight)
     return _forward(input, weight)
 

@@ -94,19 +94,10 @@ def _forward_impl(backend: str, input: Tensor, hidden: Tensor, weight: Tensor, b
     return out
 
 
-def _implementations(impl):
-    return {name: (lambda *args, _name=name: impl(_name, *args))
-            for name in ('cpu_kernels', 'triton', 'pytorch')}
-
-
-def _call(op: str):
-    return lambda *args: dispatch.make_call(op, *(a for a in args if isinstance(a, Tensor)))
-
-
 @torch.library.custom_op('mmdwnet::predicted_idwconv2d', mutates_args=())
 def _forward(input: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
              kernel_size: int) -> Tensor:
-    return dispatch.run(_call('predicted_idwconv2d')(input, hidden, weight, bias), _FORWARD,
+    return dispatch.run('predicted_idwconv2d', _forward_impl,
                         input, hidden, weight, bias, kernel_size)
 
 
@@ -170,9 +161,8 @@ def _backward_impl(backend: str, grad_output: Tensor, input: Tensor, hidden: Ten
 @torch.library.custom_op('mmdwnet::predicted_idwconv2d_backward', mutates_args=())
 def _backward_op(grad_output: Tensor, input: Tensor, hidden: Tensor, weight: Tensor,
                  bias: Tensor, kernel_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return dispatch.run(
-        _call('predicted_idwconv2d.backward')(grad_output, input, hidden, weight, bias),
-        _BACKWARD, grad_output, input, hidden, weight, bias, kernel_size)
+    return dispatch.run('predicted_idwconv2d.backward', _backward_impl, grad_output, input,
+                        hidden, weight, bias, kernel_size)
 
 
 def _split(grad_weight_bias: Tensor, weight: Tensor, bias: Tensor, grad_input: Tensor,
@@ -258,11 +248,9 @@ def _triton_backward(grad_output: Tensor, input: Tensor, hidden: Tensor, weight:
             grad_weight_bias[:, r].to(bias.dtype, copy=True))
 
 
-_FORWARD = _implementations(_forward_impl)
-_BACKWARD = _implementations(_backward_impl)
-dispatch.trace_triton_under_compile(_forward, _call('predicted_idwconv2d'), _FORWARD['triton'])
-dispatch.trace_triton_under_compile(_backward_op, _call('predicted_idwconv2d.backward'),
-                                    _BACKWARD['triton'])
+dispatch.trace_triton_under_compile(_forward, 'predicted_idwconv2d', _forward_impl)
+dispatch.trace_triton_under_compile(_backward_op, 'predicted_idwconv2d.backward',
+                                    _backward_impl)
 
 
 def _epilogue(out: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
@@ -333,7 +321,7 @@ def predicted_idwconv2d(input: Tensor,
         raise TypeError('predicted_idwconv2d: all operands must have the same dtype, got '
                         f'{input.dtype}, {hidden.dtype}, {weight.dtype} and {bias.dtype}')
     operands = (input, hidden, weight, bias)
-    if dispatch.choose(_call('predicted_idwconv2d')(*operands)) is dispatch.EXPORT:
+    if dispatch.choose(dispatch.make_call('predicted_idwconv2d', *operands)) is dispatch.EXPORT:
         return _epilogue(
             export_form.predicted_idwconv_shift_add(input, hidden, weight, bias, kernel_size),
             scale, shift, relu)
