@@ -171,6 +171,13 @@ for name in sys.argv[1:]: print(f"{name}=={version(name)}")' "$@"
         pip_install "the CUDA compiler at torch's CUDA version" -c "$CONSTRAINTS" $("${TOOLCHAIN[@]}" requirements)
       fi
       eval "$("${TOOLCHAIN[@]}" env)" || die "no nvcc of torch's CUDA version (tools/cuda_toolchain.py find)"
+      if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] \
+          && ! (cd / && "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null); then
+        # torch compiles for the visible cards; with none visible it has no architecture to
+        # pick (an IndexError deep in cpp_extension), so name A100 and H100, PTX for newer ones
+        export TORCH_CUDA_ARCH_LIST='8.0;9.0+PTX'
+      fi
+      log "CUDA architectures: ${TORCH_CUDA_ARCH_LIST:-those of the visible GPUs} (TORCH_CUDA_ARCH_LIST)"
       log "building mmcv's CUDA ops too, with $CUDA_HOME/bin/nvcc (cold: about an hour on 2 cores)"
       # a cached wheel of a CPU-only build, or the installed one, would be taken again
       FORCE_CUDA=1 MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip_install mmcv --no-build-isolation --no-cache-dir --force-reinstall --no-deps -c "$CONSTRAINTS" "$MMCV_SPEC"
