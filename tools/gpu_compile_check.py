@@ -13,18 +13,22 @@ One line per specialisation::
 
 (registers and spilled bytes from ``ptxas -v``). Compiled kernels land in Triton's cache
 (``TRITON_CACHE_DIR``, default ``~/.triton/cache``), so a second run is fast; ``--fresh``
-compiles into a new empty cache to time the compiler. Exit status 1 where a specialisation
-takes longer than ``--max-seconds`` or spills registers on an ``--no-spill-arch``.
+compiles into a new empty cache to time the compiler; ``--markdown PAGE`` writes a summary
+per kernel, architecture and dtype into PAGE's generated section (docs/benchmarks.md).
+Exit status 1 where a specialisation takes longer than ``--max-seconds`` or spills
+registers on an ``--no-spill-arch``.
 
 Example:
     python tools/gpu_compile_check.py --arch 80 90
     python tools/gpu_compile_check.py --kernel-size 7 --cpg 32 --dtype fp16 --arch 90
+    python tools/gpu_compile_check.py --fresh --markdown docs/benchmarks.md
 """
 import argparse
 import glob
 import os
 import os.path as osp
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -134,6 +138,47 @@ def format_line(row: Dict) -> str:
             f"regs={row['regs']} spills={row['spills']}")
 
 
+MARKDOWN_TAG = 'gpu-compile-check'
+KERNEL_NAMES = {('_forward_kernel', False): 'forward', ('_forward_kernel', True):
+                'input gradient', ('_weight_grad_kernel', None): 'kernel gradient'}
+
+
+def summary_table(rows: Sequence[Dict]) -> List[str]:
+    """One Markdown row per (kernel, arch, dtype): how many specialisations, their compile
+    seconds (median and largest), and the largest PTX, register count and spill."""
+    from analysis_tools.markdown import markdown_table
+    groups: Dict[tuple, List[Dict]] = {}
+    for row in rows:
+        name = KERNEL_NAMES[(row['kernel'], row['constexprs'].get('TRANSPOSED'))]
+        groups.setdefault((name, row['arch'], row['dtype']), []).append(row)
+    order = {name: i for i, name in enumerate(KERNEL_NAMES.values())}
+    body = []
+    for (name, arch, dtype), group in sorted(
+            groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], DTYPES.index(kv[0][2]))):
+        seconds = [r['compile_s'] for r in group]
+        body.append((name, f'sm_{arch}', dtype, len(group), f'{statistics.median(seconds):.1f}',
+                     f'{max(seconds):.1f}',
+                     max(r['ptx_lines'] for r in group), max(r['regs'] for r in group),
+                     max(r['spills'] for r in group)))
+    return markdown_table(
+        ('kernel', 'arch', 'dtype', 'specialisations', 'compile s (median)', 'compile s (max)',
+         'PTX lines (max)', 'registers (max)', 'spilled bytes (max)'), body,
+        ('left', 'left', 'left') + ('right',) * 6)
+
+
+def write_markdown(path: str, rows: Sequence[Dict], shapes, fresh: bool) -> None:
+    import triton
+
+    from analysis_tools.benchmark_utils import cpu_model
+    from analysis_tools.markdown import replace_section, section_markers
+    cache = 'an empty Triton cache' if fresh else 'the Triton cache as found'
+    lines = [f'Compiled on {cpu_model()} ({os.cpu_count()} cores), Triton {triton.__version__}, '
+             f'{cache}; (K, channels per group) {", ".join(f"({k}, {c})" for k, c in shapes)}.',
+             ''] + summary_table(rows)
+    replace_section(path, '\n'.join(lines),
+                    *section_markers(MARKDOWN_TAG, 'tools/gpu_compile_check.py --markdown'))
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,6 +195,8 @@ def parse_args(argv=None):
                         help='fail where a specialisation spills on these (default: 90)')
     parser.add_argument('--fresh', action='store_true',
                         help='compile into a new empty TRITON_CACHE_DIR (times the compiler)')
+    parser.add_argument('--markdown', metavar='PAGE',
+                        help='write the summary table into the generated section of PAGE')
     return parser.parse_args(argv)
 
 
@@ -164,14 +211,17 @@ def main(argv=None) -> int:
         shapes = sorted((k, c) for k in ks for c in cpgs)
     print(f'(K, channels per group): {shapes}; cache: '
           f"{os.environ.get('TRITON_CACHE_DIR', '~/.triton/cache')}", flush=True)
-    failures = []
+    failures, rows = [], []
     for spec in specialisations(shapes, args.dtype, args.arch):
         row = compile_one(spec)
+        rows.append(row)
         print(format_line(row), flush=True)
         if row['compile_s'] > args.max_seconds:
             failures.append(f'{format_line(row)}: compiled in more than {args.max_seconds} s')
         if row['spills'] and row['arch'] in args.no_spill_arch:
             failures.append(f'{format_line(row)}: spills registers')
+    if args.markdown:
+        write_markdown(args.markdown, rows, shapes, args.fresh)
     for failure in failures:
         print(f'FAILED {failure}', file=sys.stderr)
     return 1 if failures else 0
