@@ -178,9 +178,15 @@ for name in sys.argv[1:]: print(f"{name}=={version(name)}")' "$@"
         export TORCH_CUDA_ARCH_LIST='8.0;9.0+PTX'
       fi
       log "CUDA architectures: ${TORCH_CUDA_ARCH_LIST:-those of the visible GPUs} (TORCH_CUDA_ARCH_LIST)"
-      log "building mmcv's CUDA ops too, with $CUDA_HOME/bin/nvcc (cold: about an hour on 2 cores)"
-      # a cached wheel of a CPU-only build, or the installed one, would be taken again
-      FORCE_CUDA=1 MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip_install mmcv --no-build-isolation --no-cache-dir --force-reinstall --no-deps -c "$CONSTRAINTS" "$MMCV_SPEC"
+      # the wheel is kept per torch build (tools/device_bundle.py carries it to a GPU machine)
+      WHEELS="${MMDWNET_WHEEL_DIR:-$ROOT/build/wheels}/torch-$("$PY" -c 'import torch; print(torch.__version__)')"
+      mkdir -p "$WHEELS" && rm -f "$WHEELS"/mmcv-*.whl
+      log "building mmcv's CUDA ops too, with $CUDA_HOME/bin/nvcc (cold: about an hour on 2 cores), into $WHEELS"
+      # pip's cache may hold a CPU-only build of the same version, which it would take again
+      FORCE_CUDA=1 MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${PIP[@]}" wheel --no-build-isolation \
+          --no-cache-dir --no-binary mmcv --no-deps -w "$WHEELS" -c "$CONSTRAINTS" "$MMCV_SPEC" \
+        || die "building mmcv's CUDA ops failed (pip wheel $MMCV_SPEC); see the compiler output above"
+      pip_install mmcv --force-reinstall --no-deps "$WHEELS"/mmcv-*.whl
     else
       MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip_install mmcv --no-build-isolation -c "$CONSTRAINTS" "$MMCV_SPEC"
     fi
