@@ -48,6 +48,7 @@ def _run(cmd: List[str], log: Callable[[str], None], timeout: float) -> str:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [ROOT, osp.join(ROOT, 'tools'),
          os.environ.get('PYTHONPATH', '')]).rstrip(os.pathsep))
+    env.setdefault('PYTHON', sys.executable)  # tools/dist_*.sh: this interpreter
     log('$ ' + ' '.join(cmd))
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env,
                             timeout=timeout)

@@ -10,7 +10,26 @@
 #   bash tools/gpu_check.sh [--out DIR] [--steps STEP ...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
-# analysis_tools (tools/) for the kernel-time step
-export PYTHONPATH="$PWD/tools${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3 || echo python )}"
+# mmdwnet from this checkout, analysis_tools (tools/) for the kernel-time step
+export PYTHONPATH="$PWD:$PWD/tools${PYTHONPATH:+:$PYTHONPATH}"
+
+"$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 2)' 2>/dev/null
+case $? in
+  0) ;;
+  2) echo "gpu_check: no CUDA GPU visible to $PY" >&2; exit 2 ;;
+  *) echo "gpu_check: $PY cannot import torch" >&2; exit 1 ;;
+esac
+# A GPU machine with torch but neither mmdwnet's libraries nor a network (the lent ones):
+# install the bundle carried in .device/ (tools/device_bundle.py) into a scratch directory.
+if ! "$PY" -c 'import mmcv.ops, mmdet, mmseg, mmpretrain' 2>/dev/null; then
+  if [ ! -f .device/manifest.json ]; then
+    echo "gpu_check: $PY cannot import mmcv.ops, mmdet, mmseg and mmpretrain; set up with" \
+         "'FORCE_CUDA=1 bash tools/install.sh', or carry the bundle of tools/device_bundle.py" >&2
+    exit 1
+  fi
+  SITE="${MMDWNET_DEVICE_SITE:-/tmp/mmdwnet-site}"
+  "$PY" tools/device_bundle.py --install "$SITE" || exit 1
+  export PYTHONPATH="$PYTHONPATH:$SITE"
+fi
 exec "$PY" tools/gpu_check.py "$@"

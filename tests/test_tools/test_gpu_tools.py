@@ -79,7 +79,7 @@ def test_gpu_check_exits_2_without_a_gpu():
     result = subprocess.run(['bash', 'tools/gpu_check.sh'], cwd=ROOT, capture_output=True,
                             text=True, env=tools_env())
     assert result.returncode == 2, result.stdout + result.stderr
-    assert 'gpu_check: no CUDA GPU visible to torch' in result.stderr
+    assert re.match(r'gpu_check: no CUDA GPU visible to \S*python', result.stderr), result.stderr
 
 
 def test_gpu_check_reports_every_step(tmp_path):
@@ -100,3 +100,69 @@ def test_gpu_check_reports_every_step(tmp_path):
     md = (tmp_path / 'report.md').read_text().splitlines()
     assert md[0] == '# GPU check on NVIDIA H100'
     assert md[5].startswith('| second | FAILED: AssertionError: gradients not finite |')
+
+
+def _wheel(path, name='tiny_pkg', version='1.0'):
+    """A minimal pure-Python wheel."""
+    import zipfile
+    dist = f'{name}-{version}.dist-info'
+    files = {f'{name}/__init__.py': 'VALUE = 42\n',
+             f'{dist}/METADATA': f'Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n',
+             f'{dist}/WHEEL': 'Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n'
+                              'Tag: py3-none-any\n'}
+    files[f'{dist}/RECORD'] = ''.join(f'{n},,\n' for n in [*files, f'{dist}/RECORD'])
+    wheel = path / f'{name}-{version}-py3-none-any.whl'
+    with zipfile.ZipFile(wheel, 'w') as z:
+        for n, text in files.items():
+            z.writestr(n, text)
+    return wheel
+
+
+def test_device_bundle_installs_for_its_own_torch_and_python_only(tmp_path):
+    """tools/device_bundle.py: the kept mmcv wheel of the requested torch and Python is
+    found (or the error says how to build it), and ``--install`` (what gpu_check.sh runs on
+    a GPU machine without mmdwnet's libraries) refuses a bundle made for another torch and
+    installs a matching one without an index."""
+    import device_bundle
+    kept = tmp_path / 'wheels' / 'torch-2.11.0+cu130'
+    kept.mkdir(parents=True)
+    for tag in ('cp311', 'cp312'):
+        (kept / f'mmcv-2.1.0-{tag}-{tag}-linux_x86_64.whl').write_bytes(b'')
+    assert device_bundle.mmcv_wheel('2.11.0+cu130', '3.12', str(tmp_path / 'wheels')) == str(
+        kept / 'mmcv-2.1.0-cp312-cp312-linux_x86_64.whl')
+    with pytest.raises(FileNotFoundError, match=r'no mmcv wheel for torch 2\.13\.0 and Python '
+                       r'3\.12 .*FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9\.0'):
+        device_bundle.mmcv_wheel('2.13.0', '3.12', str(tmp_path / 'wheels'))
+
+    bundle = tmp_path / 'bundle'
+    (bundle / 'wheels').mkdir(parents=True)
+    wheel = _wheel(bundle / 'wheels')
+    python = '%d.%d' % sys.version_info[:2]
+    site = tmp_path / 'site'
+    stderr = {}
+    for torch_version, code in (('1.0.0+cu999', 1), (torch.__version__, 0)):
+        (bundle / 'manifest.json').write_text(json.dumps(
+            dict(torch=torch_version, python=python, wheels=[wheel.name])))
+        result = subprocess.run(
+            [sys.executable, 'tools/device_bundle.py', '--out', str(bundle), '--install',
+             str(site)], cwd=ROOT, capture_output=True, text=True, env=tools_env())
+        assert result.returncode == code, result.stdout + result.stderr
+        assert (site / 'tiny_pkg').exists() == (code == 0)
+        stderr[code] = result.stderr
+    assert (f'the bundle is for torch 1.0.0+cu999 and Python {python}; this machine has torch '
+            f'{torch.__version__}') in stderr[1]
+    assert (site / 'tiny_pkg' / '__init__.py').read_text() == 'VALUE = 42\n'
+    with pytest.raises(RuntimeError, match=r'the bundle is for torch 1\.0 and Python 3\.12; '
+                       r'this machine has torch 2\.11\.0\+cu130 and Python 3\.12 \(make one '
+                       r'for it: tools/device_bundle\.py --torch 2\.11\.0\+cu130'):
+        device_bundle.check_manifest(dict(torch='1.0', python='3.12'), '2.11.0+cu130', '3.12')
+
+
+def test_device_bundle_carries_the_libraries_install_sh_installs():
+    """The bundle's OpenMMLab pins are tools/install.sh's, so a GPU machine runs what CI
+    tests."""
+    import device_bundle
+    with open(os.path.join(ROOT, 'tools', 'install.sh')) as f:
+        script = f.read()
+    pins = set(re.findall(r"'((?:mmengine|mmdet|mmsegmentation|mmpretrain)==[\d.]+)'", script))
+    assert len(pins) == 4 and pins <= set(device_bundle.BUNDLE), pins
