@@ -162,7 +162,6 @@ for name in sys.argv[1:]: print(f"{name}=={version(name)}")' "$@"
   pin torch torchvision > "$CONSTRAINTS" || die "torch/torchvision are not installed after the torch step"
   needs mmengine && pip_install mmengine -c "$CONSTRAINTS" "$MMENGINE_SPEC"
   if needs mmcv; then
-    log "building $MMCV_SPEC with its compiled ops from source (cold: about 10 minutes on 2 cores; pip caches the wheel)"
     pip_install "ninja (parallel compile)" -c "$CONSTRAINTS" ninja
     if [ "$MMDWNET_WANT_CUDA" = "1" ]; then
       TOOLCHAIN=("$PY" "$ROOT/tools/cuda_toolchain.py")
@@ -188,6 +187,7 @@ for name in sys.argv[1:]: print(f"{name}=={version(name)}")' "$@"
         || die "building mmcv's CUDA ops failed (pip wheel $MMCV_SPEC); see the compiler output above"
       pip_install mmcv --force-reinstall --no-deps "$WHEELS"/mmcv-*.whl
     else
+      log "building $MMCV_SPEC with its compiled ops from source (cold: about 10 minutes on 2 cores; pip caches the wheel)"
       MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip_install mmcv --no-build-isolation -c "$CONSTRAINTS" "$MMCV_SPEC"
     fi
   else
