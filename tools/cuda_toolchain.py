@@ -100,15 +100,34 @@ def find_nvcc(cuda: str, site_packages: Optional[str] = None,
     return None
 
 
-def build_env(nvcc: str, cuda: str, site_packages: Optional[str] = None) -> dict:
+def link_dir(cuda: str, home: str, cache: Optional[str] = None) -> str:
+    """A directory with the unversioned ``libcudart.so`` that extensions link with
+    (``-lcudart``), pointing into pip's tree, which has only ``libcudart.so.<major>``."""
+    major, _ = _major_minor(cuda)
+    cache = cache or os.environ.get('XDG_CACHE_HOME') or osp.expanduser('~/.cache')
+    path = osp.join(cache, 'mmdwnet', f'cuda-{cuda}-link')
+    os.makedirs(path, exist_ok=True)
+    link = osp.join(path, 'libcudart.so')
+    target = osp.join(home, 'lib', f'libcudart.so.{major}')
+    if osp.lexists(link) and os.readlink(link) != target:
+        os.remove(link)
+    if not osp.lexists(link):
+        os.symlink(target, link)
+    return path
+
+
+def build_env(nvcc: str, cuda: str, site_packages: Optional[str] = None,
+              cache: Optional[str] = None) -> dict:
     """Environment for building CUDA extensions with ``nvcc``: its toolkit as
     ``CUDA_HOME`` and on ``PATH``; for pip's compiler, the torch wheel's CUDA headers and
-    libraries are in the same tree."""
+    libraries are in the same tree, and the linker finds ``libcudart.so`` through
+    :func:`link_dir`."""
     home = osp.dirname(osp.dirname(osp.abspath(nvcc)))
     env = dict(CUDA_HOME=home, PATH=f"{osp.join(home, 'bin')}:{os.environ.get('PATH', '')}")
     if home == pip_cuda_home(cuda, site_packages):
         env['LIBRARY_PATH'] = ':'.join(
-            p for p in (osp.join(home, 'lib'), os.environ.get('LIBRARY_PATH')) if p)
+            p for p in (link_dir(cuda, home, cache), osp.join(home, 'lib'),
+                        os.environ.get('LIBRARY_PATH')) if p)
     return env
 
 

@@ -44,9 +44,15 @@ def test_only_an_nvcc_of_the_same_minor_is_taken(tmp_path, monkeypatch):
     assert pip_nvcc == str(site / 'nvidia' / 'cu13' / 'bin' / 'nvcc')
     _fake_nvcc(pip_nvcc, '13.0')
     assert find_nvcc('13.0', str(site), none) == pip_nvcc
-    env = build_env(pip_nvcc, '13.0', str(site))
+    env = build_env(pip_nvcc, '13.0', str(site), cache=str(tmp_path / 'cache'))
     assert env['CUDA_HOME'] == str(site / 'nvidia' / 'cu13')
     assert env['PATH'].startswith(str(site / 'nvidia' / 'cu13' / 'bin') + ':')
+    # the linker's -lcudart: pip's tree has only libcudart.so.13
+    links = tmp_path / 'cache' / 'mmdwnet' / 'cuda-13.0-link'
+    assert env['LIBRARY_PATH'].split(':')[:2] == [str(links), str(site / 'nvidia' / 'cu13' /
+                                                                  'lib')]
+    assert os.readlink(links / 'libcudart.so') == str(site / 'nvidia' / 'cu13' / 'lib' /
+                                                      'libcudart.so.13')
     # a matching system toolkit comes first
     _fake_nvcc(str(system), '13.0')
     assert find_nvcc('13.0', str(site), none) == str(system)
