@@ -21,13 +21,19 @@ and carry ``.device`` with the run: ``bash tools/gpu_check.sh`` calls
 that machine's torch and Python and installs it into DIR (for ``PYTHONPATH``).
 """
 import argparse
+import base64
+import csv
 import glob
+import hashlib
+import io
 import json
 import os
 import os.path as osp
 import shutil
 import subprocess
 import sys
+import tempfile
+import zipfile
 from typing import List
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -56,6 +62,40 @@ def mmcv_wheel(torch_version: str, python: str, wheel_dir: str) -> str:
             f'{python} and that torch: FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 '
             'MMDWNET_VENV=<that venv> bash tools/install.sh')
     return found[-1]
+
+
+def strip_wheel(src: str, dest_dir: str) -> str:
+    """Copy the wheel ``src`` into ``dest_dir`` with the debug information of its shared
+    objects stripped (``strip --strip-debug``) and its RECORD rewritten to match.
+
+    mmcv's build compiles with ``-g``: its ``_ext`` is about 40x larger with the debug
+    information than without, far more than a device run can carry.
+    """
+    dest = osp.join(dest_dir, osp.basename(src))
+    with zipfile.ZipFile(src) as zin:
+        files = {info.filename: zin.read(info) for info in zin.infolist()}
+    record = next(name for name in files if name.endswith('.dist-info/RECORD'))
+    for name in files:
+        if name.endswith('.so') or '.so.' in osp.basename(name):
+            with tempfile.NamedTemporaryFile(suffix='.so') as tmp:
+                tmp.write(files[name])
+                tmp.flush()
+                subprocess.run(['strip', '--strip-debug', tmp.name], check=True)
+                with open(tmp.name, 'rb') as f:
+                    files[name] = f.read()
+    rows = io.StringIO()
+    writer = csv.writer(rows, lineterminator='\n')
+    for name, data in files.items():
+        if name == record:
+            writer.writerow([name, '', ''])
+        else:
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=')
+            writer.writerow([name, f'sha256={digest.decode()}', len(data)])
+    files[record] = rows.getvalue().encode()
+    with zipfile.ZipFile(dest, 'w', zipfile.ZIP_DEFLATED) as zout:
+        for name, data in files.items():
+            zout.writestr(name, data)
+    return dest
 
 
 def download(specs, python: str, dest: str) -> None:
@@ -133,9 +173,10 @@ def main(argv=None) -> int:
     wheels = osp.join(args.out, 'wheels')
     shutil.rmtree(wheels, ignore_errors=True)
     os.makedirs(wheels)
-    shutil.copy2(mmcv, wheels)
-    print(f'device_bundle: {osp.basename(mmcv)} ({osp.getsize(mmcv) / 2**20:.1f} MiB); '
-          f'downloading {len(BUNDLE)} wheels for Python {args.python}', flush=True)
+    stripped = strip_wheel(mmcv, wheels)
+    print(f'device_bundle: {osp.basename(mmcv)}, {osp.getsize(mmcv) / 2**20:.1f} MiB, '
+          f'{osp.getsize(stripped) / 2**20:.1f} MiB without debug information; downloading '
+          f'{len(BUNDLE)} wheels for Python {args.python}', flush=True)
     download(BUNDLE, args.python, wheels)
     names: List[str] = sorted(os.listdir(wheels))
     size = sum(osp.getsize(osp.join(wheels, n)) for n in names)

@@ -102,11 +102,11 @@ def test_gpu_check_reports_every_step(tmp_path):
     assert md[5].startswith('| second | FAILED: AssertionError: gradients not finite |')
 
 
-def _wheel(path, name='tiny_pkg', version='1.0'):
-    """A minimal pure-Python wheel."""
+def _wheel(path, name='tiny_pkg', version='1.0', extra=None):
+    """A minimal wheel: a package with ``VALUE = 42`` and the ``extra`` files."""
     import zipfile
     dist = f'{name}-{version}.dist-info'
-    files = {f'{name}/__init__.py': 'VALUE = 42\n',
+    files = {**(extra or {}), f'{name}/__init__.py': 'VALUE = 42\n',
              f'{dist}/METADATA': f'Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n',
              f'{dist}/WHEEL': 'Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n'
                               'Tag: py3-none-any\n'}
@@ -166,3 +166,36 @@ def test_device_bundle_carries_the_libraries_install_sh_installs():
         script = f.read()
     pins = set(re.findall(r"'((?:mmengine|mmdet|mmsegmentation|mmpretrain)==[\d.]+)'", script))
     assert len(pins) == 4 and pins <= set(device_bundle.BUNDLE), pins
+
+
+def test_device_bundle_strips_debug_information_and_keeps_the_wheel_valid(tmp_path):
+    """The mmcv wheel is carried without the debug information of its shared objects; the
+    stripped library still loads and the RECORD holds the new files' hashes and sizes."""
+    import base64
+    import ctypes
+    import hashlib
+    import zipfile
+
+    import device_bundle
+    source = tmp_path / 'answer.c'
+    source.write_text('int answer(void) { return 42; }\n' +
+                      ''.join(f'int f{i}(int x) {{ return x * {i}; }}\n' for i in range(200)))
+    library = tmp_path / 'answer.so'
+    subprocess.run(['cc', '-g', '-shared', '-fPIC', '-o', str(library), str(source)], check=True)
+    (tmp_path / 'in').mkdir()
+    (tmp_path / 'out').mkdir()
+    wheel = _wheel(tmp_path / 'in', extra={'tiny_pkg/answer.so': library.read_bytes()})
+    stripped = device_bundle.strip_wheel(str(wheel), str(tmp_path / 'out'))
+    with zipfile.ZipFile(stripped) as z:
+        files = {name: z.read(name) for name in z.namelist()}
+    so = files['tiny_pkg/answer.so']
+    assert len(so) < 0.8 * library.stat().st_size
+    record = {row.split(',')[0]: row.split(',')[1:] for row in
+              files['tiny_pkg-1.0.dist-info/RECORD'].decode().splitlines()}
+    assert set(record) == set(files)
+    for name, data in files.items():
+        if not name.endswith('RECORD'):
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=')
+            assert record[name] == [f'sha256={digest.decode()}', str(len(data))], name
+    (tmp_path / 'stripped.so').write_bytes(so)
+    assert ctypes.CDLL(str(tmp_path / 'stripped.so')).answer() == 42
