@@ -145,6 +145,17 @@ if triton is not None:
                          mask=inside)
 
 
+def _wrapped(fn):
+    """``wrap_triton(fn)``. torch 2.11 refuses the interpreter's functions
+    (``TRITON_INTERPRET=1``); they launch directly, as eager ``wrap_triton`` kernels do."""
+    try:
+        return torch.library.wrap_triton(fn)
+    except RuntimeError:
+        if not interpreting():
+            raise
+        return fn
+
+
 def launch(src: Tensor, kernels: Tensor, out: Tensor, sample0: int = 0,
            transposed: bool = False) -> None:
     """Write samples ``sample0 .. sample0 + len(kernels)`` of ``out`` from those of ``src``
@@ -156,7 +167,7 @@ def launch(src: Tensor, kernels: Tensor, out: Tensor, sample0: int = 0,
     cpg = c // groups
     block_c, block_p = block_sizes(cpg)
     grid = (b * groups, triton.cdiv(h * w, block_p), triton.cdiv(cpg, block_c))
-    kernel = torch.library.wrap_triton(_forward_kernel)
+    kernel = _wrapped(_forward_kernel)
     kernel[grid](src, kernels, out, h, w, sample0 * groups, CPG=cpg, K=k,
                  TRANSPOSED=transposed, BLOCK_C=block_c, BLOCK_P=block_p)
 
@@ -169,7 +180,7 @@ def launch_weight_grad(grad_output: Tensor, input: Tensor, out: Tensor,
     c, h, w = input.shape[1:]
     cpg = c // groups
     block_c, block_p = block_sizes(cpg)
-    kernel = torch.library.wrap_triton(_weight_grad_kernel)
+    kernel = _wrapped(_weight_grad_kernel)
     kernel[(b * groups, triton.cdiv(h * w, block_p))](grad_output, input, out, h, w,
                                                       sample0 * groups, CPG=cpg, K=k,
                                                       BLOCK_C=block_c, BLOCK_P=block_p)

@@ -77,7 +77,7 @@ def test_predicted_bounds_count_the_kernels_bytes_and_flops():
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the answer without a GPU')
 def test_gpu_check_exits_2_without_a_gpu():
     result = subprocess.run(['bash', 'tools/gpu_check.sh'], cwd=ROOT, capture_output=True,
-                            text=True, env=tools_env())
+                            text=True, env=dict(tools_env(), PYTHON=sys.executable))
     assert result.returncode == 2, result.stdout + result.stderr
     assert re.match(r'gpu_check: no CUDA GPU visible to \S*python', result.stderr), result.stderr
 
