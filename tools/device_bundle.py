@@ -71,6 +71,7 @@ def strip_wheel(src: str, dest_dir: str) -> str:
     mmcv's build compiles with ``-g``: its ``_ext`` is about 40x larger with the debug
     information than without, far more than a device run can carry.
     """
+    # by hand: `wheel unpack/pack` would rewrite RECORD, but the wheel package is not installed
     dest = osp.join(dest_dir, osp.basename(src))
     with zipfile.ZipFile(src) as zin:
         files = {info.filename: zin.read(info) for info in zin.infolist()}
